@@ -1,0 +1,93 @@
+"""The narrow interface the provisioning flow needs from Exchange, and the typed values it returns.
+
+Every backend (simulated, local PowerShell, remote pypsrp) implements `ExchangePort`. Each method
+corresponds to one allow-listed cmdlet; parameters travel as typed values, never as script text.
+Failures are raised as the classes in `vezaprovisioner.exchange.errors`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+#: RecipientTypeDetails of a user that has an AD account but no mail attributes yet.
+ENABLEABLE_USER_TYPES = frozenset({"User", "DisabledUser"})
+
+#: RecipientTypeDetails that Exchange reports once Enable-Mailbox / Enable-RemoteMailbox succeeded.
+LOCAL_MAILBOX_TYPE = "UserMailbox"
+REMOTE_MAILBOX_TYPE = "RemoteUserMailbox"
+
+
+@dataclass(frozen=True)
+class DirectoryUser:
+    """What Get-User reports about an AD user (Get-User returns no mail properties)."""
+
+    guid: str
+    distinguished_name: str
+    sam_account_name: str
+    user_principal_name: str
+    name: str
+    display_name: str
+    recipient_type_details: str
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """What Get-Recipient (or the object Enable-* writes) reports about a mail-enabled object."""
+
+    guid: str
+    distinguished_name: str
+    alias: str
+    primary_smtp_address: str
+    recipient_type_details: str
+    database: str | None = None
+
+
+@dataclass(frozen=True)
+class EnableMailbox:
+    """Parameters for Enable-Mailbox (User parameter set). Empty options are not passed."""
+
+    identity: str
+    alias: str | None = None
+    database: str | None = None
+    address_book_policy: str | None = None
+    retention_policy: str | None = None
+    domain_controller: str | None = None
+
+
+@dataclass(frozen=True)
+class EnableRemoteMailbox:
+    """Parameters for Enable-RemoteMailbox (hybrid). Empty options are not passed."""
+
+    identity: str
+    alias: str | None = None
+    remote_routing_address: str | None = None
+    domain_controller: str | None = None
+
+
+class ExchangePort(Protocol):
+    """What the provisioning flow may ask of Exchange. Nothing else is ever run."""
+
+    def get_user(self, identity: str, domain_controller: str | None = None) -> DirectoryUser:
+        """Get-User -Identity <identity>: one user, or IdentityNotFound / AmbiguousIdentity."""
+        ...
+
+    def get_recipient(self, identity: str, domain_controller: str | None = None) -> Recipient:
+        """Get-Recipient -Identity <identity>: the mail-enabled object, or IdentityNotFound."""
+        ...
+
+    def enable_mailbox(self, request: EnableMailbox) -> Recipient:
+        """Enable-Mailbox: returns the mailbox Exchange created."""
+        ...
+
+    def enable_remote_mailbox(self, request: EnableRemoteMailbox) -> Recipient:
+        """Enable-RemoteMailbox: returns the remote mailbox Exchange created."""
+        ...
+
+    def probe(self) -> str:
+        """A cheap read-only check that Exchange answers; returns a one-line description."""
+        ...
+
+    def close(self) -> None:
+        """Release processes, sessions and pools. Safe to call more than once."""
+        ...
