@@ -1,0 +1,222 @@
+"""The service's one configuration object: a TOML file plus environment overrides, validated once.
+
+The file is named by `--config` or `VEZAPROVISIONER_CONFIG`. Any key can be overridden from the
+environment as `VEZAPROVISIONER_<KEY>`, with `__` between a section and its key, for example
+`VEZAPROVISIONER_AUTH__MODE=iis` or `VEZAPROVISIONER_EXCHANGE__DOMAIN_CONTROLLER=dc01.contoso.com`.
+Relative paths in the file are relative to the file. Unknown keys are errors, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path, PureWindowsPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+CONFIG_ENV = "VEZAPROVISIONER_CONFIG"
+ENV_PREFIX = "VEZAPROVISIONER_"
+
+DEFAULT_POWERSHELL_PATH = r"C:\Windows\System32\WindowsPowerShell\v1.0\powershell.exe"
+DEFAULT_REMOTE_EXCHANGE_PATH = (
+    r"C:\Program Files\Microsoft\Exchange Server\V15\bin\RemoteExchange.ps1"
+)
+
+_BASE_PATH = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
+_SCRYPT_HASH = re.compile(r"^scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message lists every problem and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExchangeSettings(_Section):
+    """How Exchange is reached and which optional Enable-* parameters are passed."""
+
+    powershell_path: str = DEFAULT_POWERSHELL_PATH
+    remote_exchange_path: str = DEFAULT_REMOTE_EXCHANGE_PATH
+    domain_controller: str = ""
+    database: str = ""
+    address_book_policy: str = ""
+    retention_policy: str = ""
+    remote_routing_domain: str = ""
+    command_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
+
+    @field_validator("powershell_path", "remote_exchange_path")
+    @classmethod
+    def _absolute_windows_path(cls, value: str) -> str:
+        if not PureWindowsPath(value).is_absolute():
+            raise ValueError(f"must be an absolute Windows path like C:\\..., not {value!r}")
+        return value
+
+    @field_validator("domain_controller", "remote_routing_domain")
+    @classmethod
+    def _fqdn(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value):
+            raise ValueError(f"must be a host or domain name like dc01.contoso.com, not {value!r}")
+        return value
+
+
+class SimulatedSettings(_Section):
+    """The in-process simulated Exchange used by the demo and the tests."""
+
+    directory: Path = Path("examples/directory.json")
+    latency_ms: int = Field(default=0, ge=0, le=600_000)
+    enable_latency_ms: int = Field(default=0, ge=0, le=600_000)
+
+
+class AuthSettings(_Section):
+    """Who may call the API. Authentication fails closed: no identified caller, no access."""
+
+    mode: Literal["iis", "basic"] = "iis"
+    allowed_users: tuple[str, ...] = ()
+    require_https: bool = True
+    users: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("users")
+    @classmethod
+    def _scrypt_hashes(cls, users: dict[str, str]) -> dict[str, str]:
+        for name, hashed in users.items():
+            if not _SCRYPT_HASH.fullmatch(hashed):
+                raise ValueError(
+                    f"the entry for {name!r} is not a password hash; "
+                    "run `vezaprovisioner hash-password` and paste what it prints"
+                )
+        return users
+
+    @model_validator(mode="after")
+    def _someone_can_log_in(self) -> AuthSettings:
+        if self.mode == "basic" and not self.users:
+            raise ValueError(
+                "auth.mode is 'basic' but [auth.users] is empty, so nobody could call the API; "
+                "add a user with the hash printed by `vezaprovisioner hash-password`"
+            )
+        return self
+
+
+class Settings(_Section):
+    """Everything the service needs, validated at start."""
+
+    base_path: str = "/VezaProvisioner"
+    backend: Literal["simulated", "local", "remote"] = "simulated"
+    mailbox_kind: Literal["local", "remote"] = "local"
+    not_found_retry_seconds: float = Field(default=30.0, ge=0, le=600)
+    readiness_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    exchange: ExchangeSettings = ExchangeSettings()
+    simulated: SimulatedSettings = SimulatedSettings()
+    auth: AuthSettings = AuthSettings()
+    #: The file the settings came from (None when built in code); shown by `check` and readiness.
+    source: Path | None = None
+
+    @field_validator("base_path")
+    @classmethod
+    def _base_path(cls, value: str) -> str:
+        if not _BASE_PATH.fullmatch(value):
+            raise ValueError(
+                f"must start with '/' and not end with '/', like /VezaProvisioner, not {value!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _remote_routing_only_for_remote(self) -> Settings:
+        if self.exchange.remote_routing_domain and self.mailbox_kind != "remote":
+            raise ValueError(
+                "exchange.remote_routing_domain is set but mailbox_kind is 'local'; "
+                'set mailbox_kind = "remote" for hybrid, or remove remote_routing_domain'
+            )
+        return self
+
+    def masked(self) -> dict[str, Any]:
+        """The settings as plain data with password hashes masked, for `check` and logs."""
+        data = self.model_dump(mode="json")
+        data["auth"]["users"] = {name: "***" for name in self.auth.users}
+        return data
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """`VEZAPROVISIONER_SECTION__KEY=value` entries as a nested dict (JSON values are decoded)."""
+    overrides: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        keys = name[len(ENV_PREFIX) :].lower().split("__")
+        value: Any = raw
+        if raw[:1] in "[{":
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+        target = overrides
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+        target[keys[-1]] = value
+    return overrides
+
+
+def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"{source} has {error.error_count()} problem(s):"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = (
+                "unknown key (check the spelling against the README's configuration reference)"
+            )
+        lines.append(f"  - {where}: {message}")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file (or the one `VEZAPROVISIONER_CONFIG` names), apply overrides, validate."""
+    env = os.environ if environ is None else environ
+    if path is None:
+        named = env.get(CONFIG_ENV)
+        if not named:
+            raise ConfigError(
+                f"no configuration file: pass --config FILE or set {CONFIG_ENV} "
+                "(examples/demo.toml is a working example)"
+            )
+        path = Path(named)
+    path = path.resolve()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    data = _merge(data, _env_overrides(env))
+    if "source" in data:
+        raise ConfigError(f"{path}: 'source' is not a configuration key")
+    simulated = data.setdefault("simulated", {})
+    if isinstance(simulated, dict):
+        # Relative to the file; joining an absolute path leaves it unchanged.
+        directory = simulated.get("directory", SimulatedSettings().directory)
+        simulated["directory"] = str(path.parent / directory)
+    try:
+        return Settings.model_validate({**data, "source": path})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, str(path))) from exc

@@ -1,0 +1,93 @@
+"""Configuration: one TOML file, environment overrides, and errors that say what to fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vezaprovisioner.config import ConfigError, load_settings
+
+HASH = "scrypt$16384$8$1$c2FsdA==$aGFzaA=="
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_demo_configuration_loads(repo_root: Path) -> None:
+    settings = load_settings(repo_root / "examples" / "demo.toml", environ={})
+    assert settings.backend == "simulated"
+    assert settings.auth.mode == "basic"
+    assert settings.simulated.directory == repo_root / "examples" / "directory.json"
+
+
+def test_relative_directory_is_relative_to_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[simulated]\ndirectory = "data/dir.json"\n')
+    settings = load_settings(path, environ={})
+    assert settings.simulated.directory == tmp_path / "data" / "dir.json"
+    assert settings.auth.mode == "iis"  # the default: IIS authenticates
+
+
+def test_environment_overrides_nested_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, f'[auth]\nmode = "basic"\n[auth.users]\na = "{HASH}"\n')
+    env = {
+        "VEZAPROVISIONER_AUTH__MODE": "iis",
+        "VEZAPROVISIONER_AUTH__ALLOWED_USERS": '["CONTOSO\\\\svc-veza"]',
+        "VEZAPROVISIONER_NOT_FOUND_RETRY_SECONDS": "2.5",
+        "VEZAPROVISIONER_EXCHANGE__DOMAIN_CONTROLLER": "dc01.contoso.com",
+    }
+    settings = load_settings(path, environ=env)
+    assert settings.auth.mode == "iis"
+    assert settings.auth.allowed_users == ("CONTOSO\\svc-veza",)
+    assert settings.not_found_retry_seconds == 2.5
+    assert settings.exchange.domain_controller == "dc01.contoso.com"
+
+
+def test_config_file_named_by_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, 'backend = "simulated"\n')
+    assert load_settings(environ={"VEZAPROVISIONER_CONFIG": str(path)}).source == path
+
+
+def test_no_configuration_says_how_to_give_one() -> None:
+    with pytest.raises(ConfigError, match="--config"):
+        load_settings(environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("backnd = 'simulated'\n", "backnd: unknown key"),
+        ("backend = 'exchange'\n", "backend"),
+        ("base_path = 'VezaProvisioner/'\n", "must start with '/'"),
+        ("[exchange]\npowershell_path = 'powershell.exe'\n", "absolute Windows path"),
+        ("[exchange]\ndomain_controller = 'dc01; rm'\n", "host or domain name"),
+        ("[auth]\nmode = 'basic'\n", "nobody could call the API"),
+        ("[auth]\nmode = 'basic'\n[auth.users]\ndemo = 'plaintext'\n", "hash-password"),
+        ("[exchange]\nremote_routing_domain = 'contoso.mail.onmicrosoft.com'\n", "mailbox_kind"),
+        ("not_found_retry_seconds = -1\n", "not_found_retry_seconds"),
+        ("backend = \n", "not valid TOML"),
+    ],
+)
+def test_invalid_configuration_names_the_key_and_the_fix(
+    tmp_path: Path, text: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text), environ={})
+    assert fragment in str(caught.value)
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    path = write(tmp_path, "backnd = 1\nmailbox_kind = 'cloud'\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    assert "2 problem(s)" in str(caught.value)
+
+
+def test_masked_settings_hide_password_hashes(tmp_path: Path) -> None:
+    path = write(tmp_path, f'[auth]\nmode = "basic"\n[auth.users]\ndemo = "{HASH}"\n')
+    masked = load_settings(path, environ={}).masked()
+    assert masked["auth"]["users"] == {"demo": "***"}
+    assert HASH not in str(masked)
