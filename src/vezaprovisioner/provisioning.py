@@ -1,0 +1,310 @@
+"""The one CREATE_EMAIL flow: resolve the user, decide by recipient type, enable, report.
+
+No HTTP here: the API and the CLI both call `Provisioner`. Exchange is reached only through the
+`ExchangePort`; the flow passes the resolved GUID to Enable-*, never the caller's free text.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import PureWindowsPath
+from typing import Literal, Protocol
+
+from .clock import Clock
+from .config import Settings
+from .exchange.errors import ExchangeError, ExchangeTimeout, IdentityNotFound, WrongRecipientType
+from .exchange.port import (
+    ENABLEABLE_USER_TYPES,
+    LOCAL_MAILBOX_TYPE,
+    REMOTE_MAILBOX_TYPE,
+    DirectoryUser,
+    EnableMailbox,
+    EnableRemoteMailbox,
+    ExchangePort,
+    Recipient,
+)
+from .validation import InvalidValue, validate_alias
+
+_FIRST_RETRY_DELAY_SECONDS = 0.5
+_MAX_RETRY_DELAY_SECONDS = 5.0
+
+
+class ProvisioningError(Exception):
+    """The flow refuses a request for a reason of its own (not an Exchange error)."""
+
+
+class PathMismatch(ProvisioningError):
+    """The caller named a PowerShell or RemoteExchange.ps1 path other than the configured one."""
+
+    def __init__(self, field: str, given: str, configured: str) -> None:
+        super().__init__(
+            f"{field} {given!r} is not the configured {configured!r}; this service only ever runs "
+            f"the configured path. Make the integration's setting match exchange.{field}."
+        )
+        self.field = field
+
+
+class AliasMismatch(ProvisioningError):
+    """The user already has a mailbox, with an alias other than the one requested."""
+
+    def __init__(self, identity: str, existing: Recipient, requested_alias: str) -> None:
+        super().__init__(
+            f"{identity!r} already has a mailbox with alias {existing.alias!r}, not the requested "
+            f"{requested_alias!r}; change the alias in Exchange or request the existing one."
+        )
+        self.existing = existing
+
+
+class AliasRequired(ProvisioningError):
+    """Hybrid mode needs an alias for the remote routing address and none could be derived."""
+
+
+@dataclass(frozen=True)
+class CreateEmail:
+    """A validated CREATE_EMAIL request."""
+
+    identity: str
+    alias: str | None = None
+    powershell_path: str | None = None
+    remote_exchange_path: str | None = None
+
+
+@dataclass(frozen=True)
+class MailboxResult:
+    """The mailbox the user has after CREATE_EMAIL."""
+
+    status: Literal["created", "already_exists"]
+    identity: str
+    guid: str
+    distinguished_name: str
+    alias: str
+    primary_smtp_address: str
+    recipient_type_details: str
+    database: str | None
+
+
+@dataclass(frozen=True)
+class RecipientState:
+    """What Exchange knows about a user's mail state (for GET /emails/{identity})."""
+
+    identity: str
+    guid: str
+    distinguished_name: str
+    user_principal_name: str
+    recipient_type_details: str
+    has_mailbox: bool
+    provisionable: bool
+    alias: str | None
+    primary_smtp_address: str | None
+    database: str | None
+
+
+class IdentityGuard(Protocol):
+    """Lets at most one request at a time act on one user (keyed by the user's GUID)."""
+
+    def hold(self, key: str) -> AbstractContextManager[None]: ...
+
+
+class InProcessIdentityGuard:
+    """A lock per user GUID, shared by the threads of one process; unused locks are dropped."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        key = key.casefold()
+        with self._mutex:
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._mutex:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
+
+
+def _same_windows_path(a: str, b: str) -> bool:
+    """Case-insensitive, with `/` and `\\` alike, as Windows compares paths."""
+    return str(PureWindowsPath(a.strip())).casefold() == str(PureWindowsPath(b.strip())).casefold()
+
+
+class Provisioner:
+    """Runs CREATE_EMAIL and state look-ups against one Exchange port."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        exchange: ExchangePort,
+        clock: Clock,
+        guard: IdentityGuard | None = None,
+    ) -> None:
+        self._settings = settings
+        self._exchange = exchange
+        self._clock = clock
+        self._guard = guard or InProcessIdentityGuard()
+        self._dc = settings.exchange.domain_controller or None
+        remote = settings.mailbox_kind == "remote"
+        self._mailbox_type = REMOTE_MAILBOX_TYPE if remote else LOCAL_MAILBOX_TYPE
+
+    def create_email(self, request: CreateEmail) -> MailboxResult:
+        """Give the user a mailbox of the configured kind, or report the one it already has."""
+        self._check_declared_paths(request)
+        user = self._resolve_waiting_for_replication(request.identity)
+        with self._guard.hold(user.guid):
+            # Re-read inside the guard: a request that held it before us may have enabled the user.
+            user = self._exchange.get_user(user.guid, self._dc)
+            kind = user.recipient_type_details
+            if kind == self._mailbox_type:
+                return self._existing(request, user.guid)
+            if kind not in ENABLEABLE_USER_TYPES:
+                raise self._refuse(request.identity, kind)
+            try:
+                recipient = self._enable(user, request.alias)
+            except WrongRecipientType as exc:
+                if exc.recipient_type != self._mailbox_type:
+                    raise
+                # Another provisioner (another server) enabled the user between our read and our
+                # Enable-*: Exchange itself is the arbiter, so answer as for an existing mailbox.
+                return self._existing(request, user.guid)
+            except ExchangeTimeout:
+                if not self._now_has_mailbox(user.guid):
+                    raise
+                recipient = self._exchange.get_recipient(user.guid, self._dc)
+        return _result("created", request.identity, recipient)
+
+    def read_state(self, identity: str) -> RecipientState:
+        """The user's current recipient state; IdentityNotFound when no user matches."""
+        user = self._exchange.get_user(identity, self._dc)
+        kind = user.recipient_type_details
+        recipient = None
+        if kind not in ENABLEABLE_USER_TYPES:
+            recipient = self._exchange.get_recipient(user.guid, self._dc)
+        return RecipientState(
+            identity=identity,
+            guid=user.guid,
+            distinguished_name=user.distinguished_name,
+            user_principal_name=user.user_principal_name,
+            recipient_type_details=kind,
+            has_mailbox=kind.endswith("Mailbox"),
+            provisionable=kind in ENABLEABLE_USER_TYPES,
+            alias=recipient.alias if recipient else None,
+            primary_smtp_address=recipient.primary_smtp_address if recipient else None,
+            database=recipient.database if recipient else None,
+        )
+
+    def _check_declared_paths(self, request: CreateEmail) -> None:
+        declared = {
+            "powershell_path": (request.powershell_path, self._settings.exchange.powershell_path),
+            "remote_exchange_path": (
+                request.remote_exchange_path,
+                self._settings.exchange.remote_exchange_path,
+            ),
+        }
+        for field, (given, configured) in declared.items():
+            if given is not None and not _same_windows_path(given, configured):
+                raise PathMismatch(field, given, configured)
+
+    def _resolve_waiting_for_replication(self, identity: str) -> DirectoryUser:
+        """Get-User, retried with backoff for `not_found_retry_seconds` (AD replication lag)."""
+        deadline = self._clock.monotonic() + self._settings.not_found_retry_seconds
+        delay = _FIRST_RETRY_DELAY_SECONDS
+        while True:
+            try:
+                return self._exchange.get_user(identity, self._dc)
+            except IdentityNotFound:
+                remaining = deadline - self._clock.monotonic()
+                if remaining <= 0:
+                    raise
+                self._clock.sleep(min(delay, remaining))
+                delay = min(delay * 2, _MAX_RETRY_DELAY_SECONDS)
+
+    def _existing(self, request: CreateEmail, guid: str) -> MailboxResult:
+        recipient = self._exchange.get_recipient(guid, self._dc)
+        if request.alias and request.alias.casefold() != recipient.alias.casefold():
+            raise AliasMismatch(request.identity, recipient, request.alias)
+        return _result("already_exists", request.identity, recipient)
+
+    def _refuse(self, identity: str, kind: str) -> WrongRecipientType:
+        cmdlet = (
+            "Enable-RemoteMailbox"
+            if self._mailbox_type == REMOTE_MAILBOX_TYPE
+            else ("Enable-Mailbox")
+        )
+        return WrongRecipientType(
+            f"{identity!r} is a {kind}, not a plain user; this service runs {cmdlet} only for "
+            f"users without mail attributes (User, DisabledUser) and does not convert a {kind}. "
+            f"Fix the recipient in Exchange, or provision another user.",
+            recipient_type=kind,
+        )
+
+    def _enable(self, user: DirectoryUser, alias: str | None) -> Recipient:
+        options = self._settings.exchange
+        if self._mailbox_type == LOCAL_MAILBOX_TYPE:
+            return self._exchange.enable_mailbox(
+                EnableMailbox(
+                    identity=user.guid,
+                    alias=alias,
+                    database=options.database or None,
+                    address_book_policy=options.address_book_policy or None,
+                    retention_policy=options.retention_policy or None,
+                    domain_controller=self._dc,
+                )
+            )
+        routing_address = None
+        if options.remote_routing_domain:
+            alias = alias or _derived_alias(user)
+            routing_address = f"{alias}@{options.remote_routing_domain}"
+        return self._exchange.enable_remote_mailbox(
+            EnableRemoteMailbox(
+                identity=user.guid,
+                alias=alias,
+                remote_routing_address=routing_address,
+                domain_controller=self._dc,
+            )
+        )
+
+    def _now_has_mailbox(self, guid: str) -> bool:
+        """After an Enable-* of unknown outcome: did it take effect? Never retried blindly."""
+        try:
+            kind = self._exchange.get_user(guid, self._dc).recipient_type_details
+        except ExchangeError:
+            return False
+        return kind == self._mailbox_type
+
+
+def _derived_alias(user: DirectoryUser) -> str:
+    """The alias for a remote routing address when the caller gave none: UPN prefix, else sam."""
+    for candidate in (user.user_principal_name.partition("@")[0], user.sam_account_name):
+        try:
+            return validate_alias(candidate)
+        except InvalidValue:
+            continue
+    raise AliasRequired(
+        f"no valid alias can be derived from {user.user_principal_name!r} or "
+        f"{user.sam_account_name!r} for the remote routing address; pass an alias explicitly."
+    )
+
+
+def _result(
+    status: Literal["created", "already_exists"], identity: str, r: Recipient
+) -> MailboxResult:
+    return MailboxResult(
+        status=status,
+        identity=identity,
+        guid=r.guid,
+        distinguished_name=r.distinguished_name,
+        alias=r.alias,
+        primary_smtp_address=r.primary_smtp_address,
+        recipient_type_details=r.recipient_type_details,
+        database=r.database,
+    )
