@@ -1,0 +1,1 @@
+"""The HTTP layer: routes, request/response models, problem+json errors, middleware."""

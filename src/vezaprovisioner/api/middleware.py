@@ -1,0 +1,166 @@
+"""What runs around every route, outermost first: request id and last-resort errors,
+authentication, then body limits.
+
+Pure ASGI middleware (no BaseHTTPMiddleware), so the request id reaches every response, including
+the problem responses the middleware sends itself, and authentication happens before the body is
+even read.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..auth import AuthenticationError, Authenticator
+from .problems import (
+    INTERNAL_ERROR,
+    PAYLOAD_TOO_LARGE,
+    UNSUPPORTED_MEDIA_TYPE,
+    Problem,
+    problem_for,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 * 1024
+REQUEST_ID_HEADER = "X-Request-ID"
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+
+
+def request_id_of(scope: Scope) -> str:
+    """The id RequestContextMiddleware gave this request."""
+    return str(scope["state"]["request_id"])
+
+
+class RequestContextMiddleware:
+    """Assigns the request id, echoes it on every response, and turns crashes into problems."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        incoming = headers.get(REQUEST_ID_HEADER, "")
+        request_id = incoming if _SANE_REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error in request %s", request_id)
+            if started:
+                raise
+            problem = Problem(INTERNAL_ERROR, "An internal error occurred; the log has details.")
+            await problem.response(request_id)(scope, receive, send_with_id)
+
+
+class AuthenticationMiddleware:
+    """Fails closed: every path except the public ones needs an authenticated caller."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        authenticator: Authenticator,
+        public_paths: frozenset[str],
+        basic_realm: str | None,
+    ) -> None:
+        self.app = app
+        self.authenticator = authenticator
+        self.public_paths = public_paths
+        self.basic_realm = basic_realm
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.public_paths:
+            await self.app(scope, receive, send)
+            return
+        try:
+            caller = self.authenticator.authenticate(
+                scope, Headers(scope=scope).get("authorization")
+            )
+        except AuthenticationError as exc:
+            problem = problem_for(exc, basic_realm=self.basic_realm)
+            await problem.response(request_id_of(scope))(scope, receive, send)
+            return
+        scope["state"]["caller"] = caller
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Accepts only JSON bodies of at most `max_body_bytes`, refused before any route runs."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        problem, receive = await self._read_body(Headers(scope=scope), receive)
+        if problem is not None:
+            await problem.response(request_id_of(scope))(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _read_body(
+        self, headers: Headers, receive: Receive
+    ) -> tuple[Problem | None, Receive]:
+        """Reads the (small) body up front, so a too-large one never reaches a route."""
+        if not _is_json(headers.get("content-type", "")):
+            return Problem(
+                UNSUPPORTED_MEDIA_TYPE,
+                "Send the body as JSON with the header Content-Type: application/json.",
+            ), receive
+        too_large = Problem(
+            PAYLOAD_TOO_LARGE, f"The request body must be at most {self.max_body_bytes} bytes."
+        )
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return too_large, receive
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None, receive
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return too_large, receive
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return None, replay

@@ -1,0 +1,131 @@
+"""The JSON shapes of API v1: request bodies (strict: unknown fields are errors) and responses."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+
+from ..provisioning import CreateEmail, MailboxResult, RecipientState
+from ..validation import InvalidValue, validate_alias, validate_identity
+
+SUPPORTED_ACTIONS = ("CREATE_EMAIL",)
+UNSUPPORTED_ACTIONS = ("SYNC_IDENTITIES", "MANAGE_RELATIONSHIPS", "DEPROVISION_IDENTITY")
+
+
+def _exchange_rule(check: Any) -> Any:
+    """Runs a validation.py check and reports its sentence as the field's message."""
+
+    def run(value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            result: str = check(value)
+        except InvalidValue as exc:
+            raise PydanticCustomError("invalid_value", exc.message) from exc
+        return result
+
+    return AfterValidator(run)
+
+
+def _empty_is_absent(value: Any) -> Any:
+    return None if value == "" else value
+
+
+Identity = Annotated[str, _exchange_rule(validate_identity)]
+Alias = Annotated[str | None, BeforeValidator(_empty_is_absent), _exchange_rule(validate_alias)]
+WindowsPath = Annotated[str, Field(min_length=1, max_length=1024)]
+
+
+class EmailRequest(BaseModel):
+    """CREATE_EMAIL attributes. The paths, when sent, must equal the configured ones."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"identity": "CONTOSO\\jdoe", "alias": "john.doe"}]},
+    )
+
+    identity: Identity = Field(description="The user's AD identity: UPN, DOMAIN\\user, DN, GUID…")
+    alias: Alias = Field(
+        default=None, description='Exchange alias; omitted or "" lets Exchange derive it'
+    )
+    powershell_path: WindowsPath | None = Field(
+        default=None, description="Must equal exchange.powershell_path; never changes what runs"
+    )
+    remote_exchange_path: WindowsPath | None = Field(
+        default=None,
+        description="Must equal exchange.remote_exchange_path; never changes what runs",
+    )
+
+    def to_command(self) -> CreateEmail:
+        return CreateEmail(
+            identity=self.identity,
+            alias=self.alias,
+            powershell_path=self.powershell_path,
+            remote_exchange_path=self.remote_exchange_path,
+        )
+
+
+class ActionRequest(BaseModel):
+    """The platform's generic action envelope."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal[
+        "CREATE_EMAIL", "SYNC_IDENTITIES", "MANAGE_RELATIONSHIPS", "DEPROVISION_IDENTITY"
+    ]
+    attributes: dict[str, Any] = Field(default_factory=dict)
+
+
+class MailboxResponse(BaseModel):
+    """The user's mailbox after CREATE_EMAIL (201 created, 200 already_exists)."""
+
+    status: Literal["created", "already_exists"]
+    request_id: str
+    identity: str
+    guid: str
+    distinguished_name: str
+    alias: str
+    primary_smtp_address: str
+    recipient_type_details: str
+    database: str | None
+
+    @classmethod
+    def build(cls, result: MailboxResult, request_id: str) -> MailboxResponse:
+        return cls(request_id=request_id, **vars(result))
+
+
+class RecipientStateResponse(BaseModel):
+    """A user's current mail state (GET /api/v1/emails/{identity})."""
+
+    request_id: str
+    identity: str
+    guid: str
+    distinguished_name: str
+    user_principal_name: str
+    recipient_type_details: str
+    has_mailbox: bool
+    provisionable: bool
+    alias: str | None
+    primary_smtp_address: str | None
+    database: str | None
+
+    @classmethod
+    def build(cls, state: RecipientState, request_id: str) -> RecipientStateResponse:
+        return cls(request_id=request_id, **vars(state))
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    version: str
+
+
+class Check(BaseModel):
+    ok: bool
+    detail: str
+
+
+class ReadinessResponse(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, Check]

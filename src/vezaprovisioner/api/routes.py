@@ -1,0 +1,153 @@
+"""API v1 routes: health, readiness, CREATE_EMAIL (direct and as a platform action), state look-up.
+
+Routes stay thin: validate, call the provisioning flow, shape the response. Failures are raised
+and turned into problem+json by `problems.problem_for()` in the app's exception handlers.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from .. import __version__
+from ..services import Services
+from ..validation import InvalidValue, validate_identity
+from .models import (
+    SUPPORTED_ACTIONS,
+    ActionRequest,
+    Check,
+    EmailRequest,
+    HealthResponse,
+    MailboxResponse,
+    ReadinessResponse,
+    RecipientStateResponse,
+)
+from .problems import ACTION_NOT_SUPPORTED, Problem
+from .validation_errors import validation_problem
+
+router = APIRouter()
+
+# Readiness probes run here, so a hung backend cannot tie up the request threads.
+_probe_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readiness-probe")
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def get_request_id(request: Request) -> str:
+    return str(request.state.request_id)
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+RequestIdDep = Annotated[str, Depends(get_request_id)]
+
+
+@router.get("/health", tags=["health"])
+def health() -> HealthResponse:
+    """Liveness: the process answers. Touches no backend."""
+    return HealthResponse(status="ok", version=__version__)
+
+
+@router.get(
+    "/health/ready",
+    tags=["health"],
+    responses={503: {"model": ReadinessResponse, "description": "Not ready"}},
+)
+def ready(services: ServicesDep) -> JSONResponse:
+    """Readiness: the configuration is valid and the backend answers a cheap probe in time."""
+    settings = services.settings
+    source = str(settings.source) if settings.source else "built in code"
+    checks = {
+        "configuration": Check(ok=True, detail=f"valid ({source})"),
+        "backend": _probe(services),
+    }
+    ok = all(check.ok for check in checks.values())
+    body = ReadinessResponse(status="ready" if ok else "not_ready", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+def _probe(services: Services) -> Check:
+    timeout = services.settings.readiness_timeout_seconds
+    future = _probe_executor.submit(services.exchange.probe)
+    try:
+        return Check(ok=True, detail=future.result(timeout=timeout))
+    except FutureTimeout:
+        return Check(
+            ok=False,
+            detail=f"{services.settings.backend} backend did not answer within {timeout:g} s",
+        )
+    except Exception as exc:  # any failure means "not ready"; the detail says which
+        return Check(ok=False, detail=f"{type(exc).__name__}: {exc}")
+
+
+@router.post(
+    "/api/v1/emails",
+    status_code=201,
+    tags=["emails"],
+    responses={200: {"model": MailboxResponse, "description": "The user already has the mailbox"}},
+)
+def create_email(
+    body: EmailRequest, request: Request, services: ServicesDep, request_id: RequestIdDep
+) -> JSONResponse:
+    """CREATE_EMAIL: give an existing AD user a mailbox (201), or report the one it has (200)."""
+    return _create(body, request, services, request_id)
+
+
+@router.post(
+    "/api/v1/actions",
+    status_code=201,
+    tags=["actions"],
+    responses={200: {"model": MailboxResponse, "description": "The user already has the mailbox"}},
+)
+def run_action(
+    body: ActionRequest, request: Request, services: ServicesDep, request_id: RequestIdDep
+) -> JSONResponse:
+    """The platform's action envelope; CREATE_EMAIL behaves exactly like POST /api/v1/emails."""
+    if body.action not in SUPPORTED_ACTIONS:
+        raise Problem(
+            ACTION_NOT_SUPPORTED,
+            f"{body.action} is not supported by VezaProvisioner; supported: "
+            f"{', '.join(SUPPORTED_ACTIONS)}.",
+        )
+    try:
+        email = EmailRequest.model_validate(body.attributes)
+    except ValidationError as exc:
+        raise validation_problem(exc.errors(), prefix=("attributes",)) from exc
+    return _create(email, request, services, request_id)
+
+
+def _create(
+    body: EmailRequest, request: Request, services: ServicesDep, request_id: str
+) -> JSONResponse:
+    result = services.provisioner.create_email(body.to_command())
+    response = MailboxResponse.build(result, request_id)
+    created = result.status == "created"
+    headers = {}
+    if created:
+        headers["Location"] = request.url_for("read_email", identity=result.guid).path
+    return JSONResponse(
+        response.model_dump(mode="json"), status_code=201 if created else 200, headers=headers
+    )
+
+
+@router.get("/api/v1/emails/{identity:path}", tags=["emails"], name="read_email")
+def read_email(
+    identity: Annotated[str, Path(description="The user's AD identity (URL-encoded)")],
+    services: ServicesDep,
+    request_id: RequestIdDep,
+) -> RecipientStateResponse:
+    """The user's current mail state; 404 when no AD user matches."""
+    try:
+        identity = validate_identity(identity)
+    except InvalidValue as exc:
+        raise validation_problem(
+            [{"loc": ("path", "identity"), "msg": exc.message, "type": "invalid_value"}]
+        ) from exc
+    return RecipientStateResponse.build(services.provisioner.read_state(identity), request_id)

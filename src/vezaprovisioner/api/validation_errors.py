@@ -1,0 +1,40 @@
+"""Turns pydantic's validation errors into one VALIDATION_FAILED problem, one entry per field."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .problems import VALIDATION_FAILED, Problem
+
+_LOCATION_PARTS = frozenset({"body", "path", "query"})
+
+
+def _field(error: Mapping[str, Any], prefix: Sequence[str]) -> str:
+    if error.get("type") == "json_invalid":
+        return "body"
+    parts = list(error.get("loc", ()))
+    if parts and parts[0] in _LOCATION_PARTS:
+        parts = parts[1:]
+    return ".".join([*prefix, *map(str, parts)]) or "body"
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        return "unknown field; see the API reference for the accepted fields"
+    if kind == "json_invalid":
+        return f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})"
+    if kind == "missing":
+        return "this field is required"
+    return str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+
+
+def validation_problem(errors: Iterable[Mapping[str, Any]], prefix: Sequence[str] = ()) -> Problem:
+    """One entry per bad field: {field, message, type}."""
+    entries = [
+        {"field": _field(e, prefix), "message": _message(e), "type": str(e.get("type", ""))}
+        for e in errors
+    ]
+    fields = ", ".join(dict.fromkeys(entry["field"] for entry in entries))
+    return Problem(VALIDATION_FAILED, f"Fix these fields and retry: {fields}.", errors=entries)

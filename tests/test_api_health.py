@@ -1,0 +1,88 @@
+"""Health, readiness and the OpenAPI document."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from tests.fakes.clock import FakeClock
+from vezaprovisioner import __version__
+from vezaprovisioner.api.app import create_app
+from vezaprovisioner.config import Settings
+from vezaprovisioner.exchange.errors import BackendUnavailable
+from vezaprovisioner.exchange.simulated import SimulatedExchange
+
+
+def test_health_touches_no_backend(client: TestClient, exchange: SimulatedExchange) -> None:
+    response = client.get("/VezaProvisioner/health")
+    assert response.json() == {"status": "ok", "version": __version__}
+    assert exchange.calls == []
+
+
+def test_ready_when_the_backend_answers(client: TestClient) -> None:
+    response = client.get("/VezaProvisioner/health/ready")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ready"
+    assert body["checks"]["configuration"]["ok"] is True
+    assert body["checks"]["backend"] == {"ok": True, "detail": body["checks"]["backend"]["detail"]}
+    assert "simulated" in body["checks"]["backend"]["detail"]
+
+
+class ProbeOverride:
+    """The simulated Exchange with another probe (all other operations delegate)."""
+
+    def __init__(self, inner: SimulatedExchange, probe: Callable[[], str]) -> None:
+        self._inner = inner
+        self.probe = probe
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def test_not_ready_when_the_probe_fails(
+    make_settings: Callable[..., Settings], exchange: SimulatedExchange, clock: FakeClock
+) -> None:
+    def failing() -> str:
+        raise BackendUnavailable("all PowerShell hosts are starting")
+
+    port: Any = ProbeOverride(exchange, failing)
+    client = TestClient(create_app(make_settings(), exchange=port, clock=clock))
+    response = client.get("/VezaProvisioner/health/ready")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "not_ready"
+    assert body["checks"]["configuration"]["ok"] is True
+    assert body["checks"]["backend"]["ok"] is False
+    assert "all PowerShell hosts are starting" in body["checks"]["backend"]["detail"]
+
+
+def test_not_ready_when_the_probe_hangs(
+    make_settings: Callable[..., Settings], exchange: SimulatedExchange, clock: FakeClock
+) -> None:
+    release = threading.Event()
+
+    def hanging() -> str:
+        release.wait()
+        return "too late"
+
+    port: Any = ProbeOverride(exchange, hanging)
+    settings = make_settings(readiness_timeout_seconds=0.05)
+    try:
+        response = TestClient(create_app(settings, exchange=port, clock=clock)).get(
+            "/VezaProvisioner/health/ready"
+        )
+    finally:
+        release.set()
+    assert response.status_code == 503
+    assert "did not answer within 0.05 s" in response.json()["checks"]["backend"]["detail"]
+
+
+def test_openapi_and_docs_live_under_the_base_path(client: TestClient) -> None:
+    spec = client.get("/VezaProvisioner/openapi.json").json()
+    assert "/VezaProvisioner/api/v1/emails" in spec["paths"]
+    assert "/VezaProvisioner/api/v1/actions" in spec["paths"]
+    assert "text/html" in client.get("/VezaProvisioner/docs").headers["content-type"]

@@ -1,0 +1,113 @@
+"""The `vezaprovisioner` command, run through its installed entry point."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TEST_DIRECTORY
+from vezaprovisioner.auth import verify_password
+
+EXECUTABLE = Path(sys.executable).with_name("vezaprovisioner")
+
+
+def run(
+    *args: str, stdin: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(EXECUTABLE), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "veza.toml"
+    path.write_text(
+        f'backend = "simulated"\nnot_found_retry_seconds = 0\n'
+        f"[simulated]\ndirectory = '{TEST_DIRECTORY}'\n"
+        '[auth]\nmode = "basic"\n[auth.users]\n'
+        'demo = "scrypt$16384$8$1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNo"\n',
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_check_prints_the_configuration_with_secrets_masked(config: Path) -> None:
+    result = run("check", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["auth"]["users"] == {"demo": "***"}
+    assert "aGFzaGhhc2hoYXNo" not in result.stdout
+    assert "configuration OK" in result.stderr
+
+
+def test_check_fails_with_what_to_fix(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('backend = "simulated"\nbase_path = "nope"\n[auth]\nmode = "basic"\n')
+    result = run("check", "--config", str(bad))
+    assert result.returncode == 3
+    assert "base_path: must start with '/'" in result.stderr
+    assert "nobody could call the API" in result.stderr
+
+
+def test_check_reports_a_broken_directory(tmp_path: Path, config: Path) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text(
+        config.read_text().replace(str(TEST_DIRECTORY), str(tmp_path / "missing.json"))
+    )
+    result = run("check", "--config", str(broken))
+    assert result.returncode == 3
+    assert "simulated.directory" in result.stderr
+
+
+def test_create_email_runs_the_flow(config: Path) -> None:
+    result = run(
+        "create-email", "--config", str(config), "--identity", "CONTOSO\\plain", "--alias", "pat"
+    )
+    assert result.returncode == 0, result.stderr
+    created = json.loads(result.stdout)
+    assert created["status"] == "created"
+    assert created["primary_smtp_address"] == "pat@contoso.com"
+
+
+def test_create_email_reports_problems_with_their_code(config: Path) -> None:
+    result = run("create-email", "--config", str(config), "--identity", "Alex Smith")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["code"] == "AMBIGUOUS_IDENTITY"
+    assert report["exchange"]["reason"] == "ManagementObjectAmbiguousException"
+
+
+def test_create_email_refuses_invalid_input(config: Path) -> None:
+    result = run("create-email", "--config", str(config), "--identity", "jdoe*")
+    assert result.returncode == 2
+    assert "wildcard" in result.stderr
+
+
+def test_config_from_the_environment(config: Path) -> None:
+    env = {"VEZAPROVISIONER_CONFIG": str(config), "PATH": "/usr/bin:/bin"}
+    result = run("create-email", "--identity", "mailbox", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["status"] == "already_exists"
+
+
+def test_hash_password_reads_stdin_when_piped() -> None:
+    result = run("hash-password", stdin="s3cret pass\n")
+    assert result.returncode == 0, result.stderr
+    hashed = result.stdout.strip()
+    assert verify_password("s3cret pass", hashed)
+    assert "s3cret" not in hashed
+
+
+def test_hash_password_refuses_an_empty_password() -> None:
+    assert run("hash-password", stdin="\n").returncode == 2
