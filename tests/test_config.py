@@ -28,6 +28,7 @@ def test_relative_directory_is_relative_to_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, '[simulated]\ndirectory = "data/dir.json"\n')
     settings = load_settings(path, environ={})
     assert settings.simulated.directory == tmp_path / "data" / "dir.json"
+    assert settings.data_dir == tmp_path / "data"
     assert settings.auth.mode == "iis"  # the default: IIS authenticates
 
 

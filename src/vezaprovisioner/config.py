@@ -116,6 +116,8 @@ class Settings(_Section):
     mailbox_kind: Literal["local", "remote"] = "local"
     not_found_retry_seconds: float = Field(default=30.0, ge=0, le=600)
     readiness_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    #: Where the service writes its own files (journal, audit trail, logs); created on first use.
+    data_dir: Path = Path("data")
     exchange: ExchangeSettings = ExchangeSettings()
     simulated: SimulatedSettings = SimulatedSettings()
     auth: AuthSettings = AuthSettings()
@@ -211,11 +213,14 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
     data = _merge(data, _env_overrides(env))
     if "source" in data:
         raise ConfigError(f"{path}: 'source' is not a configuration key")
+    # Relative paths are relative to the file; joining an absolute path leaves it unchanged.
+    data.setdefault("data_dir", str(Settings.model_fields["data_dir"].default))
+    data["data_dir"] = str(path.parent / data["data_dir"])
     simulated = data.setdefault("simulated", {})
     if isinstance(simulated, dict):
-        # Relative to the file; joining an absolute path leaves it unchanged.
-        directory = simulated.get("directory", SimulatedSettings().directory)
-        simulated["directory"] = str(path.parent / directory)
+        simulated["directory"] = str(
+            path.parent / simulated.get("directory", SimulatedSettings().directory)
+        )
     try:
         return Settings.model_validate({**data, "source": path})
     except ValidationError as exc:
