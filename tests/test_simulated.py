@@ -830,3 +830,25 @@ def test_directory_defaults(clock: FakeClock) -> None:
     assert shared.fault is None
     exchange = SimulatedExchange(directory, clock=clock)
     assert exchange.get_recipient("shared@fabrikam.com").database == "DB01"
+
+
+def test_index_follows_changes_made_by_enable(exchange: SimulatedExchange) -> None:
+    created = exchange.enable_mailbox(EnableMailbox(identity=JDOE_GUID, alias="Johnny.D"))
+    for identity in ("johnny.d", "JOHNNY.D@contoso.com", JDOE_GUID.upper(), "CONTOSO\\jdoe"):
+        assert exchange.get_user(identity).guid == created.guid
+    assert exchange.get_recipient("johnny.d@contoso.com").alias == "Johnny.D"
+
+
+def test_every_name_of_every_user_resolves_to_that_user(exchange: SimulatedExchange) -> None:
+    for user in exchange.directory.users:
+        names = [
+            user.guid,
+            "{" + user.guid.upper() + "}",
+            user.distinguished_name.upper(),
+            user.user_principal_name,
+            f"contoso\\{user.sam_account_name}",
+            user.sam_account_name.upper(),
+        ]
+        for name in names:
+            if user.appears_after_seconds == 0:
+                assert exchange.get_user(name).guid == user.guid, name

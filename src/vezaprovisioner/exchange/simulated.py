@@ -77,6 +77,7 @@ enforce that); aliases, names and display names need not be (that is how ambigui
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -775,6 +776,7 @@ class _Entry:
     """A user's current (mutable) state inside one SimulatedExchange."""
 
     user: SimulatedUser
+    guid: uuid.UUID
     canonical_name: str
     recipient_type_details: str
     alias: str | None
@@ -822,6 +824,7 @@ class SimulatedExchange:
         self._entries = [
             _Entry(
                 user=user,
+                guid=uuid.UUID(user.guid),
                 canonical_name=_canonical_name(user.distinguished_name),
                 recipient_type_details=user.recipient_type_details,
                 alias=user.alias,
@@ -830,6 +833,10 @@ class SimulatedExchange:
             )
             for user in directory.users
         ]
+        self._by_key: dict[str, list[_Entry]] = {}
+        self._by_smtp: dict[str, list[_Entry]] = {}
+        for entry in self._entries:
+            self._index(entry)
         #: Every cmdlet run, in order: (cmdlet name, bound parameters).
         self.calls: list[tuple[str, dict[str, str]]] = []
 
@@ -883,10 +890,12 @@ class SimulatedExchange:
                     alias = self._unique_alias(entry)
                 primary = f"{_smtp_local_part(alias)}@{self.directory.smtp_domain}"
                 self._check_proxy_free(f"SMTP:{primary}", entry, task)
+                self._index(entry, remove=True)
                 entry.alias = alias
                 entry.recipient_type_details = LOCAL_MAILBOX_TYPE
                 entry.database = request.database or DEFAULT_DATABASE
                 entry.email_addresses = _with_primary(entry.email_addresses, primary)
+                self._index(entry)
                 return self._recipient(entry)
         self._raise_fault(fault, cmdlet, task, slept, dc)
 
@@ -921,10 +930,12 @@ class SimulatedExchange:
                     if routing.casefold() != primary.casefold():
                         self._check_proxy_free(f"smtp:{routing}", entry, task)
                         addresses.append(f"smtp:{routing}")
+                self._index(entry, remove=True)
                 entry.alias = alias
                 entry.recipient_type_details = REMOTE_MAILBOX_TYPE
                 entry.database = None
                 entry.email_addresses = addresses
+                self._index(entry)
                 return self._recipient(entry)
         self._raise_fault(fault, cmdlet, task, slept, dc)
 
@@ -972,21 +983,17 @@ class SimulatedExchange:
             f"on {self.server}; its outcome is unknown"
         )
 
-    def _visible(self) -> list[_Entry]:
-        elapsed = self._clock.monotonic() - self._started
-        return [e for e in self._entries if elapsed >= e.user.appears_after_seconds]
+    def _is_visible(self, entry: _Entry) -> bool:
+        """False while the user is still 'replicating' (appears_after_seconds)."""
+        return self._clock.monotonic() - self._started >= entry.user.appears_after_seconds
 
-    def _matches(self, entry: _Entry, identity: str) -> bool:
-        if identity == "":
-            return True  # Exchange: an empty Identity returns every object
-        try:
-            if uuid.UUID(identity) == uuid.UUID(entry.user.guid):
-                return True
-        except ValueError:
-            pass
-        match = _text_matcher(identity)
+    def _visible(self) -> list[_Entry]:
+        return [entry for entry in self._entries if self._is_visible(entry)]
+
+    def _names(self, entry: _Entry) -> list[str]:
+        """Every value Exchange matches an identity against, but the GUID and SMTP addresses."""
         user = entry.user
-        candidates = [
+        names = [
             user.distinguished_name,
             entry.canonical_name,
             user.user_principal_name,
@@ -996,18 +1003,49 @@ class SimulatedExchange:
             user.display_name,
         ]
         if entry.alias:
-            candidates.append(entry.alias)
-        if _SMTP_ADDRESS.fullmatch(identity):
-            candidates.extend(_smtp_proxies(entry.email_addresses))
-        return any(match(candidate) for candidate in candidates)
+            names.append(entry.alias)
+        return names
+
+    def _index(self, entry: _Entry, *, remove: bool = False) -> None:
+        """Adds (or removes) an entry's exact-match keys; an entry is re-indexed on change."""
+        keys = {name.casefold() for name in self._names(entry)} | {str(entry.guid)}
+        proxies = {p.casefold() for p in _smtp_proxies(entry.email_addresses)}
+        for index, values in ((self._by_key, keys), (self._by_smtp, proxies)):
+            for value in values:
+                entries = index.setdefault(value, [])
+                if remove:
+                    entries.remove(entry)
+                else:
+                    entries.append(entry)
+
+    def _matching(self, identity: str) -> list[_Entry]:
+        """The visible entries an identity matches, as Exchange's resolution would find them."""
+        if identity == "":
+            return self._visible()  # Exchange: an empty Identity returns every object
+        by_smtp = bool(_SMTP_ADDRESS.fullmatch(identity))
+        if identity.startswith("*") or identity.endswith("*"):
+            match = _text_matcher(identity)
+            return [
+                entry
+                for entry in self._visible()
+                if any(match(name) for name in self._names(entry))
+                or (by_smtp and any(match(p) for p in _smtp_proxies(entry.email_addresses)))
+            ]
+        hits = list(self._by_key.get(identity.casefold(), []))
+        with contextlib.suppress(ValueError):  # not a GUID
+            hits += self._by_key.get(str(uuid.UUID(identity)), [])
+        if by_smtp:
+            hits += self._by_smtp.get(identity.casefold(), [])
+        unique = {id(entry): entry for entry in hits}.values()
+        return [entry for entry in unique if self._is_visible(entry)]
 
     def _resolve(
         self, identity: str, task: str, dc: str | None, *, mail_enabled_only: bool
     ) -> _Entry:
         found = [
             entry
-            for entry in self._visible()
-            if (entry.mail_enabled or not mail_enabled_only) and self._matches(entry, identity)
+            for entry in self._matching(identity)
+            if entry.mail_enabled or not mail_enabled_only
         ]
         if not found:
             raise self._error(
@@ -1074,10 +1112,8 @@ class SimulatedExchange:
 
     def _check_proxy_free(self, proxy: str, entry: _Entry, task: str) -> None:
         address = proxy.partition(":")[2].casefold()
-        for other in self._visible():
-            if other is not entry and any(
-                a.casefold() == address for a in _smtp_proxies(other.email_addresses)
-            ):
+        for other in self._by_smtp.get(address, []):
+            if other is not entry and self._is_visible(other):
                 raise self._error(
                     f'The proxy address "{proxy}" is already being used by the proxy addresses '
                     f'or LegacyExchangeDN of "{other.canonical_name}". Please choose another '
