@@ -85,4 +85,10 @@ def test_openapi_and_docs_live_under_the_base_path(client: TestClient) -> None:
     spec = client.get("/VezaProvisioner/openapi.json").json()
     assert "/VezaProvisioner/api/v1/emails" in spec["paths"]
     assert "/VezaProvisioner/api/v1/actions" in spec["paths"]
+    create = spec["paths"]["/VezaProvisioner/api/v1/emails"]["post"]["responses"]
+    assert create["201"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/MailboxResponse"
+    )
+    assert {"409", "502", "503", "504"} <= set(create)
+    assert "application/problem+json" in create["409"]["content"]
     assert "text/html" in client.get("/VezaProvisioner/docs").headers["content-type"]

@@ -129,3 +129,30 @@ class Check(BaseModel):
 class ReadinessResponse(BaseModel):
     status: Literal["ready", "not_ready"]
     checks: dict[str, Check]
+
+
+class ExchangeSaid(BaseModel):
+    """What Exchange reported: CategoryInfo.Reason, FullyQualifiedErrorId and the message."""
+
+    reason: str | None
+    error_id: str | None
+    message: str
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+    type: str
+
+
+class ProblemDocument(BaseModel):
+    """RFC 9457 problem+json, as every error is sent."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    request_id: str
+    errors: list[FieldError] | None = None
+    exchange: ExchangeSaid | None = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse
@@ -24,6 +24,7 @@ from .models import (
     EmailRequest,
     HealthResponse,
     MailboxResponse,
+    ProblemDocument,
     ReadinessResponse,
     RecipientStateResponse,
 )
@@ -31,6 +32,22 @@ from .problems import ACTION_NOT_SUPPORTED, Problem
 from .validation_errors import validation_problem
 
 router = APIRouter()
+
+
+def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the problem+json answers a route can give."""
+    return {
+        status: {
+            "model": ProblemDocument,
+            "content": {"application/problem+json": {}},
+            "description": "Problem (RFC 9457); see `code`",
+        }
+        for status in statuses
+    }
+
+
+_AUTH_AND_BODY = (401, 403, 413, 415, 422)
+_EXCHANGE = (502, 503, 504)
 
 # Readiness probes run here, so a hung backend cannot tie up the request threads.
 _probe_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readiness-probe")
@@ -91,7 +108,11 @@ def _probe(services: Services) -> Check:
     "/api/v1/emails",
     status_code=201,
     tags=["emails"],
-    responses={200: {"model": MailboxResponse, "description": "The user already has the mailbox"}},
+    response_model=MailboxResponse,
+    responses={
+        200: {"model": MailboxResponse, "description": "The user already has the mailbox"},
+        **_problems(400, 404, 409, *_AUTH_AND_BODY, *_EXCHANGE),
+    },
 )
 def create_email(
     body: EmailRequest, request: Request, services: ServicesDep, request_id: RequestIdDep
@@ -104,7 +125,11 @@ def create_email(
     "/api/v1/actions",
     status_code=201,
     tags=["actions"],
-    responses={200: {"model": MailboxResponse, "description": "The user already has the mailbox"}},
+    response_model=MailboxResponse,
+    responses={
+        200: {"model": MailboxResponse, "description": "The user already has the mailbox"},
+        **_problems(400, 404, 409, 501, *_AUTH_AND_BODY, *_EXCHANGE),
+    },
 )
 def run_action(
     body: ActionRequest, request: Request, services: ServicesDep, request_id: RequestIdDep
@@ -137,7 +162,12 @@ def _create(
     )
 
 
-@router.get("/api/v1/emails/{identity:path}", tags=["emails"], name="read_email")
+@router.get(
+    "/api/v1/emails/{identity:path}",
+    tags=["emails"],
+    name="read_email",
+    responses=_problems(401, 403, 404, 409, 422, *_EXCHANGE),
+)
 def read_email(
     identity: Annotated[str, Path(description="The user's AD identity (URL-encoded)")],
     services: ServicesDep,
