@@ -311,6 +311,7 @@ class RemoteExchange:
             pool.shell.close()
         with suppress(*_TRANSPORT_ERRORS):
             pool.close()
+        pool.connection.close()  # the HTTP session and its sockets
 
     def _new_pool(self) -> RunspacePool:
         remote = self._remote
