@@ -395,6 +395,38 @@ def test_enable_is_never_rerun_after_a_dropped_connection(
     assert simulated.count("Enable-Mailbox") == 2
 
 
+def test_a_read_lost_with_its_command_request_is_retried(
+    remote: RemoteExchange, endpoint: FakeExchangeEndpoint
+) -> None:
+    endpoint.drop_connection_on("Command")
+    assert remote.get_user("plain").sam_account_name == "plain"
+
+
+def test_an_enable_lost_with_its_command_request_is_an_unknown_outcome(
+    remote: RemoteExchange, endpoint: FakeExchangeEndpoint, simulated: SimulatedExchange
+) -> None:
+    endpoint.drop_connection_on("Command")
+    with pytest.raises(ExchangeTimeout, match="outcome is unknown"):
+        remote.enable_mailbox(EnableMailbox(PLAIN_GUID))
+    assert simulated.count("Enable-Mailbox") == 0
+
+
+def test_no_server_is_backend_unavailable(
+    remote_settings: Callable[..., Settings], endpoint: FakeExchangeEndpoint
+) -> None:
+    settings = remote_settings()
+    endpoint.stop()
+    down = RemoteExchange(
+        settings.remote,
+        settings.exchange,
+        RemoteCredentials(USERNAME, PASSWORD),
+        clock=SystemClock(),
+    )
+    with pytest.raises(BackendUnavailable, match="ConnectionError") as caught:
+        down.probe()
+    assert caught.value.retry_after_seconds == 5
+
+
 def test_a_command_past_its_deadline_is_stopped_and_the_pool_rebuilt(
     make_remote: Callable[..., RemoteExchange],
     endpoint: FakeExchangeEndpoint,
@@ -577,6 +609,11 @@ def test_remote_defaults_follow_exchanges_documented_endpoint() -> None:
 def test_credential_variables_may_not_look_like_configuration_overrides() -> None:
     with pytest.raises(ValidationError, match="reserved for configuration"):
         Settings.model_validate({"remote": {"password_env": "VEZAPROVISIONER_PASSWORD"}})
+
+
+def test_the_example_configuration_is_valid(repo_root: Path) -> None:
+    settings = load_settings(repo_root / "examples" / "remote.toml", environ={})
+    assert (settings.backend, settings.remote.server) == ("remote", "exch01.contoso.com")
 
 
 def test_ca_bundle_is_relative_to_the_configuration_file(tmp_path: Path) -> None:

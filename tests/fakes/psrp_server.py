@@ -206,6 +206,10 @@ class FakeExchangeEndpoint:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop serving and close every connection (the server going away). Idempotent."""
         self.release_commands()
         self._server.shutdown()
         self._server.server_close()

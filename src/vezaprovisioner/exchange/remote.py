@@ -242,10 +242,10 @@ class RemoteExchange:
         ps.add_cmdlet(cmdlet)
         for name, value in parameters.items():
             ps.add_parameter(name, value)
-        sent = False
         try:
+            # From here a failure may come after Exchange started the cmdlet: the outcome of a
+            # write is unknown (the Command request carries the pipeline).
             ps.begin_invoke()
-            sent = True
             while ps.state == PSInvocationState.RUNNING:
                 remaining = deadline - self._clock.monotonic()
                 if remaining <= 0:
@@ -256,9 +256,9 @@ class RemoteExchange:
                     )
                 ps.poll_invoke(timeout=min(_MAX_POLL_SECONDS, max(1, math.ceil(remaining))))
         except _TRANSPORT_ERRORS as exc:
-            raise _TransportFailure(exc, sent=sent) from exc
+            raise _TransportFailure(exc, sent=True) from exc
         for warning in ps.streams.warning:
-            log.warning("%s warned: %s", cmdlet, warning)
+            log.warning("%s warned: %s", cmdlet, getattr(warning, "message", warning))
         errors = list(ps.streams.error)
         with suppress(*_TRANSPORT_ERRORS):
             ps.close()
