@@ -117,7 +117,7 @@ def remote_settings(
                 "ssl": True,
                 "auth": "basic",
                 "ca_bundle": str(ca_bundle),
-                "open_timeout_seconds": 10,
+                "http_timeout_seconds": 10,
             },
             "auth": {"mode": "basic", "users": {"veza-svc": password_hash}},
         }

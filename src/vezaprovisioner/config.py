@@ -97,7 +97,8 @@ class RemoteSettings(_Section):
     spn_service: str = "HTTP"
     username_env: str = "VEZA_EXCHANGE_USERNAME"
     password_env: str = "VEZA_EXCHANGE_PASSWORD"  # noqa: S105 - the variable's name, not a secret
-    open_timeout_seconds: float = Field(default=60.0, gt=0, le=600)
+    #: Bound on each HTTP request to the endpoint (connect, and read of one WS-Man answer).
+    http_timeout_seconds: float = Field(default=30.0, ge=5, le=300)
 
     @field_validator("server")
     @classmethod

@@ -97,10 +97,8 @@ FAULT_OPERATION_TIMEOUT: Final = 0x80338029
 FAULT_SHELL_NOT_FOUND: Final = 0x8033805B
 FAULT_RESOURCE_NOT_FOUND: Final = 0x80338000
 
-#: The cmdlets that exist in the fake runspace (the service's allow-list plus the probe).
-CMDLETS: Final = frozenset(
-    {"Get-User", "Get-Recipient", "Enable-Mailbox", "Enable-RemoteMailbox", "Get-ExchangeServer"}
-)
+#: The cmdlets that exist in the fake runspace: the service's allow-list.
+CMDLETS: Final = frozenset({"Get-User", "Get-Recipient", "Enable-Mailbox", "Enable-RemoteMailbox"})
 _MAX_WAIT_SECONDS: Final = 30.0
 # IIS's 404 page is HTML, not well-formed XML (an unclosed <meta>): clients see no WSManFault.
 _IIS_404: Final = (
@@ -526,26 +524,13 @@ class FakeExchangeEndpoint:
                 domain_controller=dc,
             )
             return [_recipient_object(sim.enable_mailbox(request), "Mailbox")]
-        if name == "Enable-RemoteMailbox":
-            remote = EnableRemoteMailbox(
-                identity=identity,
-                alias=text("Alias"),
-                remote_routing_address=text("RemoteRoutingAddress"),
-                domain_controller=dc,
-            )
-            return [_recipient_object(sim.enable_remote_mailbox(remote), "RemoteMailbox")]
-        description = sim.probe()
-        server = PSObject()
-        server.PSObject.type_names = [
-            "Deserialized.Microsoft.Exchange.Data.Directory.Management.ExchangeServer",
-            "Deserialized.System.Object",
-        ]
-        server.PSObject.adapted_properties.append(PSNoteProperty("Name", sim.server))
-        server.PSObject.adapted_properties.append(
-            PSNoteProperty("AdminDisplayVersion", "Version 15.2 (Build 1544.4)")
+        remote = EnableRemoteMailbox(
+            identity=identity,
+            alias=text("Alias"),
+            remote_routing_address=text("RemoteRoutingAddress"),
+            domain_controller=dc,
         )
-        server.PSObject.to_string = description
-        return [server]
+        return [_recipient_object(sim.enable_remote_mailbox(remote), "RemoteMailbox")]
 
     # ---- HTTP glue -------------------------------------------------------------------------
 
@@ -713,9 +698,9 @@ def _exchange_object(type_name: str, properties: dict[str, Any], to_string: str)
     """A deserialized Exchange object: its properties are adapted (.NET) properties."""
     obj = PSObject()
     obj.PSObject.type_names = [
-        f"Deserialized.Microsoft.Exchange.Data.Directory.Management.{type_name}",
-        "Deserialized.Microsoft.Exchange.Data.Directory.ADObject",
-        "Deserialized.System.Object",
+        f"Microsoft.Exchange.Data.Directory.Management.{type_name}",
+        "Microsoft.Exchange.Data.Directory.ADObject",
+        "System.Object",
     ]
     for name, value in properties.items():
         obj.PSObject.adapted_properties.append(PSNoteProperty(name, value))

@@ -315,7 +315,7 @@ class RemoteExchange:
 
     def _new_pool(self) -> RunspacePool:
         remote = self._remote
-        read_timeout = max(5, math.ceil(min(30.0, remote.open_timeout_seconds)))
+        read_timeout = math.ceil(remote.http_timeout_seconds)
         cert_validation: bool | str = remote.cert_validation
         if remote.ssl and remote.ca_bundle is not None:
             cert_validation = str(remote.ca_bundle)
@@ -335,8 +335,9 @@ class RemoteExchange:
             # With TLS, messages need no WS-Man encryption; without it Kerberos/Negotiate wrap
             # them (basic without TLS is refused above).
             encryption="auto",
-            connection_timeout=max(1, math.ceil(min(30.0, remote.open_timeout_seconds))),
+            connection_timeout=read_timeout,
             read_timeout=read_timeout,
+            # WS-Man must answer (or time out) before the HTTP read gives up.
             operation_timeout=read_timeout - 2,
             no_proxy=True,
             **kwargs,
