@@ -395,6 +395,14 @@ def test_enable_is_never_rerun_after_a_dropped_connection(
     assert simulated.count("Enable-Mailbox") == 2
 
 
+def test_a_pool_that_fails_to_open_is_deleted_on_the_server(
+    remote: RemoteExchange, endpoint: FakeExchangeEndpoint
+) -> None:
+    endpoint.drop_connection_on("Receive")  # the first Receive belongs to opening the pool
+    assert remote.get_user("plain").sam_account_name == "plain"
+    assert (endpoint.shells_created, endpoint.open_shells, remote.pools_opened) == (2, 1, 1)
+
+
 def test_a_read_lost_with_its_command_request_is_retried(
     remote: RemoteExchange, endpoint: FakeExchangeEndpoint
 ) -> None:

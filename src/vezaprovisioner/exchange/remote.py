@@ -233,6 +233,11 @@ class RemoteExchange:
                         failure.cause,
                     )
             raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+        except Exception as exc:
+            if not isinstance(exc, ExchangeError):
+                # An unexpected pypsrp error: never reuse a pool left in an unknown state.
+                self._discard()
+            raise
         finally:
             self._lock.release()
 
@@ -292,12 +297,12 @@ class RemoteExchange:
                 log.info("the Exchange session at %s was dropped; opening a new one", self.endpoint)
             self._discard()
         try:
-            pool = self._new_pool()
+            # Held before open() so a half-opened shell is deleted by _discard() on failure.
+            self._pool = pool = self._new_pool()
             pool.open()
         except _TRANSPORT_ERRORS as exc:
             raise _TransportFailure(exc, sent=False) from exc
         self.pools_opened += 1
-        self._pool = pool
         return pool
 
     def _discard(self) -> None:
