@@ -79,6 +79,81 @@ class SimulatedSettings(_Section):
     enable_latency_ms: int = Field(default=0, ge=0, le=600_000)
 
 
+class RemoteSettings(_Section):
+    """backend = "remote": Exchange's remote PowerShell endpoint, reached with pypsrp.
+
+    Credentials never live in this file: with `username_env`/`password_env` unset (or naming empty
+    variables) Kerberos/Negotiate use the process identity (the app pool account on Windows, the
+    Kerberos ticket cache or keytab on Linux); otherwise the named environment variables hold them.
+    """
+
+    server: str = ""
+    port: int | None = Field(default=None, ge=1, le=65535)
+    ssl: bool = False
+    path: str = "PowerShell"
+    auth: Literal["kerberos", "negotiate", "basic"] = "kerberos"
+    cert_validation: bool = True
+    ca_bundle: Path | None = None
+    spn_service: str = "HTTP"
+    username_env: str = "VEZA_EXCHANGE_USERNAME"
+    password_env: str = "VEZA_EXCHANGE_PASSWORD"  # noqa: S105 - the variable's name, not a secret
+    #: Bound on each HTTP request to the endpoint (connect, and read of one WS-Man answer).
+    http_timeout_seconds: float = Field(default=30.0, ge=5, le=300)
+
+    @field_validator("server")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value):
+            raise ValueError(f"must be a host name like exch01.contoso.com, not {value!r}")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*", value):
+            raise ValueError(
+                f"must be a URL path without slashes around it, like PowerShell, not {value!r}"
+            )
+        return value
+
+    @field_validator("spn_service")
+    @classmethod
+    def _spn_service(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", value):
+            raise ValueError(f"must be a service class like HTTP or host, not {value!r}")
+        return value
+
+    @field_validator("username_env", "password_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(f"must be an environment variable name, not {value!r}")
+        if value.upper().startswith(ENV_PREFIX):
+            raise ValueError(
+                f"{value!r} starts with {ENV_PREFIX}, which is reserved for configuration "
+                "overrides; use another name such as VEZA_EXCHANGE_PASSWORD"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RemoteSettings:
+        if self.auth == "basic" and not self.ssl:
+            raise ValueError(
+                "auth 'basic' over plain HTTP would send the password readable on the wire; "
+                'set ssl = true (https://<fqdn>/PowerShell) or use auth = "kerberos"'
+            )
+        if self.ca_bundle is not None and not self.ssl:
+            raise ValueError("ca_bundle is set but ssl is false; remove it or set ssl = true")
+        if self.ca_bundle is not None and not self.cert_validation:
+            raise ValueError("ca_bundle is set but cert_validation is false; choose one")
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        """The configured port, else 443 with TLS and 80 without (Exchange's IIS site)."""
+        return self.port or (443 if self.ssl else 80)
+
+
 class AuthSettings(_Section):
     """Who may call the API. Authentication fails closed: no identified caller, no access."""
 
@@ -120,6 +195,7 @@ class Settings(_Section):
     data_dir: Path = Path("data")
     exchange: ExchangeSettings = ExchangeSettings()
     simulated: SimulatedSettings = SimulatedSettings()
+    remote: RemoteSettings = RemoteSettings()
     auth: AuthSettings = AuthSettings()
     #: The file the settings came from (None when built in code); shown by `check` and readiness.
     source: Path | None = None
@@ -139,6 +215,24 @@ class Settings(_Section):
             raise ValueError(
                 "exchange.remote_routing_domain is set but mailbox_kind is 'local'; "
                 'set mailbox_kind = "remote" for hybrid, or remove remote_routing_domain'
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _remote_needs_server(self) -> Settings:
+        if self.backend != "remote":
+            return self
+        server = self.remote.server
+        if not server:
+            raise ValueError(
+                'backend is "remote" but remote.server is empty; set it to the Exchange '
+                "server's FQDN, like exch01.contoso.com"
+            )
+        if self.remote.auth != "basic" and ("." not in server or re.fullmatch(r"[0-9.]+", server)):
+            raise ValueError(
+                f"remote.server {server!r} is not a fully qualified domain name; Kerberos finds "
+                "the server by its SPN (HTTP/<fqdn>), so use the FQDN like exch01.contoso.com, "
+                "never an IP address, a short name or localhost"
             )
         return self
 
@@ -216,6 +310,9 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
     # Relative paths are relative to the file; joining an absolute path leaves it unchanged.
     data.setdefault("data_dir", str(Settings.model_fields["data_dir"].default))
     data["data_dir"] = str(path.parent / data["data_dir"])
+    remote = data.get("remote")
+    if isinstance(remote, dict) and remote.get("ca_bundle"):
+        remote["ca_bundle"] = str(path.parent / remote["ca_bundle"])
     simulated = data.setdefault("simulated", {})
     if isinstance(simulated, dict):
         simulated["directory"] = str(
