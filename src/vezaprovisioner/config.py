@@ -108,6 +108,51 @@ class AuthSettings(_Section):
         return self
 
 
+class JournalSettings(_Section):
+    """The request journal (SQLite in data_dir) and the per-user claim that lives in it."""
+
+    #: Finished records older than this are deleted (at start, by the maintenance pass).
+    retention_days: int = Field(default=400, ge=1, le=36_500)
+    #: A claim (or an unfinished record) older than this is stale even if its owner seems alive.
+    stale_claim_seconds: float = Field(default=900.0, gt=0, le=86_400)
+    #: How long a request waits for another request's claim on the same user before 503.
+    claim_wait_seconds: float = Field(default=150.0, ge=0, le=3600)
+    #: How long SQLite waits for another process's write lock before the journal is unavailable.
+    busy_timeout_ms: int = Field(default=5000, ge=0, le=600_000)
+    #: SQLite synchronous mode: full survives power loss; normal survives process crashes only.
+    synchronous: Literal["full", "normal"] = "full"
+
+
+class AuditSettings(_Section):
+    """The append-only JSON-lines audit trail (one line per finished request)."""
+
+    enabled: bool = True
+    #: Relative paths are relative to data_dir.
+    file: Path = Path("audit.jsonl")
+    max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096, le=2**40)
+    backup_count: int = Field(default=10, ge=1, le=1000)
+
+
+class LoggingSettings(_Section):
+    """Structured JSON log lines: one per request plus backend lifecycle events."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: Empty: standard error. Otherwise a file (relative paths relative to data_dir).
+    file: str = ""
+    max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096, le=2**40)
+    backup_count: int = Field(default=5, ge=1, le=1000)
+
+
+class MetricsSettings(_Section):
+    """Prometheus metrics at <base_path>/metrics."""
+
+    enabled: bool = True
+    #: False serves /metrics without authentication (for a scraper on a trusted network).
+    require_auth: bool = True
+    #: Several worker processes (IIS): a folder they share; PROMETHEUS_MULTIPROC_DIR also works.
+    multiprocess_dir: Path | None = None
+
+
 class Settings(_Section):
     """Everything the service needs, validated at start."""
 
@@ -121,6 +166,10 @@ class Settings(_Section):
     exchange: ExchangeSettings = ExchangeSettings()
     simulated: SimulatedSettings = SimulatedSettings()
     auth: AuthSettings = AuthSettings()
+    journal: JournalSettings = JournalSettings()
+    audit: AuditSettings = AuditSettings()
+    logging: LoggingSettings = LoggingSettings()
+    metrics: MetricsSettings = MetricsSettings()
     #: The file the settings came from (None when built in code); shown by `check` and readiness.
     source: Path | None = None
 
@@ -139,6 +188,18 @@ class Settings(_Section):
             raise ValueError(
                 "exchange.remote_routing_domain is set but mailbox_kind is 'local'; "
                 'set mailbox_kind = "remote" for hybrid, or remove remote_routing_domain'
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _claims_outlive_requests(self) -> Settings:
+        # A claim must not go stale while its request can still be talking to Exchange.
+        longest = 3 * self.exchange.command_timeout_seconds + self.not_found_retry_seconds
+        if self.journal.stale_claim_seconds <= longest:
+            raise ValueError(
+                f"journal.stale_claim_seconds ({self.journal.stale_claim_seconds:g}) must exceed "
+                f"3 x exchange.command_timeout_seconds + not_found_retry_seconds ({longest:g}), "
+                "or a slow request could lose its claim on the user"
             )
         return self
 
