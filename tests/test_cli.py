@@ -111,3 +111,35 @@ def test_hash_password_reads_stdin_when_piped() -> None:
 
 def test_hash_password_refuses_an_empty_password() -> None:
     assert run("hash-password", stdin="\n").returncode == 2
+
+
+def test_journal_lists_what_create_email_recorded(config: Path) -> None:
+    run("create-email", "--config", str(config), "--identity", "CONTOSO\\plain")
+    run("create-email", "--config", str(config), "--identity", "Alex Smith")
+    table = run("journal", "--config", str(config), "--since", "1d")
+    assert table.returncode == 0, table.stderr
+    header, *rows = table.stdout.splitlines()
+    assert header.split("\t")[:3] == ["received_at", "request_id", "state"]
+    assert [row.split("\t")[2] for row in rows] == ["failed", "created"]  # newest first
+    assert "2 record(s)" in table.stderr
+
+    failed = run("journal", "--config", str(config), "--state", "failed", "--json")
+    records = json.loads(failed.stdout)
+    assert [r["code"] for r in records] == ["AMBIGUOUS_IDENTITY"]
+    assert records[0]["caller_method"] == "cli"
+    assert records[0]["exchange"]["reason"] == "ManagementObjectAmbiguousException"
+
+    by_identity = run("journal", "--config", str(config), "--identity", "contoso\\PLAIN", "--json")
+    assert [r["state"] for r in json.loads(by_identity.stdout)] == ["created"]
+
+
+def test_journal_refuses_a_bad_since(config: Path) -> None:
+    result = run("journal", "--config", str(config), "--since", "yesterday")
+    assert result.returncode == 2
+    assert "like 1d" in result.stderr
+
+
+def test_journal_without_a_journal_yet(config: Path) -> None:
+    result = run("journal", "--config", str(config))
+    assert result.returncode == 0
+    assert "no journal yet" in result.stderr

@@ -25,11 +25,14 @@ log = logging.getLogger("vezaprovisioner.access")
 _MAX_PROBLEM_BYTES = 64 * 1024
 
 
-def _route_of(scope: Scope) -> str:
+def _route_of(scope: Scope, base_path: str) -> str:
     """The matched route's template (bounded label values), not the raw path."""
     route = scope.get("route")
     path = getattr(route, "path", None)
-    return path if isinstance(path, str) else "(unmatched)"
+    if not isinstance(path, str):
+        return "(unmatched)"
+    # FastAPI versions differ on whether an included router's routes carry the prefix.
+    return path if path.startswith(base_path + "/") else base_path + path
 
 
 def client_address(scope: Scope) -> str | None:
@@ -52,9 +55,10 @@ def _code_of(body: bytes) -> str | None:
 class AccessLogMiddleware:
     """Logs `request finished` with request id, caller, route, status, code and duration."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics | None) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics | None, base_path: str) -> None:
         self.app = app
         self.metrics = metrics
+        self.base_path = base_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,7 +92,7 @@ class AccessLogMiddleware:
     def _finished(self, scope: Scope, status: int, code: str | None, seconds: float) -> None:
         state = scope.get("state", {})
         caller = state.get("caller")
-        route = _route_of(scope)
+        route = _route_of(scope, self.base_path)
         if self.metrics is not None:
             self.metrics.requests.labels(route, scope["method"], str(status), code or "").inc()
             self.metrics.request_seconds.labels(route).observe(seconds)

@@ -64,7 +64,7 @@ def create_app_from_services(services: Services) -> FastAPI:
         basic_realm=basic_realm,
     )
     app.add_middleware(RequestContextMiddleware)
-    app.add_middleware(AccessLogMiddleware, metrics=services.metrics)
+    app.add_middleware(AccessLogMiddleware, metrics=services.metrics, base_path=base)
     configure_logging(services.settings)
     services.start_maintenance()
 
