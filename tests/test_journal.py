@@ -332,7 +332,7 @@ def test_a_claim_of_a_dead_process_is_taken_over(
     )
     dead_pid = int(child.stdout)
     with closing(sqlite3.connect(tmp_path / "data" / JOURNAL_FILE)) as db:
-        host = db.execute("SELECT ?", (journal._host,)).fetchone()[0]
+        host = db.execute("SELECT ?", (journal.host,)).fetchone()[0]
         db.execute("INSERT INTO claims VALUES ('guid-1', 'tok', ?, ?, 0, 1e12)", (host, dead_pid))
         db.execute(
             "INSERT INTO claims VALUES ('guid-2', 'tok', 'another-server', ?, 0, 1e12)",
@@ -385,3 +385,21 @@ def test_threads_of_one_process_queue_on_the_guard(
     thread.join(10)
     assert order == ["first in", "first out", "second in"]
     assert clock.sleeps == []  # queued on the lock, not polling the claim
+
+
+def test_a_user_claimed_elsewhere_too_long_is_503_identity_busy(
+    make_client: Callable[..., TestClient],
+    make_journal: Callable[..., Journal],
+    exchange: SimulatedExchange,
+) -> None:
+    client = make_client(journal={"claim_wait_seconds": 1})
+    other_process = make_journal()
+    guid = exchange.get_user("CONTOSO\\plain").guid
+    assert other_process.try_claim(guid) is not None
+    response = post(client, "r-busy", identity="CONTOSO\\plain")
+    assert response.status_code == 503
+    assert response.json()["code"] == "IDENTITY_BUSY"
+    assert response.headers["Retry-After"] == "5"
+    assert exchange.count("Enable-Mailbox") == 0
+    rec = record(client, "r-busy")
+    assert (rec["state"], rec["code"]) == ("failed", "IDENTITY_BUSY")

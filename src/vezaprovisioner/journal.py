@@ -195,7 +195,8 @@ class Journal:
         self._settings = settings
         self._code_of = code_of
         self._wall = wall
-        self._host = socket.gethostname().casefold()
+        #: This machine, as claims and records name it (pids are only checked here).
+        self.host = socket.gethostname().casefold()
         self._lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
         #: Called with the exception whenever a journal operation fails (metrics, logs).
@@ -288,7 +289,7 @@ class Journal:
                     context.client_address,
                     now,
                     now,
-                    self._host,
+                    self.host,
                     os.getpid(),
                 ),
             )
@@ -386,7 +387,7 @@ class Journal:
                 (
                     key,
                     token,
-                    self._host,
+                    self.host,
                     os.getpid(),
                     now,
                     now + self._settings.stale_claim_seconds,
@@ -400,7 +401,7 @@ class Journal:
             db.execute("DELETE FROM claims WHERE identity_key = ? AND token = ?", (key, token))
 
     def _stale(self, host: str, pid: int, expires_at: float, now: float) -> bool:
-        return expires_at <= now or (host == self._host and not pid_alive(pid))
+        return expires_at <= now or (host == self.host and not pid_alive(pid))
 
     # ---- reading ------------------------------------------------------------------------------
 
