@@ -149,8 +149,9 @@ class MetricsSettings(_Section):
     enabled: bool = True
     #: False serves /metrics without authentication (for a scraper on a trusted network).
     require_auth: bool = True
-    #: Several worker processes (IIS): a folder they share; PROMETHEUS_MULTIPROC_DIR also works.
-    multiprocess_dir: Path | None = None
+    #: Several worker processes (IIS): a folder they share (relative to data_dir); empty: one
+    #: process, unless PROMETHEUS_MULTIPROC_DIR is set.
+    multiprocess_dir: str = ""
 
 
 class Settings(_Section):
