@@ -3,6 +3,7 @@ that a journal that cannot be written means nothing is sent to Exchange (503).""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -333,15 +334,35 @@ def test_a_claim_of_a_dead_process_is_taken_over(
     dead_pid = int(child.stdout)
     with closing(sqlite3.connect(tmp_path / "data" / JOURNAL_FILE)) as db:
         host = db.execute("SELECT ?", (journal.host,)).fetchone()[0]
-        db.execute("INSERT INTO claims VALUES ('guid-1', 'tok', ?, ?, 0, 1e12)", (host, dead_pid))
         db.execute(
-            "INSERT INTO claims VALUES ('guid-2', 'tok', 'another-server', ?, 0, 1e12)",
+            "INSERT INTO claims VALUES ('guid-1', 'tok', ?, ?, 'p', 0, 1e12)", (host, dead_pid)
+        )
+        db.execute(
+            "INSERT INTO claims VALUES ('guid-2', 'tok', 'another-server', ?, 'p', 0, 1e12)",
             (dead_pid,),
         )
         db.commit()
     assert journal.try_claim("guid-1") is not None
     # Another machine's process cannot be checked: only expiry frees its claim.
     assert journal.try_claim("guid-2") is None
+
+
+def test_a_dead_predecessor_with_our_pid_is_recognised(
+    make_journal: Callable[..., Journal], tmp_path: Path
+) -> None:
+    journal = make_journal()
+    row = journal.receive(CONTEXT, "CREATE_EMAIL", "jdoe", None)
+    assert journal.orphans() == []  # ours, and we are alive
+    with closing(sqlite3.connect(tmp_path / "data" / JOURNAL_FILE)) as db:
+        # A restarted container's process often gets the same pid as the one that died.
+        db.execute("UPDATE requests SET owner_token = 'before-restart' WHERE id = ?", (row,))
+        db.execute(
+            "INSERT INTO claims VALUES ('guid-1', 'tok', ?, ?, 'before-restart', 0, 1e12)",
+            (journal.host, os.getpid()),
+        )
+        db.commit()
+    assert [r.id for r in journal.orphans()] == [row]
+    assert journal.try_claim("guid-1") is not None
 
 
 def test_the_guard_waits_for_another_process_then_gives_up(

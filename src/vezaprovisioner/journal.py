@@ -81,7 +81,8 @@ MIGRATIONS: tuple[str, ...] = (
         primary_smtp_address TEXT,
         recovered INTEGER NOT NULL DEFAULT 0,
         owner_host TEXT NOT NULL,
-        owner_pid INTEGER NOT NULL
+        owner_pid INTEGER NOT NULL,
+        owner_token TEXT NOT NULL
     );
     CREATE INDEX requests_request_id ON requests (request_id);
     CREATE INDEX requests_received_at ON requests (received_at);
@@ -91,6 +92,7 @@ MIGRATIONS: tuple[str, ...] = (
         token TEXT NOT NULL,
         owner_host TEXT NOT NULL,
         owner_pid INTEGER NOT NULL,
+        owner_token TEXT NOT NULL,
         claimed_at REAL NOT NULL,
         expires_at REAL NOT NULL
     );
@@ -149,9 +151,18 @@ class Record:
     recovered: bool
     owner_host: str
     owner_pid: int
+    owner_token: str
 
 
 _COLUMNS = ", ".join(Record.__dataclass_fields__)
+
+
+_process_tokens: dict[int, str] = {}
+
+
+def process_token() -> str:
+    """A random id of this process (per pid, so a forked child gets its own)."""
+    return _process_tokens.setdefault(os.getpid(), uuid.uuid4().hex)
 
 
 def pid_alive(pid: int) -> bool:
@@ -216,7 +227,12 @@ class Journal:
             check_same_thread=False,  # guarded by self._lock
         )
         try:
-            connection.execute("PRAGMA journal_mode=WAL")
+            mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                # SQLite falls back silently where WAL cannot work (a network share).
+                raise sqlite3.DatabaseError(
+                    f"WAL mode is unavailable here (got {mode!r}); keep data_dir on a local disk"
+                )
             connection.execute(f"PRAGMA synchronous={self._settings.synchronous.upper()}")
             connection.execute(f"PRAGMA busy_timeout={self._settings.busy_timeout_ms}")
             _migrate(connection)
@@ -277,8 +293,8 @@ class Journal:
         with self._transaction("receive") as db:
             cursor = db.execute(
                 "INSERT INTO requests (request_id, action, identity, alias, caller, caller_method,"
-                " client_address, state, received_at, updated_at, owner_host, owner_pid)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'received', ?, ?, ?, ?)",
+                " client_address, state, received_at, updated_at, owner_host, owner_pid,"
+                " owner_token) VALUES (?, ?, ?, ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?)",
                 (
                     context.request_id,
                     action,
@@ -291,6 +307,7 @@ class Journal:
                     now,
                     self.host,
                     os.getpid(),
+                    process_token(),
                 ),
             )
             row_id = cursor.lastrowid
@@ -375,20 +392,21 @@ class Journal:
         token = uuid.uuid4().hex
         with self._transaction("claim") as db:
             held = db.execute(
-                "SELECT owner_host, owner_pid, expires_at FROM claims WHERE identity_key = ?",
+                "SELECT owner_host, owner_pid, owner_token, expires_at FROM claims"
+                " WHERE identity_key = ?",
                 (key,),
             ).fetchone()
-            if held is not None and not self._stale(held[0], held[1], held[2], now):
+            if held is not None and not self._stale(held[0], held[1], held[2], held[3], now):
                 return None
             db.execute(
-                "INSERT OR REPLACE INTO claims"
-                " (identity_key, token, owner_host, owner_pid, claimed_at, expires_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO claims (identity_key, token, owner_host, owner_pid,"
+                " owner_token, claimed_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     key,
                     token,
                     self.host,
                     os.getpid(),
+                    process_token(),
                     now,
                     now + self._settings.stale_claim_seconds,
                 ),
@@ -400,8 +418,20 @@ class Journal:
         with self._transaction("release claim") as db:
             db.execute("DELETE FROM claims WHERE identity_key = ? AND token = ?", (key, token))
 
-    def _stale(self, host: str, pid: int, expires_at: float, now: float) -> bool:
-        return expires_at <= now or (host == self.host and not pid_alive(pid))
+    def _stale(self, host: str, pid: int, token: str, expires_at: float, now: float) -> bool:
+        """Expired, or its process is gone: only processes on this machine can be checked.
+
+        A pid equal to ours with another token is a dead predecessor that had our pid (a
+        restarted container's PID 1, say); any other live pid might be reused, so it waits
+        for the expiry instead.
+        """
+        if expires_at <= now:
+            return True
+        if host != self.host:
+            return False
+        if pid == os.getpid():
+            return token != process_token()
+        return not pid_alive(pid)
 
     # ---- reading ------------------------------------------------------------------------------
 
@@ -451,7 +481,9 @@ class Journal:
         return [
             r
             for r in records
-            if self._stale(r.owner_host, r.owner_pid, r.updated_at + stale_after, now)
+            if self._stale(
+                r.owner_host, r.owner_pid, r.owner_token, r.updated_at + stale_after, now
+            )
         ]
 
     # ---- maintenance --------------------------------------------------------------------------
@@ -461,9 +493,13 @@ class Journal:
         now = self._wall()
         with self._transaction("release dead claims") as db:
             held = db.execute(
-                "SELECT identity_key, owner_host, owner_pid, expires_at FROM claims"
+                "SELECT identity_key, owner_host, owner_pid, owner_token, expires_at FROM claims"
             ).fetchall()
-            dead = [key for key, host, pid, exp in held if self._stale(host, pid, exp, now)]
+            dead = [
+                key
+                for key, host, pid, owner_token, expires_at in held
+                if self._stale(host, pid, owner_token, expires_at, now)
+            ]
             db.executemany("DELETE FROM claims WHERE identity_key = ?", [(k,) for k in dead])
         return len(dead)
 

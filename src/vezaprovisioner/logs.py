@@ -61,7 +61,6 @@ def configure_logging(settings: Settings) -> logging.Handler:
         old.close()
     logger.addHandler(handler)
     logger.setLevel(options.level)
-    logger.propagate = False
     return handler
 
 
