@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from tests.conftest import TEST_DIRECTORY
 from vezaprovisioner.auth import verify_password
+from vezaprovisioner.cli import parse_since
 
 EXECUTABLE = Path(sys.executable).with_name("vezaprovisioner")
 
@@ -143,3 +148,25 @@ def test_journal_without_a_journal_yet(config: Path) -> None:
     result = run("journal", "--config", str(config))
     assert result.returncode == 0
     assert "no journal yet" in result.stderr
+
+
+@given(amount=st.integers(min_value=0, max_value=10**6), unit=st.sampled_from("smhdw"))
+def test_since_accepts_a_number_and_a_unit(amount: int, unit: str) -> None:
+    factor = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}[unit]
+    assert parse_since(f" {amount}{unit} ") == amount * factor
+
+
+@given(text=st.text(max_size=12))
+def test_since_refuses_anything_else(text: str) -> None:
+    assume(not re.fullmatch(r"\s*\d+[smhdw]\s*", text))
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_since(text)
+
+
+def test_check_reports_an_unwritable_data_dir(tmp_path: Path, config: Path) -> None:
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    broken = tmp_path / "broken.toml"
+    broken.write_text(f"data_dir = '{tmp_path / 'blocker' / 'data'}'\n" + config.read_text())
+    result = run("check", "--config", str(broken))
+    assert result.returncode == 3
+    assert "journal" in result.stderr

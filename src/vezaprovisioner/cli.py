@@ -55,9 +55,15 @@ def _serve(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     settings = _settings(args)
     services = build_services(settings)  # also loads the directory / starts nothing else
-    services.close()
+    try:
+        journal = services.journal.check_writable() if services.journal else "no journal"
+    except JournalUnavailable as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    finally:
+        services.close()
     print(json.dumps(settings.masked(), indent=2))
-    print(f"configuration OK ({settings.source})", file=sys.stderr)
+    print(f"configuration OK ({settings.source}); journal {journal}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -101,7 +107,8 @@ _SINCE = re.compile(r"^(\d+)([smhdw])$")
 _SINCE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 
 
-def _since(text: str) -> float:
+def parse_since(text: str) -> float:
+    """`30m`, `12h`, `1d`, `2w` as seconds (for `journal --since`)."""
     match = _SINCE.fullmatch(text.strip())
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r}: use a number and s, m, h, d or w, like 1d")
@@ -188,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = with_config(
         commands.add_parser("journal", help="list journal records (newest first)")
     )
-    listing.add_argument("--since", type=_since, default=None, help="e.g. 30m, 12h, 1d, 2w")
+    listing.add_argument("--since", type=parse_since, default=None, help="e.g. 30m, 12h, 1d, 2w")
     listing.add_argument("--identity", default=None, help="requested identity or user GUID")
     listing.add_argument("--state", choices=STATES, default=None)
     listing.add_argument("--limit", type=int, default=1000)

@@ -40,7 +40,7 @@ class Services:
     guard: JournalIdentityGuard | None = None
     #: Set once the start-up maintenance (retention, crash recovery) has run.
     maintenance_done: threading.Event = field(default_factory=threading.Event)
-    _maintenance_started: bool = False
+    _maintenance_started: bool = field(default=False, init=False)
 
     def start_maintenance(self) -> None:
         """Once per process, in the background: prune old records, recover orphaned ones."""
