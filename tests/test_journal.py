@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from tests.fakes.clock import FakeClock
 from vezaprovisioner.config import JournalSettings, Settings
-from vezaprovisioner.exchange.port import DirectoryUser
+from vezaprovisioner.exchange.port import DirectoryUser, EnableMailbox, Recipient
 from vezaprovisioner.exchange.simulated import SimulatedExchange
 from vezaprovisioner.journal import (
     JOURNAL_FILE,
@@ -229,6 +229,42 @@ def test_journal_failing_before_the_claim_step_sends_no_enable(
         assert exchange.count("Enable-Mailbox") == 0
         assert port.locker is not None
         port.locker.close()
+
+
+class LocksJournalOnEnable(LocksJournalOnGetUser):
+    """Enable-Mailbox takes effect, then the journal locks before the outcome is written."""
+
+    def get_user(self, identity: str, domain_controller: str | None = None) -> DirectoryUser:
+        return self.inner.get_user(identity, domain_controller)
+
+    def enable_mailbox(self, request: EnableMailbox) -> Recipient:
+        result = self.inner.enable_mailbox(request)
+        self.locker = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.locker.execute("BEGIN EXCLUSIVE")
+        return result
+
+
+def test_journal_failing_after_exchange_acted_still_reports_the_outcome(
+    make_settings: Callable[..., Settings],
+    exchange: SimulatedExchange,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    from vezaprovisioner.api.app import create_app
+
+    port = LocksJournalOnEnable(exchange, tmp_path / "data" / JOURNAL_FILE)
+    app = create_app(make_settings(journal={"busy_timeout_ms": 50}), exchange=port, clock=clock)
+    with TestClient(app, headers={"Authorization": _auth()}) as client:
+        response = post(client, "r-after", identity="CONTOSO\\plain")
+        assert port.locker is not None
+        port.locker.close()
+        # Exchange created the mailbox: the caller hears so, not "nothing was sent" (503).
+        assert response.status_code == 201, response.text
+        rec = record(client, "r-after")
+    # The outcome could not be written: the record stays running with Enable-* announced, for
+    # recovery to reconcile once it is stale.
+    assert rec["state"] == "running"
+    assert rec["enable_sent_at"] is not None
 
 
 def _auth() -> str:

@@ -19,6 +19,7 @@ change (the API answers 503 JOURNAL_UNAVAILABLE).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sqlite3
@@ -37,6 +38,8 @@ from .config import JournalSettings
 from .exchange.errors import ExchangeError
 
 JOURNAL_FILE = "journal.sqlite3"
+
+log = logging.getLogger(__name__)
 
 State = Literal[
     "received", "running", "created", "already_exists", "failed", "not_created", "unknown"
@@ -582,7 +585,12 @@ class JournalIdentityGuard:
             try:
                 yield
             finally:
-                self._journal.release(key, token)
+                try:
+                    self._journal.release(key, token)
+                except JournalUnavailable:
+                    # Never mask the request's own outcome (Exchange may have acted): the claim
+                    # stays until this process ends or it goes stale; on_error counted it.
+                    log.exception("the claim on user %s could not be released", key)
 
     def _wait_for_claim(self, key: str) -> str:
         deadline = self._clock.monotonic() + self._settings.claim_wait_seconds
