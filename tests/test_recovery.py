@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from contextlib import closing
 from typing import Any
@@ -210,3 +211,24 @@ def test_maintenance_runs_recovery_once_in_the_background(
     assert state_of(services.journal, request_id)[0] == "not_created"
     exposition = services.metrics.exposition().decode()
     assert 'vezaprovisioner_recovered_requests_total{state="not_created"} 1.0' in exposition
+
+
+def test_maintenance_repeats_for_processes_that_die_later(
+    make_settings: Callable[..., Settings],
+    exchange: SimulatedExchange,
+    clock: FakeClock,
+    dead_pid: int,
+) -> None:
+    services = build_services(
+        make_settings(journal={"maintenance_interval_seconds": 1}), exchange=exchange, clock=clock
+    )
+    assert services.journal is not None
+    services.start_maintenance()
+    assert services.maintenance_done.wait(10)
+    # A worker that was alive at our start dies afterwards (an IIS recycle's old worker).
+    request_id = orphan(services.journal, dead_pid)
+    deadline = time.monotonic() + 10
+    while state_of(services.journal, request_id)[0] != "not_created":
+        assert time.monotonic() < deadline, "the next maintenance pass never came"
+        time.sleep(0.05)  # polling the journal, the readiness signal
+    services.close()

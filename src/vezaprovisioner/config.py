@@ -121,6 +121,9 @@ class JournalSettings(_Section):
     busy_timeout_ms: int = Field(default=5000, ge=0, le=600_000)
     #: SQLite synchronous mode: full survives power loss; normal survives process crashes only.
     synchronous: Literal["full", "normal"] = "full"
+    #: After the pass at start, retention and crash recovery run again this often (an IIS
+    #: recycle can end the old worker after the new one started).
+    maintenance_interval_seconds: float = Field(default=300.0, ge=1, le=86_400)
 
 
 class AuditSettings(_Section):

@@ -38,20 +38,28 @@ class Services:
     audit: AuditTrail | None = None
     metrics: Metrics | None = None
     guard: JournalIdentityGuard | None = None
-    #: Set once the start-up maintenance (retention, crash recovery) has run.
+    #: Set once the first maintenance pass (retention, crash recovery) has run.
     maintenance_done: threading.Event = field(default_factory=threading.Event)
     _maintenance_started: bool = field(default=False, init=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False)
 
     def start_maintenance(self) -> None:
-        """Once per process, in the background: prune old records, recover orphaned ones."""
+        """In the background, once per process: a maintenance pass now, then one every
+        `journal.maintenance_interval_seconds` until `close()`."""
         if self._maintenance_started:
             return
         self._maintenance_started = True
-        threading.Thread(
-            target=self.run_maintenance, name="journal-maintenance", daemon=True
-        ).start()
+        threading.Thread(target=self._maintain, name="journal-maintenance", daemon=True).start()
+
+    def _maintain(self) -> None:
+        interval = self.settings.journal.maintenance_interval_seconds
+        while True:
+            self.run_maintenance()
+            if self._stopping.wait(interval):
+                return
 
     def run_maintenance(self) -> None:
+        """One pass: delete records past retention, reconcile orphaned ones."""
         try:
             if self.journal is not None and self.guard is not None:
                 pruned = self.journal.prune()
@@ -72,6 +80,7 @@ class Services:
             self.maintenance_done.set()
 
     def close(self) -> None:
+        self._stopping.set()
         self.exchange.close()
         if self.journal is not None:
             self.journal.close()

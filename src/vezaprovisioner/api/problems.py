@@ -178,6 +178,6 @@ def problem_for(exc: Exception, *, basic_realm: str | None = None) -> Problem:
         headers["Retry-After"] = "30"
         detail = f"{exc} Nothing was sent to Exchange; retry after Retry-After."
         return Problem(kind, detail, headers=headers)
-    if isinstance(exc, AuthenticationError | ProvisioningError | JournalUnavailable | IdentityBusy):
+    if isinstance(exc, AuthenticationError | ProvisioningError | IdentityBusy):
         return Problem(kind, str(exc), headers=headers)
     return Problem(INTERNAL_ERROR, "An internal error occurred; the service log has details.")
