@@ -109,11 +109,12 @@ def build_services(
 ) -> Services:
     """Build from settings; tests may pass their own Exchange port and clock."""
     clock = clock or SystemClock()
-    exchange = exchange or open_exchange(settings, clock)
     configured_dir = settings.metrics.multiprocess_dir
+    # Metrics first: a backend with hosts reports through metrics.backend_events(<backend>).
     metrics = Metrics(
         use_multiprocess_dir(settings.data_dir / configured_dir if configured_dir else None)
     )
+    exchange = exchange or open_exchange(settings, clock)
     journal = Journal(settings.data_dir, settings.journal, code_of=problem_code)
 
     def journal_failed(error: Exception) -> None:
