@@ -174,14 +174,20 @@ def pid_alive(pid: int) -> bool:
         return False
     if sys.platform == "win32":  # pragma: no cover - Windows only, verified by reading
         import ctypes
+        from ctypes import wintypes
 
-        kernel32 = ctypes.windll.kernel32
-        synchronize, query_limited = 0x00100000, 0x1000
-        handle = kernel32.OpenProcess(synchronize | query_limited, False, pid)
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        kernel32.OpenProcess.restype = wintypes.HANDLE
+        kernel32.OpenProcess.argtypes = (wintypes.DWORD, wintypes.BOOL, wintypes.DWORD)
+        kernel32.WaitForSingleObject.restype = wintypes.DWORD
+        kernel32.WaitForSingleObject.argtypes = (wintypes.HANDLE, wintypes.DWORD)
+        kernel32.CloseHandle.argtypes = (wintypes.HANDLE,)
+        synchronize, query_limited_information = 0x00100000, 0x1000
+        handle = kernel32.OpenProcess(synchronize | query_limited_information, False, pid)
         if not handle:
-            return bool(kernel32.GetLastError() == 5)  # access denied: it exists
+            return ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED: it exists
         try:
-            return bool(kernel32.WaitForSingleObject(handle, 0) == 0x102)  # WAIT_TIMEOUT
+            return bool(kernel32.WaitForSingleObject(handle, 0) == 0x102)  # WAIT_TIMEOUT: running
         finally:
             kernel32.CloseHandle(handle)
     # os.kill(pid, 0) only asks; on Windows it would terminate the process, hence the branch.
