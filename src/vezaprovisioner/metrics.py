@@ -39,7 +39,6 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _T = TypeVar("_T")
 
-log = logging.getLogger(__name__)
 
 # Seconds: Exchange cmdlets take from tens of milliseconds to minutes.
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
