@@ -183,6 +183,55 @@ class AuthSettings(_Section):
         return self
 
 
+class JournalSettings(_Section):
+    """The request journal (SQLite in data_dir) and the per-user claim that lives in it."""
+
+    #: Finished records older than this are deleted (at start, by the maintenance pass).
+    retention_days: int = Field(default=400, ge=1, le=36_500)
+    #: A claim (or an unfinished record) older than this is stale even if its owner seems alive.
+    stale_claim_seconds: float = Field(default=900.0, gt=0, le=86_400)
+    #: How long a request waits for another request's claim on the same user before 503.
+    claim_wait_seconds: float = Field(default=150.0, ge=0, le=3600)
+    #: How long SQLite waits for another process's write lock before the journal is unavailable.
+    busy_timeout_ms: int = Field(default=5000, ge=0, le=600_000)
+    #: SQLite synchronous mode: full survives power loss; normal survives process crashes only.
+    synchronous: Literal["full", "normal"] = "full"
+    #: After the pass at start, retention and crash recovery run again this often (an IIS
+    #: recycle can end the old worker after the new one started).
+    maintenance_interval_seconds: float = Field(default=300.0, ge=1, le=86_400)
+
+
+class AuditSettings(_Section):
+    """The append-only JSON-lines audit trail (one line per finished request)."""
+
+    enabled: bool = True
+    #: Relative paths are relative to data_dir.
+    file: Path = Path("audit.jsonl")
+    max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096, le=2**40)
+    backup_count: int = Field(default=10, ge=1, le=1000)
+
+
+class LoggingSettings(_Section):
+    """Structured JSON log lines: one per request plus backend lifecycle events."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: Empty: standard error. Otherwise a file (relative paths relative to data_dir).
+    file: str = ""
+    max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096, le=2**40)
+    backup_count: int = Field(default=5, ge=1, le=1000)
+
+
+class MetricsSettings(_Section):
+    """Prometheus metrics at <base_path>/metrics."""
+
+    enabled: bool = True
+    #: False serves /metrics without authentication (for a scraper on a trusted network).
+    require_auth: bool = True
+    #: Several worker processes (IIS): a folder they share (relative to data_dir); empty: one
+    #: process, unless PROMETHEUS_MULTIPROC_DIR is set.
+    multiprocess_dir: str = ""
+
+
 class Settings(_Section):
     """Everything the service needs, validated at start."""
 
@@ -197,6 +246,10 @@ class Settings(_Section):
     simulated: SimulatedSettings = SimulatedSettings()
     remote: RemoteSettings = RemoteSettings()
     auth: AuthSettings = AuthSettings()
+    journal: JournalSettings = JournalSettings()
+    audit: AuditSettings = AuditSettings()
+    logging: LoggingSettings = LoggingSettings()
+    metrics: MetricsSettings = MetricsSettings()
     #: The file the settings came from (None when built in code); shown by `check` and readiness.
     source: Path | None = None
 
@@ -233,6 +286,18 @@ class Settings(_Section):
                 f"remote.server {server!r} is not a fully qualified domain name; Kerberos finds "
                 "the server by its SPN (HTTP/<fqdn>), so use the FQDN like exch01.contoso.com, "
                 "never an IP address, a short name or localhost"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _claims_outlive_requests(self) -> Settings:
+        # A claim must not go stale while its request can still be talking to Exchange.
+        longest = 3 * self.exchange.command_timeout_seconds + self.not_found_retry_seconds
+        if self.journal.stale_claim_seconds <= longest:
+            raise ValueError(
+                f"journal.stale_claim_seconds ({self.journal.stale_claim_seconds:g}) must exceed "
+                f"3 x exchange.command_timeout_seconds + not_found_retry_seconds ({longest:g}), "
+                "or a slow request could lose its claim on the user"
             )
         return self
 

@@ -24,6 +24,7 @@ from ..exchange.errors import (
     UnexpectedExchangeError,
     WrongRecipientType,
 )
+from ..journal import IdentityBusy, JournalUnavailable
 from ..provisioning import AliasMismatch, AliasRequired, PathMismatch, ProvisioningError
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
@@ -68,6 +69,10 @@ _KINDS: dict[type[Exception], ProblemKind] = {
     ExchangeTimeout: ProblemKind(504, "EXCHANGE_TIMEOUT", "Exchange did not answer in time"),
     BackendUnavailable: ProblemKind(503, "BACKEND_UNAVAILABLE", "Exchange is unavailable"),
     UnexpectedExchangeError: ProblemKind(502, "EXCHANGE_ERROR", "Exchange reported an error"),
+    JournalUnavailable: ProblemKind(
+        503, "JOURNAL_UNAVAILABLE", "The request journal cannot be written"
+    ),
+    IdentityBusy: ProblemKind(503, "IDENTITY_BUSY", "Another request for this user is running"),
     ExchangeError: ProblemKind(502, "EXCHANGE_ERROR", "Exchange reported an error"),
 }
 
@@ -167,6 +172,12 @@ def problem_for(exc: Exception, *, basic_realm: str | None = None) -> Problem:
         return Problem(kind, _exchange_detail(exc), exchange=exchange, headers=headers)
     if isinstance(exc, NotAuthenticated) and basic_realm:
         headers["WWW-Authenticate"] = f'Basic realm="{basic_realm}", charset="UTF-8"'
-    if isinstance(exc, AuthenticationError | ProvisioningError):
+    if isinstance(exc, IdentityBusy):
+        headers["Retry-After"] = str(exc.retry_after_seconds)
+    if isinstance(exc, JournalUnavailable):
+        headers["Retry-After"] = "30"
+        detail = f"{exc} Nothing was sent to Exchange; retry after Retry-After."
+        return Problem(kind, detail, headers=headers)
+    if isinstance(exc, AuthenticationError | ProvisioningError | IdentityBusy):
         return Problem(kind, str(exc), headers=headers)
     return Problem(INTERNAL_ERROR, "An internal error occurred; the service log has details.")
