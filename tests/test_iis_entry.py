@@ -31,6 +31,7 @@ from vezaprovisioner.iis_entry import (
     IisApplication,
     configure_logging,
     routed_environ,
+    server_variables,
 )
 
 BASE = "/VezaProvisioner"
@@ -442,3 +443,22 @@ def test_the_iis_entry_holds_the_only_module_level_app() -> None:
                     found.append(f"{module.relative_to(SRC)}:{node.lineno}")
     assert len(found) == 1
     assert found[0].startswith("vezaprovisioner/iis_entry.py:")
+
+
+def test_the_server_variable_dump_masks_secrets() -> None:
+    captured: list[str] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        captured.append(status)
+        return lambda data: None
+
+    environ = Request("GET", f"{BASE}/health", headers={"Cookie": "session=abc"}).environ()
+    text = b"".join(server_variables(environ, start_response)).decode()
+    assert captured == ["200 OK"]
+    assert "REMOTE_USER=CONTOSO\\svc-veza" in text
+    assert "HTTPS=on" in text
+    assert "AUTH_PASSWORD=***" in text
+    assert "HTTP_AUTHORIZATION=***" in text
+    assert "HTTP_COOKIE=***" in text
+    assert IIS_PASSWORD not in text
+    assert "session=abc" not in text

@@ -85,6 +85,7 @@ _MUTATING = {
     "remove-webapppool",
     "restart-webapppool",
     "start-webapppool",
+    "stop-webapppool",
     "new-webapplication",
     "remove-webapplication",
     "set-webconfigurationproperty",
@@ -271,6 +272,11 @@ def test_install_defaults_match_web_config() -> None:
     web_config = (REPO_ROOT / "web.config").read_text(encoding="utf-8")
     root = re.search(r"\[string\] \$InstallRoot = '([^']+)'", text)
     assert root is not None
+    # The same rule as install.ps1's ValidatePattern on -InstallRoot.
+    allowed = re.compile(r"^[A-Za-z]:\\[^\s'\";|%]*$")
+    assert allowed.match(root.group(1))
+    assert not allowed.match("C:\\Program Files\\VezaProvisioner")
+    assert not allowed.match("C:\\Veza;Provisioner")
     for relative in (
         "venv\\Scripts\\python.exe|",
         "venv\\Lib\\site-packages\\wfastcgi.py",

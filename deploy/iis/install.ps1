@@ -35,6 +35,9 @@ param(
 
     # The unpacked bundle (holds wheelhouse\, web.config and VERSION); default: two levels up.
     [string] $BundleRoot = (Join-Path $PSScriptRoot '..\..'),
+    # A local folder without spaces, quotes, ';', '|' or '%' (they would break FastCGI's
+    # scriptProcessor, PYTHONPATH or wfastcgi's %VAR% expansion).
+    [ValidatePattern('^[A-Za-z]:\\[^\s''";|%]*$')]
     [string] $InstallRoot = 'C:\VezaProvisioner',
     [string] $SiteName = 'Default Web Site',
     [ValidatePattern('^[A-Za-z0-9._~-]+$')]
@@ -242,6 +245,19 @@ try {
         if (-not (Test-Path -LiteralPath $VenvPython) -and $PSCmdlet.ShouldProcess($VenvDir, 'Create virtual environment')) {
             Invoke-Native $PythonExe @('-m', 'venv', $VenvDir)
         }
+        # Windows keeps loaded .pyd files locked: an upgrade stops the pool's processes first.
+        if ((Test-Path -LiteralPath "IIS:\AppPools\$AppPoolName") -and
+            (Get-WebAppPoolState -Name $AppPoolName).Value -ne 'Stopped' -and
+            $PSCmdlet.ShouldProcess($AppPoolName, 'Stop application pool for the upgrade')) {
+            Stop-WebAppPool -Name $AppPoolName
+            $deadline = (Get-Date).AddSeconds(60)
+            while ((Get-WebAppPoolState -Name $AppPoolName).Value -ne 'Stopped') {
+                if ((Get-Date) -gt $deadline) {
+                    throw "The application pool $AppPoolName did not stop within 60 seconds."
+                }
+                Start-Sleep -Seconds 1
+            }
+        }
         if ($PSCmdlet.ShouldProcess($VenvDir, "Install vezaprovisioner $Version from $Wheelhouse")) {
             Invoke-Native $VenvPython @('-m', 'pip', 'install', '--no-index', '--find-links', $Wheelhouse,
                 '--upgrade', '--disable-pip-version-check', "vezaprovisioner==$Version")
@@ -274,9 +290,6 @@ try {
             )
             $utf8 = New-Object System.Text.UTF8Encoding($false)
             [System.IO.File]::WriteAllLines($ConfigFile, [string[]] $lines, $utf8)
-        }
-        if (Test-Path -LiteralPath $Cli) {
-            Invoke-Native $Cli @('check', '--config', $ConfigFile)
         }
     }
 

@@ -209,5 +209,33 @@ class IisApplication:
                 handler.close()
 
 
+#: Server variables whose values are secrets: shown as "***" by `server_variables`.
+_SECRET_VARIABLES = frozenset({"AUTH_PASSWORD", "HTTP_AUTHORIZATION", "HTTP_COOKIE"})
+
+
+def server_variables(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    """A diagnostic WSGI handler: lists the variables IIS passed, secrets masked.
+
+    To see them once on the server, set web.config's WSGI_HANDLER to
+    `vezaprovisioner.iis_entry.server_variables`, request any URL of the application, and set it
+    back (deploy/iis/README.md, Troubleshooting).
+    """
+    lines = [
+        f"{name}={'***' if name in _SECRET_VARIABLES else value}"
+        for name, value in sorted(environ.items())
+        if isinstance(value, str)
+    ]
+    body = ("\n".join(lines) + "\n").encode("utf-8", "replace")
+    start_response(
+        "200 OK",
+        [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+        ],
+    )
+    return [body]
+
+
 #: What web.config's WSGI_HANDLER names. Building nothing at import: the first request starts it.
 application = IisApplication()
