@@ -102,3 +102,19 @@ def test_the_check_fails_when_a_wheel_is_missing(
     with pytest.raises(builder.BuildError, match=f"CPython {python}") as failure:
         builder.verify_wheelhouse(partial, builder.project_version())
     assert missing.rstrip("-2").replace("_", "-") in str(failure.value)
+
+
+def test_the_package_wheel_carries_the_iis_entry(bundle: tuple[Path, Path]) -> None:
+    _, folder = bundle
+    (wheel,) = (folder / "wheelhouse").glob("vezaprovisioner-*.whl")
+    with zipfile.ZipFile(wheel) as zipped:
+        names = set(zipped.namelist())
+        metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        requires = [
+            line
+            for line in zipped.read(metadata).decode().splitlines()
+            if line.startswith("Requires-Dist:")
+        ]
+    assert {"vezaprovisioner/iis_entry.py", "vezaprovisioner/doctor.py"} <= names
+    assert any(line.startswith("Requires-Dist: a2wsgi") for line in requires)
+    assert any("wfastcgi" in line and "sys_platform" in line for line in requires)

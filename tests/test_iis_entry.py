@@ -358,6 +358,7 @@ def test_a_failed_start_answers_503_logs_why_and_is_retried(tmp_path: Path) -> N
         assert problem["request_id"] in logged
         assert "VEZAPROVISIONER_CONFIG" in logged  # the reason, for the admin
         assert "VEZAPROVISIONER_CONFIG" not in problem["detail"]  # not for the caller
+        assert str(start_log) not in problem["detail"]  # names the service account's profile
 
         environ["VEZAPROVISIONER_CONFIG"] = str(write_config(tmp_path))
         assert call(app, Request("GET", f"{BASE}/health")).status == 200

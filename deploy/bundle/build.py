@@ -160,8 +160,17 @@ def build(dist: Path, cache_dir: Path | None = None) -> Path:
         wheelhouse = bundle / "wheelhouse"
         wheelhouse.mkdir(parents=True)
 
+        # Built from a clean copy: an in-tree build/ folder could carry stale modules along.
+        source = work / "source"
+        shutil.copytree(
+            REPO_ROOT / "src",
+            source / "src",
+            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+        )
+        for top_level in ("pyproject.toml", "README.md"):
+            shutil.copy2(REPO_ROOT / top_level, source / top_level)
         _run(
-            [*_pip(cache_dir), "wheel", "--no-deps", "-w", package_dir, REPO_ROOT],
+            [*_pip(cache_dir), "wheel", "--no-deps", "-w", package_dir, source],
             "building the vezaprovisioner wheel",
         )
         (package_wheel,) = package_dir.glob("vezaprovisioner-*.whl")
@@ -209,10 +218,10 @@ def build(dist: Path, cache_dir: Path | None = None) -> Path:
 
         verify_wheelhouse(wheelhouse, version, cache_dir)
 
-        for source, target in FILES.items():
+        for shipped, target in FILES.items():
             destination = bundle / target
             destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO_ROOT / source, destination)
+            shutil.copy2(REPO_ROOT / shipped, destination)
         shutil.copy2(REPO_ROOT / ADMIN_README, bundle / "README.md")
         (bundle / "VERSION").write_text(version + "\n", encoding="utf-8")
         for python, pinned in pins.items():

@@ -38,9 +38,9 @@ log = logging.getLogger(__name__)
 #: Where the service logs, under data_dir: one file per day, never renamed, so the several
 #: FastCGI processes IIS may start can all append to it.
 LOG_DIR = Path("logs")
-#: Where a start that failed before the configuration was read is logged (the app pool account's
-#: temporary folder: there is no data_dir yet).
-START_LOG = Path(tempfile.gettempdir()) / "vezaprovisioner-start.log"
+#: Where a start that failed before the configuration was read is logged, in the app pool
+#: account's temporary folder (there is no data_dir yet).
+START_LOG_NAME = "vezaprovisioner-start.log"
 #: How long a2wsgi waits for a request's ASGI task after the response has been sent.
 _ASGI_WAIT_SECONDS = 5.0
 _HANDLER_NAME = "vezaprovisioner-iis"
@@ -131,7 +131,7 @@ class IisApplication:
         # None: read os.environ at the first request, after wfastcgi has applied the appSettings.
         self._environ = environ
         self._build = build
-        self._start_log = start_log or START_LOG
+        self._start_log = start_log
         self._lock = threading.Lock()
         self._started: _Started | None = None
         self._middleware: ASGIMiddleware | None = None
@@ -181,8 +181,8 @@ class IisApplication:
         problem = Problem(
             SERVICE_NOT_STARTED,
             "VezaProvisioner could not start on this server. The administrator finds the reason "
-            f"in {self._start_log} or the service log; `vezaprovisioner doctor` checks the "
-            "installation.",
+            "in its start log (deploy/iis/README.md, Troubleshooting); `vezaprovisioner doctor` "
+            "checks the installation.",
         )
         response = problem.response(request_id)
         status = http.HTTPStatus(response.status_code)
@@ -194,8 +194,9 @@ class IisApplication:
 
     def _log_start_failure(self, request_id: str) -> None:
         handler: logging.Handler | None = None
+        path = self._start_log or Path(tempfile.gettempdir()) / START_LOG_NAME
         try:
-            handler = logging.FileHandler(self._start_log, encoding="utf-8")
+            handler = logging.FileHandler(path, encoding="utf-8")
         except OSError:
             handler = None  # nowhere to write; the 503 still tells the caller
         if handler is not None:
