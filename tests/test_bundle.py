@@ -52,7 +52,12 @@ def test_the_bundle_is_named_and_laid_out_for_install_ps1(bundle: tuple[Path, Pa
     assert archive.name == f"vezaprovisioner-{version}-win-amd64.zip"
     assert folder.name == f"vezaprovisioner-{version}-win-amd64"
     assert (folder / "VERSION").read_text().strip() == version
-    for name in ("web.config", "deploy/iis/install.ps1", "deploy/iis/uninstall.ps1"):
+    for name in (
+        "web.config",
+        "deploy/iis/install.ps1",
+        "deploy/iis/uninstall.ps1",
+        "deploy/iis/vezaprovisioner.toml.template",
+    ):
         assert (folder / name).read_bytes() == (REPO_ROOT / name).read_bytes(), name
     assert (folder / "README.md").read_text() == (REPO_ROOT / "deploy/iis/README.md").read_text()
     # install.ps1's default -BundleRoot is two folders above itself: the bundle's root.

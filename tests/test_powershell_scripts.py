@@ -283,3 +283,43 @@ def test_install_defaults_match_web_config() -> None:
         "config\\vezaprovisioner.toml",
     ):
         assert f"{root.group(1)}\\{relative}" in web_config
+
+
+def test_the_configuration_install_ps1_writes_is_valid(tmp_path: Path) -> None:
+    """install.ps1 fills the template's placeholders literally; the result must load as-is."""
+    from vezaprovisioner.config import load_settings
+
+    script = (REPO_ROOT / "deploy" / "iis" / "install.ps1").read_text(encoding="utf-8")
+    template = (REPO_ROOT / "deploy" / "iis" / "vezaprovisioner.toml.template").read_text(
+        encoding="utf-8"
+    )
+    filled = set(re.findall(r"'(\{\{[A-Z_]+\}\})'\s*=", script))
+    assert filled == set(re.findall(r"\{\{[A-Z_]+\}\}", template))
+    values = {
+        "{{APP_NAME}}": "VezaProvisioner",
+        "{{DATA_DIR}}": "C:\\VezaProvisioner\\data",
+        "{{POWERSHELL_PATH}}": "C:\\Windows\\System32\\WindowsPowerShell\\v1.0\\powershell.exe",
+        "{{REMOTE_EXCHANGE_PATH}}": (
+            "C:\\Program Files\\Microsoft\\Exchange Server\\V15\\bin\\RemoteExchange.ps1"
+        ),
+        # ConvertTo-TomlList: TOML literal strings; install.ps1 refuses values with a quote.
+        "{{ALLOWED_USERS}}": "['CONTOSO\\veza-integration', 'veza@contoso.com']",
+    }
+    text = template
+    for placeholder, value in values.items():
+        text = text.replace(placeholder, value)
+    written = tmp_path / "vezaprovisioner.toml"
+    written.write_text(text, encoding="utf-8")
+    settings = load_settings(written, environ={})
+    assert settings.backend == "local"
+    assert settings.auth.mode == "iis"
+    assert settings.auth.require_https
+    assert settings.auth.allowed_users == ("CONTOSO\\veza-integration", "veza@contoso.com")
+    assert settings.exchange.remote_exchange_path == values["{{REMOTE_EXCHANGE_PATH}}"]
+    assert settings.base_path == "/VezaProvisioner"
+    assert str(settings.data_dir).endswith("C:\\VezaProvisioner\\data")
+    empty = template
+    for placeholder, value in {**values, "{{ALLOWED_USERS}}": "[]"}.items():
+        empty = empty.replace(placeholder, value)
+    written.write_text(empty, encoding="utf-8")
+    assert load_settings(written, environ={}).auth.allowed_users == ()

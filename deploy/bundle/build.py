@@ -52,6 +52,7 @@ FILES = {
     "deploy/iis/install.ps1": "deploy/iis/install.ps1",
     "deploy/iis/uninstall.ps1": "deploy/iis/uninstall.ps1",
     "deploy/iis/README.md": "deploy/iis/README.md",
+    "deploy/iis/vezaprovisioner.toml.template": "deploy/iis/vezaprovisioner.toml.template",
 }
 ADMIN_README = "deploy/iis/README.md"
 

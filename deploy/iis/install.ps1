@@ -152,8 +152,9 @@ function Set-FolderAccess {
     $acl = New-Object System.Security.AccessControl.DirectorySecurity
     $acl.SetAccessRuleProtection($true, $false)
     foreach ($grant in @(@($admins, 'FullControl'), @($system, 'FullControl'), @($Account, $Rights))) {
+        $rights = [System.Security.AccessControl.FileSystemRights] $grant[1]
         $rule = New-Object System.Security.AccessControl.FileSystemAccessRule(
-            $grant[0], $grant[1], $inherit, $propagate, $allow)
+            $grant[0], $rights, $inherit, $propagate, $allow)
         $acl.AddAccessRule($rule)
     }
     Set-Acl -LiteralPath $Path -AclObject $acl
@@ -272,24 +273,20 @@ try {
             Write-Host "    kept the existing $ConfigFile (delete it to have it written again)"
         }
         elseif ($PSCmdlet.ShouldProcess($ConfigFile, 'Write configuration')) {
-            $lines = @(
-                '# VezaProvisioner configuration, written by install.ps1 (README: Configuration reference).',
-                'base_path = "/' + $AppName + '"',
-                'backend = "local"',
-                'mailbox_kind = "local"',
-                "data_dir = '$DataDir'",
-                '',
-                '[exchange]',
-                "powershell_path = '$PowerShellPath'",
-                "remote_exchange_path = '$RemoteExchangePath'",
-                '',
-                '[auth]',
-                'mode = "iis"',
-                'require_https = true',
-                ('allowed_users = ' + (ConvertTo-TomlList $AllowedUsers))
-            )
+            # A template with literal placeholders (String.Replace, not a regex, not code).
+            $text = Get-Content -LiteralPath (Join-Path $PSScriptRoot 'vezaprovisioner.toml.template') -Raw
+            $values = [ordered]@{
+                '{{APP_NAME}}'             = $AppName
+                '{{DATA_DIR}}'             = $DataDir
+                '{{POWERSHELL_PATH}}'      = $PowerShellPath
+                '{{REMOTE_EXCHANGE_PATH}}' = $RemoteExchangePath
+                '{{ALLOWED_USERS}}'        = (ConvertTo-TomlList $AllowedUsers)
+            }
+            foreach ($placeholder in $values.Keys) {
+                $text = $text.Replace($placeholder, [string] $values[$placeholder])
+            }
             $utf8 = New-Object System.Text.UTF8Encoding($false)
-            [System.IO.File]::WriteAllLines($ConfigFile, [string[]] $lines, $utf8)
+            [System.IO.File]::WriteAllText($ConfigFile, $text, $utf8)
         }
     }
 
