@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import TEST_DIRECTORY
 from vezaprovisioner.api.app import create_app
@@ -463,3 +465,25 @@ def test_the_server_variable_dump_masks_secrets() -> None:
     assert "HTTP_COOKIE=***" in text
     assert IIS_PASSWORD not in text
     assert "session=abc" not in text
+
+
+_PATHS = st.text(alphabet=st.characters(codec="latin-1", exclude_characters="?#"), max_size=40)
+
+
+@given(tail=_PATHS, split=st.integers(min_value=0, max_value=80), upper=st.booleans())
+def test_every_split_of_a_path_routes_the_same(tail: str, split: int, upper: bool) -> None:
+    prefix = BASE.upper() if upper else BASE
+    path = f"{prefix}/{tail}"
+    full = routed_environ({"SCRIPT_NAME": "", "PATH_INFO": path}, BASE)
+    divided = routed_environ({"SCRIPT_NAME": path[:split], "PATH_INFO": path[split:]}, BASE)
+    assert full == divided
+    assert full["SCRIPT_NAME"] == ""
+    assert full["PATH_INFO"] == f"{BASE}/{tail}"  # the prefix as configured, the rest untouched
+
+
+@given(path=_PATHS)
+def test_paths_outside_the_base_are_left_alone(path: str) -> None:
+    routed = routed_environ({"SCRIPT_NAME": "", "PATH_INFO": path}, BASE)
+    lowered = path.lower()
+    if not (lowered == BASE.lower() or lowered.startswith(BASE.lower() + "/")):
+        assert routed["PATH_INFO"] == path

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.fakes.appcmd import LOCATION, FakeAppcmd, appcmd_xml, secure_sections
 from vezaprovisioner.iis_settings import (
@@ -102,3 +104,17 @@ def test_appcmd_reader_passes_an_argument_list(fake_appcmd_exe: Path) -> None:
         reader.read("Default Web Site/Other", BASIC)
     with pytest.raises(IisReadError, match="could not run"):
         AppcmdReader(fake_appcmd_exe.with_name("missing.exe")).read(LOCATION, BASIC)
+
+
+_FLAG_NAMES = ["Ssl", "Ssl128", "SslNegotiateCert", "SslRequireCert", "SslMapCert", "None"]
+
+
+@given(
+    flags=st.lists(st.sampled_from(_FLAG_NAMES), unique=True, max_size=5),
+    separator=st.sampled_from([",", ", ", " ,", " , "]),
+)
+def test_ssl_required_exactly_when_the_ssl_flag_is_set(flags: list[str], separator: str) -> None:
+    sections = {**secure_sections(), ACCESS: appcmd_xml(ACCESS, sslFlags=separator.join(flags))}
+    settings = read_auth_settings(FakeAppcmd(sections), LOCATION)
+    assert settings.ssl_required is ("Ssl" in flags)
+    assert "None" not in settings.ssl_flags
