@@ -139,9 +139,9 @@ def test_an_exchange_that_does_not_answer_in_time(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("identity", "said", "fix"),
     [
-        ("nobody@contoso.com", "couldn't be found", "Pass an identity that exists"),
+        ("nobody@contoso.com", "couldn't be found", "a user that exists"),
         ("Alex Smith", "matches multiple entries", "send a unique form"),
-        ("newhire", "couldn't be found", "Pass an identity that exists"),  # not replicated yet
+        ("newhire", "couldn't be found", "a user that exists"),  # not replicated yet
         ("bad*identity", "wildcard", "valid AD identity"),
     ],
 )

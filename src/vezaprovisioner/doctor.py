@@ -157,14 +157,14 @@ class Doctor:
         try:
             identity = validate_identity(self.identity)
         except InvalidValue as exc:
-            return _fail(name, f"{self.identity!r}: {exc.message}", "Pass a valid AD identity.")
+            return _fail(name, f"'{self.identity}': {exc.message}", "Pass a valid AD identity.")
         try:
             user = port.get_user(identity, settings.exchange.domain_controller or None)
         except ExchangeError as exc:
-            return _fail(name, f"Get-User {identity!r}: {exc.message}", _exchange_fix(exc))
+            return _fail(name, f"Get-User '{identity}': {exc.message}", _exchange_fix(exc))
         return _pass(
             name,
-            f"Get-User {identity!r}: {user.distinguished_name} ({user.recipient_type_details})",
+            f"Get-User '{identity}': {user.distinguished_name} ({user.recipient_type_details})",
         )
 
     def _data_dir(self, settings: Settings) -> Check:
@@ -215,6 +215,11 @@ _CONFIG_FIX = "Correct the configuration; `vezaprovisioner check --config FILE` 
 
 def _exchange_fix(exc: ExchangeError) -> str:
     """What to do, by failure: the service's own advice plus what the server admin checks."""
+    if isinstance(exc, IdentityNotFound):
+        return (
+            "Pass the identity of a user that exists (for example a test user's UPN) and that "
+            "the service account can read."
+        )
     advice = problem_for(exc).detail
     if isinstance(exc, PermissionDenied):
         return (
@@ -227,8 +232,6 @@ def _exchange_fix(exc: ExchangeError) -> str:
             "RemoteExchange.ps1 connects (RemotePowerShellEnabled must be true for the account), "
             "and exchange.command_timeout_seconds."
         )
-    if isinstance(exc, IdentityNotFound):
-        return f"{advice} Pass an identity that exists (for example a test user's UPN)."
     return advice
 
 
