@@ -212,6 +212,21 @@ def test_the_base_path_matches_case_insensitively_like_iis(
     assert missing.headers["content-type"] == "application/problem+json"
 
 
+def test_non_ascii_paths_arrive_as_wfastcgi_decodes_them(
+    make_iis: Callable[..., IisApplication],
+) -> None:
+    """wfastcgi decodes FastCGI parameters as latin-1; IIS sent the path's UTF-8 bytes."""
+    app = make_iis()
+    name = "山田太郎"
+    wire = f"{EMAILS}/{name}".encode().decode("latin-1")
+    request = Request("GET", f"{EMAILS}/x")
+    environ = {**request.environ(), "PATH_INFO": wire, "URL": wire}
+    reply = call(app, request, environ)
+    assert reply.status == 200, reply.body
+    assert reply.json()["identity"] == name
+    assert reply.json()["provisionable"] is True
+
+
 def test_routed_environ_keeps_the_server_variables() -> None:
     environ = Request("GET", f"{BASE}/health", split_script_name=True).environ()
     routed = routed_environ(environ, BASE)
