@@ -157,6 +157,16 @@ def write_config(tmp_path: Path, **auth: Any) -> Path:
     return config
 
 
+@pytest.fixture(autouse=True)
+def _detach_file_logging() -> Iterator[None]:
+    """configure_logging() adds a handler to the root logger; take it off after each test."""
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, DailyFileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+
+
 @pytest.fixture
 def make_iis(tmp_path: Path) -> Iterator[Callable[..., IisApplication]]:
     """An IisApplication over a config file in tmp_path, as web.config's appSetting names it."""
@@ -171,10 +181,6 @@ def make_iis(tmp_path: Path) -> Iterator[Callable[..., IisApplication]]:
     yield make
     for app in apps:
         app.close()
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, DailyFileHandler)]:
-        root.removeHandler(handler)
-        handler.close()
 
 
 # --- routing: both SCRIPT_NAME styles ------------------------------------------------------------
@@ -381,17 +387,12 @@ def test_a_failed_start_answers_503_logs_why_and_is_retried(tmp_path: Path) -> N
         assert call(app, Request("GET", f"{BASE}/health")).status == 200
     finally:
         app.close()
-        for handler in [h for h in logging.getLogger().handlers if isinstance(h, DailyFileHandler)]:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
 
 
 # --- logging to a file ---------------------------------------------------------------------------
 
 
-def test_logs_go_to_a_file_under_data_dir_without_secrets(
-    make_iis: Callable[..., IisApplication], tmp_path: Path
-) -> None:
+def test_logs_go_to_a_file_under_data_dir_without_secrets(tmp_path: Path) -> None:
     def broken(settings: Settings) -> FastAPI:
         app = create_app(settings)
 
@@ -420,9 +421,6 @@ def test_logs_go_to_a_file_under_data_dir_without_secrets(
     assert "kaboom in a route" in logged  # the traceback, for the admin
     assert IIS_PASSWORD not in logged
     assert base64.b64encode(f"CONTOSO\\svc-veza:{IIS_PASSWORD}".encode()).decode() not in logged
-    for handler in [h for h in logging.getLogger().handlers if isinstance(h, DailyFileHandler)]:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
 
 
 def test_the_daily_log_file_switches_at_midnight_without_renaming(tmp_path: Path) -> None:
