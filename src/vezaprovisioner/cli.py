@@ -1,4 +1,4 @@
-"""The `vezaprovisioner` command: serve, check, create-email, journal, hash-password."""
+"""The `vezaprovisioner` command: serve, check, create-email, journal, hash-password, doctor."""
 
 from __future__ import annotations
 
@@ -160,6 +160,17 @@ def _hash_password(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import Doctor, format_report, report_data
+
+    checks = Doctor(config=args.config, identity=args.identity, site=args.site).run()
+    if args.json:
+        print(json.dumps(report_data(checks), indent=2, ensure_ascii=False))
+    else:
+        print(format_report(checks))
+    return EXIT_FAILED if any(check.status == "fail" for check in checks) else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vezaprovisioner", description="Gives existing AD users an Exchange mailbox."
@@ -206,6 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
         "hash-password", help="print a hash for [auth.users] (reads stdin when piped)"
     )
     hashing.set_defaults(run=_hash_password)
+
+    doctor = with_config(
+        commands.add_parser("doctor", help="check this server's installation; exit 1 on failure")
+    )
+    doctor.add_argument(
+        "--identity", default=None, help="a test user for a read-only Get-User (recommended)"
+    )
+    doctor.add_argument(
+        "--site", default="Default Web Site", help="the IIS site holding the application"
+    )
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.set_defaults(run=_doctor)
     return parser
 
 

@@ -50,6 +50,7 @@ ACTION_NOT_SUPPORTED = ProblemKind(501, "ACTION_NOT_SUPPORTED", "The action is n
 NOT_FOUND = ProblemKind(404, "NOT_FOUND", "No such resource")
 METHOD_NOT_ALLOWED = ProblemKind(405, "METHOD_NOT_ALLOWED", "Method not allowed")
 INTERNAL_ERROR = ProblemKind(500, "INTERNAL_ERROR", "Internal error")
+SERVICE_NOT_STARTED = ProblemKind(503, "SERVICE_NOT_STARTED", "The service could not start")
 
 # Most specific class first is not needed: lookup walks each exception's MRO.
 _KINDS: dict[type[Exception], ProblemKind] = {
