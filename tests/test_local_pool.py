@@ -112,6 +112,16 @@ def test_hang_is_timeout_and_kills_the_whole_process_tree(fake_powershell: FakeP
     assert pool.status().starts == 2
 
 
+def test_host_whose_exchange_session_broke_is_replaced(fake_powershell: FakePowerShell) -> None:
+    fake_powershell.set(fault="session_broken", fault_identity="mailbox")
+    exchange, pool = fake_powershell.exchange()
+    with pytest.raises(UnexpectedExchangeError) as caught:
+        exchange.get_user("mailbox")
+    assert caught.value.reason == "PSRemotingTransportException"
+    assert exchange.get_user("plain").guid == PLAIN_GUID
+    assert pool.status().starts == 2
+
+
 def test_idle_host_that_dies_is_replaced(fake_powershell: FakePowerShell) -> None:
     exchange, pool = fake_powershell.exchange()
     [first] = fake_powershell.start_pids()

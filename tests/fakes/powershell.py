@@ -24,9 +24,10 @@ Environment (set by the test; user data never travels on the command line):
                               {"event": "call", "cmdlet", "parameters", "pid"} per request,
                               {"event": "grandchild", "pid"} when a hang starts a child
     VZP_FAKE_CONNECT_SECONDS  how long connecting takes (slow start), default 0
-    VZP_FAKE_LATENCY_MS       how long every cmdlet takes, default 0
+    VZP_FAKE_LATENCY_MS       how long every cmdlet takes in all, default 0
     VZP_FAKE_FAULT            startup faults: never_ready, connect, rbac, exit;
-                              command faults: crash, hang, noise, partial, huge, non_utf8
+                              command faults: crash, hang, noise, partial, huge, non_utf8,
+                              session_broken (the remote session died: a transport error)
     VZP_FAKE_FAULT_IDENTITY   command faults fire only when -Identity equals this
     VZP_FAKE_FAULT_CMDLET     command faults fire only for this cmdlet
     VZP_FAKE_FAULT_STARTS     startup faults fire only for the first N starts (needs the state)
@@ -215,6 +216,7 @@ class Host:
             self.handle(request)
 
     def handle(self, request: Any) -> None:
+        received = time.monotonic()
         request_id = request.get("id") if isinstance(request, dict) else None
         cmdlet = request.get("cmdlet") if isinstance(request, dict) else None
         parameters = request.get("parameters") if isinstance(request, dict) else None
@@ -236,9 +238,9 @@ class Host:
             and self.fault_cmdlet in (None, cmdlet)
         ):
             fault = self.fault
-        if self.latency:
-            time.sleep(self.latency)
         message = self.execute(request_id, cmdlet, parameters)
+        # A cmdlet takes VZP_FAKE_LATENCY_MS in all, the fake's own work included.
+        time.sleep(max(0.0, self.latency - (time.monotonic() - received)))
         self.reply(message, fault)
 
     def execute(self, request_id: int, cmdlet: str, parameters: dict[str, str]) -> dict[str, Any]:
@@ -333,6 +335,21 @@ class Host:
             write_line(b"")
         if fault == "non_utf8":
             write_line(b"\xff\xfe Willkommen in der Exchange-Verwaltungsshell \x84\x94\x81")
+        if fault == "session_broken":
+            line = self.frame(
+                {
+                    "type": "error",
+                    "id": message["id"],
+                    "message": "Starting a command on the remote server failed with the "
+                    "following error message : The I/O operation has been aborted because of "
+                    "either a thread exit or an application request. For more information, see "
+                    "the about_Remote_Troubleshooting Help topic.",
+                    "reason": "PSRemotingTransportException",
+                    "error_id": "JobFailure",
+                    "exception_type": "System.Management.Automation.Remoting."
+                    "PSRemotingTransportException",
+                }
+            )
         if fault == "huge":
             message = {**message, "objects": [{"Name": "x" * (2 * 1024 * 1024)}]}
             line = self.frame(message)

@@ -5,12 +5,13 @@ reads framed messages on a thread, and runs one request at a time under a deadli
 
 `HostPool` keeps `pool_size` hosts warm. Each slot has a thread that starts a host, waits until it
 is ready (bounded by the startup timeout), offers it, and replaces it when it is retired: after a
-command timeout (the process tree is killed first), a crash or protocol error, when it dies while
-idle, or when it reaches `max_commands` or `max_age_seconds` (recycled: stdin is closed so the
-host can release its Exchange session, then it is killed after a grace period). A slot whose
-starts keep failing waits with exponential backoff and is reported broken, with the last startup
-error, until a start succeeds. Requests wait for a free host in a bounded queue for at most
-`queue_wait_seconds`; beyond that, or when every slot is broken, they get BackendUnavailable.
+command timeout (the process tree is killed first), a crash or protocol error, a broken Exchange
+session, when it dies while idle, or when it reaches `max_commands` or `max_age_seconds`
+(recycled: stdin is closed so the host can release its Exchange session, then it is killed after
+a grace period). A slot whose starts keep failing waits with exponential backoff and is reported
+broken, with the last startup error, until a start succeeds. Requests wait for a free host in a
+bounded queue for at most `queue_wait_seconds`; beyond that, or when every slot is broken, they
+get BackendUnavailable.
 With `pool_size = 0` every command starts and stops its own host (the slow baseline).
 """
 
@@ -72,6 +73,18 @@ class HostCrashed(HostError):
 
 class HostRefused(HostError):
     """The host refused a request (not allow-listed); the host itself is fine."""
+
+
+# Error records that mean the host's Exchange session itself is gone (not that the command
+# failed): every later command on that host would fail the same way, so the host is replaced.
+_SESSION_FAILURES = frozenset({"PSRemotingTransportException", "PSRemotingDataStructureException"})
+
+
+def session_failed(record: ErrorRecord) -> bool:
+    """True when the error record says the host's remote session broke."""
+    names = {(record.reason or "").rsplit(".", 1)[-1]}
+    names.add((record.exception_type or "").rsplit(".", 1)[-1])
+    return not names.isdisjoint(_SESSION_FAILURES)
 
 
 def backoff_delay(failures: int, first: float, cap: float) -> float:
@@ -445,7 +458,10 @@ class HostPool:
             self._retire(host, graceful=False)
             host.kill()
             raise
-        self._checkin(host)
+        if isinstance(result, ErrorRecord) and session_failed(result):
+            self._retire(host, graceful=False)
+        else:
+            self._checkin(host)
         return result
 
     def _run_fresh(self, cmdlet: str, parameters: Mapping[str, str]) -> Result | ErrorRecord:
