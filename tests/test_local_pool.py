@@ -21,7 +21,12 @@ from vezaprovisioner.exchange.errors import (
     IdentityNotFound,
     UnexpectedExchangeError,
 )
-from vezaprovisioner.exchange.local.pool import Host, HostStartupFailed, backoff_delay
+from vezaprovisioner.exchange.local.pool import (
+    Host,
+    HostStartupFailed,
+    PoolStatus,
+    backoff_delay,
+)
 
 PLAIN_GUID = "00000000-0000-0000-0000-000000001001"
 
@@ -242,6 +247,30 @@ def test_full_queue_is_unavailable_at_once(fake_powershell: FakePowerShell) -> N
     pool.close()  # kills the hung host: the occupying request ends as a crash
     thread.join(timeout=20)
     assert len(blocked) == 1
+
+
+def _one_busy_and_waiting(count: int) -> Callable[[PoolStatus], bool]:
+    return lambda status: status.busy == 1 and status.waiting == count
+
+
+def test_waiting_requests_are_served_in_arrival_order(fake_powershell: FakePowerShell) -> None:
+    fake_powershell.set(latency_ms=200)
+    exchange, pool = fake_powershell.exchange()
+    finished: list[str] = []
+
+    def read(identity: str) -> None:
+        exchange.get_user(identity)
+        finished.append(identity)
+
+    threads = []
+    for waiting, identity in enumerate(["plain", "disabled", "asmith1", "asmith2"]):
+        thread = threading.Thread(target=read, args=(identity,))
+        thread.start()
+        threads.append(thread)
+        pool.wait_for(_one_busy_and_waiting(waiting), timeout=20)
+    for thread in threads:
+        thread.join(timeout=20)
+    assert finished == ["plain", "disabled", "asmith1", "asmith2"]
 
 
 def test_waiting_longer_than_queue_wait_is_unavailable(fake_powershell: FakePowerShell) -> None:

@@ -10,7 +10,7 @@ session, when it dies while idle, or when it reaches `max_commands` or `max_age_
 (recycled: stdin is closed so the host can release its Exchange session, then it is killed after
 a grace period). A slot whose starts keep failing waits with exponential backoff and is reported
 broken, with the last startup error, until a start succeeds. Requests wait for a free host in a
-bounded queue for at most `queue_wait_seconds`; beyond that, or when every slot is broken, they
+bounded FIFO queue for at most `queue_wait_seconds`; beyond that, or when every slot is broken, they
 get BackendUnavailable.
 With `pool_size = 0` every command starts and stops its own host (the slow baseline).
 """
@@ -312,6 +312,7 @@ class PoolStatus:
     size: int
     warm: int
     busy: int
+    waiting: int
     starting: int
     broken: int
     starts: int
@@ -323,8 +324,8 @@ class PoolStatus:
             text = f"pool_size 0: a new PowerShell host per command ({self.starts} started)"
         else:
             text = (
-                f"{self.warm}/{self.size} PowerShell hosts warm ({self.busy} busy), "
-                f"{self.starting} starting, {self.broken} broken"
+                f"{self.warm}/{self.size} PowerShell hosts warm ({self.busy} busy, "
+                f"{self.waiting} requests waiting), {self.starting} starting, {self.broken} broken"
             )
         if self.last_startup_error:
             text += f"; last startup error: {self.last_startup_error}"
@@ -332,6 +333,15 @@ class PoolStatus:
 
 
 _SlotState = Literal["starting", "warm", "broken", "stopped"]
+
+
+class _Waiter:
+    """A request waiting for a host; the pool hands it one (or an error) through the event."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.host: Host | None = None
+        self.error: BackendUnavailable | None = None
 
 
 class _Slot:
@@ -366,7 +376,7 @@ class HostPool:
         self._slots = [_Slot(i) for i in range(limits.pool_size)]
         self._threads: list[threading.Thread] = []
         self._closed = threading.Event()
-        self._waiting = 0
+        self._waiters: deque[_Waiter] = deque()
         self._starts = 0
         self._failed_starts = 0
         self._last_error: str | None = None
@@ -391,6 +401,7 @@ class HostPool:
             self._closed.set()
             hosts = list(self._live)
             self._idle.clear()
+            self._fail_waiters_locked(BackendUnavailable("the service is shutting down"))
             for slot in self._slots:
                 slot.retire.set()
             self._cond.notify_all()
@@ -418,6 +429,7 @@ class HostPool:
                 size=len(self._slots),
                 warm=len(warm),
                 busy=sum(1 for s in warm if s.host is not None and s.host not in self._idle),
+                waiting=len(self._waiters),
                 starting=sum(1 for s in self._slots if s.state == "starting"),
                 broken=sum(1 for s in self._slots if s.state == "broken"),
                 starts=self._starts,
@@ -487,42 +499,64 @@ class HostPool:
             self._fresh.release()
 
     def _checkout(self) -> Host:
-        deadline = time.monotonic() + self.limits.queue_wait_seconds
+        """A free host: at once if one is idle, else in arrival order (FIFO) from the queue."""
         with self._cond:
-            if not self._idle and self._waiting >= self.limits.queue_size:
+            if self._closed.is_set():
+                raise BackendUnavailable("the service is shutting down")
+            while self._idle:
+                host = self._idle.popleft()
+                if self._expired(host):
+                    self._retire_locked(host, graceful=True)
+                    continue
+                self._cond.notify_all()  # the status changed (one more busy host)
+                return host
+            if all(slot.state == "broken" for slot in self._slots):
+                raise self._all_broken_locked()
+            if len(self._waiters) >= self.limits.queue_size:
                 raise BackendUnavailable(
                     f"all {len(self._slots)} PowerShell hosts are busy and "
-                    f"{self._waiting} requests are already waiting (local.queue_size)",
+                    f"{len(self._waiters)} requests are already waiting (local.queue_size)",
                     retry_after_seconds=max(1, math.ceil(self.limits.queue_wait_seconds / 4)),
                 )
-            self._waiting += 1
-            try:
-                while True:
-                    if self._closed.is_set():
-                        raise BackendUnavailable("the service is shutting down")
-                    while self._idle:
-                        host = self._idle.popleft()
-                        if self._expired(host):
-                            self._retire_locked(host, graceful=True)
-                            continue
-                        self._cond.notify_all()  # the status changed (one more busy host)
-                        return host
-                    if all(slot.state == "broken" for slot in self._slots):
-                        wait = min(slot.next_start for slot in self._slots) - time.monotonic()
-                        raise BackendUnavailable(
-                            f"no PowerShell host is running: {self._last_error}",
-                            retry_after_seconds=max(1, math.ceil(wait)),
-                        )
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise BackendUnavailable(
-                            f"no PowerShell host became free within "
-                            f"{self.limits.queue_wait_seconds:g} s (local.queue_wait_seconds)",
-                            retry_after_seconds=5,
-                        )
-                    self._cond.wait(remaining)
-            finally:
-                self._waiting -= 1
+            waiter = _Waiter()
+            self._waiters.append(waiter)
+            self._cond.notify_all()  # the status changed (one more waiting)
+        waiter.event.wait(self.limits.queue_wait_seconds)
+        with self._cond:
+            if waiter.host is not None:
+                return waiter.host
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            if waiter.error is not None:
+                raise waiter.error
+            raise BackendUnavailable(
+                f"no PowerShell host became free within "
+                f"{self.limits.queue_wait_seconds:g} s (local.queue_wait_seconds)",
+                retry_after_seconds=5,
+            )
+
+    def _offer_locked(self, host: Host) -> None:
+        """Hand a free host to the longest-waiting request, or make it idle."""
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.host = host
+            waiter.event.set()
+        else:
+            self._idle.append(host)
+        self._cond.notify_all()
+
+    def _fail_waiters_locked(self, error: BackendUnavailable) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.error = error
+            waiter.event.set()
+
+    def _all_broken_locked(self) -> BackendUnavailable:
+        wait = min(slot.next_start for slot in self._slots) - time.monotonic()
+        return BackendUnavailable(
+            f"no PowerShell host is running: {self._last_error}",
+            retry_after_seconds=max(1, math.ceil(wait)),
+        )
 
     def _checkin(self, host: Host) -> None:
         with self._cond:
@@ -532,8 +566,7 @@ class HostPool:
             if host.commands >= self.limits.max_commands or self._expired(host):
                 self._retire_locked(host, graceful=True)
                 return
-            self._idle.append(host)
-            self._cond.notify_all()
+            self._offer_locked(host)
 
     def _expired(self, host: Host) -> bool:
         return host.age(self._monotonic()) >= self.limits.max_age_seconds
@@ -608,6 +641,8 @@ class HostPool:
                         self.limits.restart_backoff_seconds,
                         self.limits.restart_backoff_max_seconds,
                     )
+                    if all(other.state == "broken" for other in self._slots):
+                        self._fail_waiters_locked(self._all_broken_locked())
                     self._cond.notify_all()
                     continue
                 if self._closed.is_set():
@@ -618,8 +653,7 @@ class HostPool:
                 slot.state = "warm"
                 slot.host = host
                 slot.retire.clear()
-                self._idle.append(host)
-                self._cond.notify_all()
+                self._offer_locked(host)
             if host.ended:
                 self._retire(host, graceful=False)
             slot.retire.wait()
