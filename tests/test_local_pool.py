@@ -21,9 +21,17 @@ from vezaprovisioner.exchange.errors import (
     IdentityNotFound,
     UnexpectedExchangeError,
 )
+from vezaprovisioner.exchange.local.backend import (
+    HOST_SCRIPT,
+    HOST_SWITCHES,
+    LocalExchange,
+    host_argv,
+)
 from vezaprovisioner.exchange.local.pool import (
     Host,
+    HostPool,
     HostStartupFailed,
+    PoolLimits,
     PoolStatus,
     backoff_delay,
 )
@@ -166,8 +174,6 @@ def test_wrong_remote_exchange_path_fails_fast_with_a_clear_error(
     assert status.last_startup_error is not None
     assert "RemoteExchange.ps1 was not found" in status.last_startup_error
     assert "exchange.remote_exchange_path" in status.last_startup_error
-    from vezaprovisioner.exchange.local.backend import LocalExchange
-
     exchange = LocalExchange(pool)
     with pytest.raises(BackendUnavailable, match=r"RemoteExchange\.ps1 was not found") as caught:
         exchange.get_user("plain")
@@ -220,8 +226,6 @@ def test_backoff_doubles_up_to_the_cap() -> None:
 
 def test_slow_start_makes_requests_wait_not_fail(fake_powershell: FakePowerShell) -> None:
     fake_powershell.set(connect_seconds=0.5)
-    from vezaprovisioner.exchange.local.backend import LocalExchange
-
     pool = fake_powershell.pool()
     assert pool.status().warm == 0
     assert LocalExchange(pool).get_user("plain").guid == PLAIN_GUID
@@ -312,8 +316,6 @@ def test_close_leaves_no_process_behind(fake_powershell: FakePowerShell) -> None
 def test_the_fake_refuses_a_host_script_that_is_not_the_shipped_one(
     fake_powershell: FakePowerShell, tmp_path: Path
 ) -> None:
-    from vezaprovisioner.exchange.local.backend import HOST_SCRIPT, HOST_SWITCHES
-
     edited = tmp_path / "host.ps1"
     edited.write_bytes(HOST_SCRIPT.read_bytes() + b"\nRemove-Mailbox -Identity x\n")
     host = Host([fake_powershell.path, *HOST_SWITCHES, str(edited)], "C:\\x.ps1")
@@ -357,3 +359,15 @@ def test_hosts_exit_when_the_service_process_is_killed(
     service.kill()  # SIGKILL: no cleanup code runs in the service
     service.wait()
     assert wait_gone(hosts) == []
+
+
+def test_a_wrong_powershell_path_is_a_startup_error(fake_powershell: FakePowerShell) -> None:
+    pool = HostPool(
+        host_argv("/nonexistent/WindowsPowerShell/v1.0/powershell.exe"),
+        str(fake_powershell.remote_exchange),
+        PoolLimits(pool_size=1, restart_backoff_seconds=5),
+    )
+    fake_powershell.pools.append(pool)
+    pool.start()
+    status = pool.wait_for(lambda s: s.broken == 1, timeout=20)
+    assert "check exchange.powershell_path" in (status.last_startup_error or "")
