@@ -88,7 +88,7 @@ def test_split_writes_and_foreign_bytes_do_not_break_a_host(
 
 
 def test_crash_mid_command_is_502_and_a_replacement_serves_next(
-    fake_powershell: FakePowerShell,
+    fake_powershell: FakePowerShell, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake_powershell.set(fault="crash", fault_identity="mailbox")
     exchange, pool = fake_powershell.exchange()
@@ -99,6 +99,7 @@ def test_crash_mid_command_is_502_and_a_replacement_serves_next(
     assert "outcome is unknown" in caught.value.message
     assert exchange.get_user("plain").guid == PLAIN_GUID
     assert pool.status().starts == 2
+    assert any("StackOverflowException" in r.getMessage() for r in caplog.records)
 
 
 def test_oversized_answer_is_a_protocol_error_and_the_host_is_replaced(

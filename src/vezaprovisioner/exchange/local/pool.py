@@ -18,6 +18,7 @@ With `pool_size = 0` every command starts and stops its own host (the slow basel
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import queue
 import subprocess
@@ -45,6 +46,8 @@ from .protocol import (
     parse_line,
     read_lines,
 )
+
+log = logging.getLogger(__name__)
 
 #: How long a recycled or shut-down host may take to release its session before it is killed.
 GRACE_SECONDS = 5.0
@@ -460,10 +463,12 @@ class HostPool:
         host = self._checkout()
         try:
             result = host.call(cmdlet, parameters, self.limits.command_timeout_seconds)
-        except HostRefused:
+        except HostRefused as exc:
+            log.error("%s", exc.message)
             self._checkin(host)
             raise
-        except HostError:
+        except HostError as exc:
+            log.warning("%s", exc.message)
             self._retire(host, graceful=False)
             raise
         except BaseException:
@@ -471,6 +476,11 @@ class HostPool:
             host.kill()
             raise
         if isinstance(result, ErrorRecord) and session_failed(result):
+            log.warning(
+                "PowerShell host pid %d lost its Exchange session (%s); replacing it",
+                host.pid,
+                result.message,
+            )
             self._retire(host, graceful=False)
         else:
             self._checkin(host)
@@ -491,6 +501,9 @@ class HostPool:
                 )
             try:
                 return host.call(cmdlet, parameters, self.limits.command_timeout_seconds)
+            except HostError as exc:
+                log.warning("%s", exc.message)
+                raise
             finally:
                 with self._cond:
                     self._live.discard(host)
@@ -564,6 +577,12 @@ class HostPool:
             if host.ended or self._closed.is_set():
                 return
             if host.commands >= self.limits.max_commands or self._expired(host):
+                log.info(
+                    "recycling PowerShell host pid %d after %d commands (age %.0f s)",
+                    host.pid,
+                    host.commands,
+                    host.age(self._monotonic()),
+                )
                 self._retire_locked(host, graceful=True)
                 return
             self._offer_locked(host)
@@ -596,6 +615,7 @@ class HostPool:
                 return None
             self._starts += 1
         host: Host | None = None
+        started = time.monotonic()
         try:
             host = Host(
                 self._argv,
@@ -608,13 +628,21 @@ class HostPool:
             if self._closed.is_set():
                 host.kill()
                 raise HostStartupFailed("the service is shutting down")
-            host.wait_ready(self.limits.startup_timeout_seconds)
+            ready = host.wait_ready(self.limits.startup_timeout_seconds)
+            log.info(
+                "PowerShell host pid %d connected to %s as %s in %.1f s",
+                host.pid,
+                ready.server,
+                ready.user,
+                time.monotonic() - started,
+            )
             return host
         except HostStartupFailed as exc:
             with self._cond:
                 if host is not None:
                     self._live.discard(host)
                 if not self._closed.is_set():
+                    log.warning("PowerShell host did not start: %s", exc.message)
                     self._failed_starts += 1
                     self._last_error = exc.message
             return None
