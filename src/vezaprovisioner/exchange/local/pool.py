@@ -494,6 +494,8 @@ class HostPool:
                 retry_after_seconds=5,
             )
         try:
+            if self._closed.is_set():
+                raise BackendUnavailable("the service is shutting down")
             host = self._start_host()
             if host is None:
                 raise BackendUnavailable(
