@@ -9,7 +9,8 @@ The one OS-specific seam of the local backend:
 * **Windows**: each host is assigned to its own Job Object with
   JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE. Killing terminates the job (the host and every child it
   started); when the service process dies for any reason Windows closes its handles and so kills
-  every job. This branch is ctypes calls only and was verified by reading, not run.
+  every job. IIS runs FastCGI processes in a job already; nesting jobs needs Windows 8 / Server
+  2012 or later. This branch is ctypes calls only and was verified by reading, not run.
 """
 
 from __future__ import annotations
