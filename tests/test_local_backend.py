@@ -266,3 +266,15 @@ def test_probe_command_reports_a_missing_role(
     report = json.loads(capsys.readouterr().out)
     assert report["code"] == "BACKEND_UNAVAILABLE"
     assert "Mail Recipients" in report["detail"]
+
+
+def test_app_shutdown_stops_every_host(
+    make_settings: Callable[..., Settings], fake_powershell: FakePowerShell
+) -> None:
+    app = create_app(make_settings(**fake_powershell.settings(pool_size=2)))
+    with TestClient(app, headers=AUTH) as client:  # runs the app's lifespan
+        exchange = app.state.services.exchange
+        exchange.pool.wait_for(lambda s: s.warm == 2, timeout=20)
+        assert client.post(EMAILS, json={"identity": "plain"}).status_code == 201
+    assert exchange.pool.status().warm == 0
+    assert wait_gone(fake_powershell.start_pids()) == []
