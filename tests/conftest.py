@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.fakes.clock import FakeClock
+from tests.fakes.local_host import FakePowerShell
 from vezaprovisioner.api.app import create_app
 from vezaprovisioner.auth import hash_password
 from vezaprovisioner.config import Settings
@@ -96,3 +97,11 @@ def make_client(
 @pytest.fixture
 def client(make_client: Callable[..., TestClient]) -> TestClient:
     return make_client()
+
+
+@pytest.fixture
+def fake_powershell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakePowerShell]:
+    """The fake `powershell` for the local backend (tests/fakes/powershell.py), with its log."""
+    fake = FakePowerShell(tmp_path, monkeypatch)
+    yield fake
+    fake.close()

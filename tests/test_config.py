@@ -92,3 +92,33 @@ def test_masked_settings_hide_password_hashes(tmp_path: Path) -> None:
     masked = load_settings(path, environ={}).masked()
     assert masked["auth"]["users"] == {"demo": "***"}
     assert HASH not in str(masked)
+
+
+def test_local_section_defaults_and_posix_paths_off_windows(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "backend = 'local'\n[exchange]\npowershell_path = '/opt/fake/powershell'\n"
+        "[local]\npool_size = 4\n",
+    )
+    settings = load_settings(path, environ={})
+    assert settings.exchange.powershell_path == "/opt/fake/powershell"
+    assert settings.local.pool_size == 4
+    assert settings.local.startup_timeout_seconds == 180
+    assert settings.local.queue_size == 32
+    assert load_settings(write(tmp_path, ""), environ={}).local.pool_size == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[local]\npool_size = 17\n", "local.pool_size"),
+        ("[local]\npool_size = -1\n", "local.pool_size"),
+        ("[local]\nstartup_timeout = 5\n", "local.startup_timeout: unknown key"),
+        ("[local]\nmax_commands = 0\n", "local.max_commands"),
+        ("[exchange]\nremote_exchange_path = 'bin/RemoteExchange.ps1'\n", "absolute Windows path"),
+    ],
+)
+def test_invalid_local_settings_are_refused(tmp_path: Path, text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text), environ={})
+    assert fragment in str(caught.value)

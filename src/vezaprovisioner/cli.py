@@ -19,6 +19,7 @@ from .api.problems import problem_for
 from .auth import hash_password
 from .config import ConfigError, Settings, load_settings
 from .exchange.errors import ExchangeError
+from .exchange.local.backend import LocalExchange
 from .journal import STATES, IdentityBusy, Journal, JournalUnavailable, RequestContext
 from .provisioning import CreateEmail, ProvisioningError
 from .services import build_services, problem_code
@@ -145,6 +146,38 @@ def _journal(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _probe(args: argparse.Namespace) -> int:
+    """Start the backend, wait until it is ready or has failed, report; optionally Get-User."""
+    try:
+        identity = validate_identity(args.identity) if args.identity else None
+    except InvalidValue as exc:
+        print(f"invalid input: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    settings = _settings(args)
+    services = build_services(settings)
+    try:
+        exchange = services.exchange
+        if isinstance(exchange, LocalExchange):
+            exchange.pool.wait_for(
+                lambda s: s.size == 0 or s.warm > 0 or s.failed_starts > 0,
+                timeout=settings.local.startup_timeout_seconds + 5,
+            )
+        report: dict[str, object] = {"backend": settings.backend, "probe": exchange.probe()}
+        if identity is not None:
+            report["get_user"] = asdict(exchange.get_user(identity))
+    except ExchangeError as exc:
+        problem = problem_for(exc)
+        failure: dict[str, object] = {"code": problem.kind.code, "detail": problem.detail}
+        if problem.exchange:
+            failure["exchange"] = problem.exchange
+        print(json.dumps(failure, indent=2, ensure_ascii=False))
+        return EXIT_FAILED
+    finally:
+        services.close()
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
 def _hash_password(args: argparse.Namespace) -> int:
     if sys.stdin.isatty():
         password = getpass.getpass("Password: ")
@@ -212,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=1000)
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(run=_journal)
+    probe = with_config(
+        commands.add_parser(
+            "probe",
+            help="start the backend, report whether it is ready; --identity also runs Get-User",
+        )
+    )
+    probe.add_argument("--identity", default=None, help="an AD identity to read (read-only)")
+    probe.set_defaults(run=_probe)
 
     hashing = commands.add_parser(
         "hash-password", help="print a hash for [auth.users] (reads stdin when piped)"

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from pathlib import Path, PureWindowsPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -59,9 +59,13 @@ class ExchangeSettings(_Section):
     @field_validator("powershell_path", "remote_exchange_path")
     @classmethod
     def _absolute_windows_path(cls, value: str) -> str:
-        if not PureWindowsPath(value).is_absolute():
-            raise ValueError(f"must be an absolute Windows path like C:\\..., not {value!r}")
-        return value
+        # Off Windows (tests, the benchmark's fake PowerShell) an absolute POSIX path is allowed
+        # too; on Windows only a drive or UNC path is absolute.
+        if PureWindowsPath(value).is_absolute():
+            return value
+        if os.name != "nt" and PurePosixPath(value).is_absolute():
+            return value
+        raise ValueError(f"must be an absolute Windows path like C:\\..., not {value!r}")
 
     @field_validator("domain_controller", "remote_routing_domain")
     @classmethod
@@ -152,6 +156,27 @@ class RemoteSettings(_Section):
     def effective_port(self) -> int:
         """The configured port, else 443 with TLS and 80 without (Exchange's IIS site)."""
         return self.port or (443 if self.ssl else 80)
+
+
+class LocalSettings(_Section):
+    """The local backend's pool of Windows PowerShell hosts (see the README's "Local backend")."""
+
+    #: Warm hosts kept connected; 0 starts a host per command. Each holds one Exchange session:
+    #: pool_size x IIS FastCGI instances must stay below Exchange's limit of 18 per user.
+    pool_size: int = Field(default=2, ge=0, le=16)
+    #: Requests that may wait for a free host; more get 503 at once.
+    queue_size: int = Field(default=32, ge=0, le=1000)
+    #: How long a request waits for a free host before 503.
+    queue_wait_seconds: float = Field(default=30.0, gt=0, le=600)
+    #: Bound on start + Connect-ExchangeServer (its own limit is 180 s).
+    startup_timeout_seconds: float = Field(default=180.0, gt=0, le=900)
+    #: Recycle a host after this many commands ...
+    max_commands: int = Field(default=1000, ge=1, le=1_000_000)
+    #: ... or once it is this old.
+    max_age_seconds: float = Field(default=3600.0, gt=0, le=7 * 86400)
+    #: First wait after a failed start; doubles per failure up to the maximum.
+    restart_backoff_seconds: float = Field(default=1.0, gt=0, le=600)
+    restart_backoff_max_seconds: float = Field(default=60.0, gt=0, le=3600)
 
 
 class AuthSettings(_Section):
@@ -245,6 +270,7 @@ class Settings(_Section):
     exchange: ExchangeSettings = ExchangeSettings()
     simulated: SimulatedSettings = SimulatedSettings()
     remote: RemoteSettings = RemoteSettings()
+    local: LocalSettings = LocalSettings()
     auth: AuthSettings = AuthSettings()
     journal: JournalSettings = JournalSettings()
     audit: AuditSettings = AuditSettings()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -38,7 +41,14 @@ def create_app(
 
 def create_app_from_services(services: Services) -> FastAPI:
     base = services.settings.base_path
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        services.close()  # e.g. stops the local backend's PowerShell hosts
+
     app = FastAPI(
+        lifespan=lifespan,
         title="VezaProvisioner",
         version=__version__,
         summary="Gives existing Active Directory users an Exchange mailbox (CREATE_EMAIL).",

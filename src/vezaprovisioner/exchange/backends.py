@@ -31,7 +31,34 @@ def open_exchange(settings: Settings, clock: Clock) -> ExchangePort:
             return RemoteExchange(settings.remote, settings.exchange, credentials, clock=clock)
         except ValueError as exc:
             raise ConfigError(f"remote: {exc}") from exc
+    if settings.backend == "local":
+        return _open_local(settings)
     raise ConfigError(
         f"backend {settings.backend!r} is not available in this version yet; "
         'use backend = "simulated"'
     )
+
+
+def _open_local(settings: Settings) -> ExchangePort:
+    """The pool of PowerShell hosts; it starts warming in the background before this returns."""
+    from .local.backend import LocalExchange, host_argv
+    from .local.pool import HostPool, PoolLimits
+
+    local = settings.local
+    pool = HostPool(
+        host_argv(settings.exchange.powershell_path),
+        settings.exchange.remote_exchange_path,
+        PoolLimits(
+            pool_size=local.pool_size,
+            queue_size=local.queue_size,
+            queue_wait_seconds=local.queue_wait_seconds,
+            startup_timeout_seconds=local.startup_timeout_seconds,
+            command_timeout_seconds=settings.exchange.command_timeout_seconds,
+            max_commands=local.max_commands,
+            max_age_seconds=local.max_age_seconds,
+            restart_backoff_seconds=local.restart_backoff_seconds,
+            restart_backoff_max_seconds=local.restart_backoff_max_seconds,
+        ),
+    )
+    pool.start()
+    return LocalExchange(pool)

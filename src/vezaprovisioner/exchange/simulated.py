@@ -957,6 +957,42 @@ class SimulatedExchange:
         with self._lock:
             return sum(1 for name, _ in self.calls if name == cmdlet)
 
+    def snapshot(self) -> dict[str, object]:
+        """The current state as a directory document `parse_directory` accepts.
+
+        Lets several processes (the fake PowerShell hosts of the local backend's tests) share
+        one simulated forest through a file. Replication lag is not carried over.
+        """
+        with self._lock:
+            users: list[dict[str, object]] = []
+            for entry in self._entries:
+                user = entry.user
+                document: dict[str, object] = {
+                    "sam_account_name": user.sam_account_name,
+                    "user_principal_name": user.user_principal_name,
+                    "name": user.name,
+                    "display_name": user.display_name,
+                    "distinguished_name": user.distinguished_name,
+                    "guid": user.guid,
+                    "recipient_type_details": entry.recipient_type_details,
+                }
+                if entry.alias and entry.mail_enabled:
+                    document["alias"] = entry.alias
+                if entry.email_addresses:
+                    document["email_addresses"] = list(entry.email_addresses)
+                if entry.database and entry.recipient_type_details in _LOCAL_MAILBOX_TYPES:
+                    document["database"] = entry.database
+                if user.fault:
+                    document["fault"] = user.fault
+                users.append(document)
+            return {
+                "domain": self.directory.domain,
+                "upn_suffix": self.directory.upn_suffix,
+                "smtp_domain": self.directory.smtp_domain,
+                "domain_controller": self.directory.domain_controller,
+                "users": users,
+            }
+
     # ---- internals --------------------------------------------------------------------------
 
     def _begin(self, cmdlet: str, parameters: Mapping[str, str | None]) -> None:

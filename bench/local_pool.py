@@ -1,0 +1,247 @@
+"""Benchmark: CREATE_EMAIL through HTTP over the local backend, warm pool versus a host per command.
+
+Starts `vezaprovisioner serve` (uvicorn, 127.0.0.1) with `backend = "local"` over the fake
+PowerShell (tests/fakes/powershell.py) set to a 5 s connect and a 150 ms cmdlet, then sends
+CREATE_EMAIL requests for distinct new users at a fixed concurrency and prints a table:
+throughput, p50/p99 latency, cmdlet calls per request (counted from the fake's log), and pool
+efficiency = measured cmdlet throughput / (pool_size / cmdlet time).
+
+    .venv/bin/python bench/local_pool.py                  # the README's table (about 5 minutes)
+    .venv/bin/python bench/local_pool.py --requests 40 --baseline-requests 8
+
+Each CREATE_EMAIL of a new user makes three cmdlet calls (Get-User, Get-User by GUID inside the
+per-user guard, Enable-Mailbox), so with pool_size 0 every request starts three hosts and pays
+the connect time three times; the baseline therefore runs fewer requests by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE = REPO / "tests" / "fakes" / "powershell.py"
+USER, PASSWORD = "bench", "bench-password"
+
+
+@dataclass(frozen=True)
+class Row:
+    pool_size: int
+    concurrency: int
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    calls_per_request: float
+    failures: int
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds
+
+    def efficiency(self, cmdlet_seconds: float) -> float | None:
+        if not self.pool_size:
+            return None
+        return self.throughput * self.calls_per_request / (self.pool_size / cmdlet_seconds)
+
+
+def directory(users: int) -> dict[str, object]:
+    return {
+        "domain": "CONTOSO",
+        "upn_suffix": "contoso.com",
+        "smtp_domain": "contoso.com",
+        "users": [
+            {
+                "sam_account_name": f"bench{i:04d}",
+                "user_principal_name": f"bench{i:04d}@contoso.com",
+                "name": f"Bench User {i:04d}",
+                "display_name": f"Bench User {i:04d}",
+                "distinguished_name": f"CN=Bench User {i:04d},OU=Bench,DC=contoso,DC=com",
+                "guid": f"00000000-0000-0000-0000-{i:012d}",
+                "recipient_type_details": "User",
+            }
+            for i in range(users)
+        ],
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run_case(
+    work: Path,
+    *,
+    pool_size: int,
+    concurrency: int,
+    requests: int,
+    connect_seconds: float,
+    cmdlet_ms: int,
+) -> Row:
+    from vezaprovisioner.auth import hash_password
+
+    case = work / f"pool{pool_size}-c{concurrency}"
+    case.mkdir()
+    (case / "RemoteExchange.ps1").write_text("# stand-in\n")
+    (case / "directory.json").write_text(json.dumps(directory(requests)))
+    config = case / "config.toml"
+    config.write_text(
+        "backend = 'local'\n"
+        "[exchange]\n"
+        f"powershell_path = '{FAKE}'\n"
+        f"remote_exchange_path = '{case / 'RemoteExchange.ps1'}'\n"
+        "[local]\n"
+        f"pool_size = {pool_size}\n"
+        "queue_size = 64\n"
+        "queue_wait_seconds = 120\n"
+        "[auth]\nmode = 'basic'\nrequire_https = false\n"
+        f"[auth.users]\n{USER} = '{hash_password(PASSWORD)}'\n"
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "VZP_FAKE_DIRECTORY": str(case / "directory.json"),
+        "VZP_FAKE_STATE": str(case / "forest.json"),
+        "VZP_FAKE_LOG": str(case / "fake-log.jsonl"),
+        "VZP_FAKE_CONNECT_SECONDS": str(connect_seconds),
+        "VZP_FAKE_LATENCY_MS": str(cmdlet_ms),
+    }
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/VezaProvisioner"
+    server = subprocess.Popen(  # noqa: S603 - this interpreter, constant arguments
+        [
+            sys.executable,
+            "-m",
+            "vezaprovisioner",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_ready(base, need_warm=pool_size > 0, timeout=connect_seconds * 4 + 60)
+        latencies: list[float] = []
+        failures = 0
+        lock = threading.Lock()
+        local = threading.local()
+
+        def one(index: int) -> None:
+            nonlocal failures
+            client = getattr(local, "client", None)
+            if client is None:
+                client = local.client = httpx.Client(auth=(USER, PASSWORD), timeout=300)
+            started = time.perf_counter()
+            response = client.post(f"{base}/api/v1/emails", json={"identity": f"bench{index:04d}"})
+            elapsed = time.perf_counter() - started
+            with lock:
+                latencies.append(elapsed)
+                if response.status_code != 201:
+                    failures += 1
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            list(pool.map(one, range(requests)))
+        seconds = time.perf_counter() - started
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    calls = [
+        json.loads(line)
+        for line in (case / "fake-log.jsonl").read_text().splitlines()
+        if '"event": "call"' in line
+    ]
+    ordered = sorted(latencies)
+    return Row(
+        pool_size=pool_size,
+        concurrency=concurrency,
+        requests=requests,
+        seconds=seconds,
+        p50_ms=statistics.median(ordered) * 1000,
+        p99_ms=ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))] * 1000,
+        calls_per_request=len(calls) / requests,
+        failures=failures,
+    )
+
+
+def wait_ready(base: str, *, need_warm: bool, timeout: float) -> None:
+    """Poll readiness until the pool is fully warm (or, without a pool, the server answers)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{base}/health/ready", timeout=5)
+            detail = response.json()["checks"]["backend"]["detail"]
+            if not need_warm or (response.status_code == 200 and "0 starting" in detail):
+                return
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the server at {base} did not become ready within {timeout:g} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--baseline-requests", type=int, default=24)
+    parser.add_argument("--connect-seconds", type=float, default=5.0)
+    parser.add_argument("--cmdlet-ms", type=int, default=150)
+    parser.add_argument("--pool-size", type=int, default=4)
+    args = parser.parse_args()
+    cmdlet_seconds = args.cmdlet_ms / 1000
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="vzp-bench-") as tmp:
+        for pool_size in (0, args.pool_size):
+            for concurrency in (4, 8):
+                count = args.requests if pool_size else args.baseline_requests
+                row = run_case(
+                    Path(tmp),
+                    pool_size=pool_size,
+                    concurrency=concurrency,
+                    requests=count,
+                    connect_seconds=args.connect_seconds,
+                    cmdlet_ms=args.cmdlet_ms,
+                )
+                rows.append(row)
+                print(f"done: pool_size {pool_size}, concurrency {concurrency}", file=sys.stderr)
+    print(
+        f"connect {args.connect_seconds:g} s, cmdlet {args.cmdlet_ms} ms; "
+        f"efficiency = cmdlet calls/s / (pool_size / {cmdlet_seconds:g} s)\n"
+    )
+    print(
+        "| pool_size | concurrency | requests | failed | req/s | p50 ms | p99 ms "
+        "| cmdlets/request | pool efficiency |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        efficiency = row.efficiency(cmdlet_seconds)
+        print(
+            f"| {row.pool_size} | {row.concurrency} | {row.requests} | {row.failures} "
+            f"| {row.throughput:.2f} | {row.p50_ms:.0f} | {row.p99_ms:.0f} "
+            f"| {row.calls_per_request:.2f} "
+            f"| {'n/a' if efficiency is None else f'{efficiency:.2f}'} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

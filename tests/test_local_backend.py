@@ -1,0 +1,280 @@
+"""`backend = "local"` end to end: HTTP → flow → pool → fake PowerShell → simulated Exchange."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import AUTH
+from tests.fakes.local_host import FakePowerShell, wait_gone
+from vezaprovisioner.api.app import create_app
+from vezaprovisioner.cli import main
+from vezaprovisioner.config import Settings
+from vezaprovisioner.exchange.local.backend import LocalExchange, host_argv
+from vezaprovisioner.services import Services
+from vezaprovisioner.validation import InvalidValue, validate_alias, validate_identity
+
+EMAILS = "/VezaProvisioner/api/v1/emails"
+READY = "/VezaProvisioner/health/ready"
+LocalClient = Callable[..., TestClient]
+
+
+@pytest.fixture
+def local_client(
+    make_settings: Callable[..., Settings], fake_powershell: FakePowerShell
+) -> Iterator[LocalClient]:
+    """An app over `backend = "local"` and the fake; waits until the pool is warm."""
+    services: list[Services] = []
+
+    def make(*, warm: bool = True, **local: Any) -> TestClient:
+        settings = make_settings(not_found_retry_seconds=0, **fake_powershell.settings(**local))
+        app = create_app(settings)
+        services.append(app.state.services)
+        exchange = app.state.services.exchange
+        assert isinstance(exchange, LocalExchange)
+        if warm:
+            size = settings.local.pool_size
+            exchange.pool.wait_for(lambda s: s.warm >= size, timeout=20)
+        return TestClient(app, headers=AUTH)
+
+    yield make
+    for service in services:
+        service.close()
+
+
+def test_create_email_makes_three_cmdlet_calls_and_state_is_shared(
+    local_client: LocalClient, fake_powershell: FakePowerShell
+) -> None:
+    client = local_client(pool_size=2)
+    created = client.post(EMAILS, json={"identity": "CONTOSO\\jose", "alias": "José"})
+    assert created.status_code == 201, created.text
+    assert created.json()["primary_smtp_address"] == "Jose@contoso.com"
+    assert created.json()["alias"] == "José"
+    assert [cmdlet for cmdlet, _ in fake_powershell.calls()] == [
+        "Get-User",
+        "Get-User",
+        "Enable-Mailbox",
+    ]
+    # Another host of the pool sees the new mailbox: one forest behind every host.
+    again = client.post(EMAILS, json={"identity": "CONTOSO\\jose"})
+    assert again.status_code == 200
+    assert again.json()["status"] == "already_exists"
+    assert len({row["pid"] for row in fake_powershell.records("call")}) == 2
+
+
+def test_exchange_errors_keep_reason_and_error_id(local_client: LocalClient) -> None:
+    client = local_client()
+    ambiguous = client.post(EMAILS, json={"identity": "Alex Smith"})
+    assert ambiguous.status_code == 409
+    assert ambiguous.json()["exchange"]["reason"] == "ManagementObjectAmbiguousException"
+    problem = client.post(EMAILS, json={"identity": "denied"}).json()
+    assert problem["code"] == "EXCHANGE_PERMISSION_DENIED"
+    assert problem["exchange"]["reason"] == "ADOperationException"
+    assert "INSUFF_ACCESS_RIGHTS" in problem["exchange"]["message"]
+    assert "[FailureCategory=Cmdlet-ADOperationException]" in problem["exchange"]["error_id"]
+
+
+def test_enable_timeout_rereads_state_and_never_retries(
+    local_client: LocalClient, fake_powershell: FakePowerShell
+) -> None:
+    client = local_client(command_timeout_seconds=1)
+    response = client.post(EMAILS, json={"identity": "slow"})
+    assert response.status_code == 504
+    assert response.json()["code"] == "EXCHANGE_TIMEOUT"
+    assert [cmdlet for cmdlet, _ in fake_powershell.calls()] == [
+        "Get-User",
+        "Get-User",
+        "Enable-Mailbox",
+        "Get-User",  # the flow's re-read on a replacement host; Enable-Mailbox is not re-run
+    ]
+
+
+def test_crash_during_enable_is_502_without_retry(
+    local_client: LocalClient, fake_powershell: FakePowerShell
+) -> None:
+    fake_powershell.set(fault="crash", fault_cmdlet="Enable-Mailbox")
+    client = local_client()
+    response = client.post(EMAILS, json={"identity": "plain"})
+    assert response.status_code == 502
+    body = response.json()
+    assert body["code"] == "EXCHANGE_ERROR"
+    assert "failed during Enable-Mailbox" in body["detail"]
+    assert "outcome is unknown" in body["detail"]
+    assert [c for c, _ in fake_powershell.calls()].count("Enable-Mailbox") == 1
+
+
+def test_busy_pool_answers_503_with_retry_after(
+    local_client: LocalClient, fake_powershell: FakePowerShell
+) -> None:
+    fake_powershell.set(fault="hang", fault_identity="mailbox")
+    client = local_client(queue_size=0)
+    exchange = client.app.state.services.exchange  # type: ignore[attr-defined]
+    occupied = threading.Thread(target=lambda: client.post(EMAILS, json={"identity": "mailbox"}))
+    occupied.start()
+    exchange.pool.wait_for(lambda s: s.busy == 1, timeout=20)
+    response = client.post(EMAILS, json={"identity": "plain"})
+    assert response.status_code == 503
+    assert response.json()["code"] == "BACKEND_UNAVAILABLE"
+    assert int(response.headers["Retry-After"]) >= 1
+    exchange.close()
+    occupied.join(timeout=20)
+
+
+def test_readiness_reports_warm_and_broken_hosts(
+    local_client: LocalClient, fake_powershell: FakePowerShell
+) -> None:
+    ready = local_client(pool_size=2).get(READY)
+    assert ready.status_code == 200
+    assert "2/2 PowerShell hosts warm" in ready.json()["checks"]["backend"]["detail"]
+
+    fake_powershell.set(fault="rbac")
+    client = local_client(warm=False)
+    exchange = client.app.state.services.exchange  # type: ignore[attr-defined]
+    exchange.pool.wait_for(lambda s: s.broken == 1, timeout=20)
+    broken = client.get(READY)
+    assert broken.status_code == 503
+    detail = broken.json()["checks"]["backend"]["detail"]
+    assert "0/1 PowerShell hosts warm" in detail
+    assert "1 broken" in detail
+    assert "Mail Recipients" in detail
+    refused = client.post(EMAILS, json={"identity": "plain"})
+    assert refused.status_code == 503
+    assert "Mail Recipients" in refused.json()["detail"]
+
+
+_NASTY = st.sampled_from(
+    [
+        "'",
+        '"',
+        "\u2018",
+        "\u2019",
+        "\u201c",
+        "\u201d",
+        "`",
+        "$(",
+        ")",
+        "$env:PATH",
+        ";",
+        "|",
+        "&",
+        "\n",
+        "\r",
+        "\x00",
+        "{",
+        "}",
+        "@",
+        "#",
+        " ",
+        "\\",
+        "/",
+        "-",
+        "José",
+        "山田",
+        "Remove-Mailbox",
+        "x" * 1030,
+    ]
+)
+_HOSTILE = st.lists(_NASTY | st.text(max_size=5), min_size=1, max_size=6).map("".join)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(identity=_HOSTILE, alias=_HOSTILE.filter(bool))  # "" means "no alias"
+@example(identity="O\u2019Brien $(Remove-Mailbox x); `whoami` \u201cq\u201d", alias="a`$b'c{}")
+@example(identity="\u2018" * 1024, alias="Jos\u00e9.O'Neil")
+@example(identity="a\x00b", alias="a\nb")
+def test_hostile_input_is_refused_or_reaches_the_host_as_exact_data(
+    local_client: LocalClient, fake_powershell: FakePowerShell, identity: str, alias: str
+) -> None:
+    client = getattr(fake_powershell, "hostile_client", None)
+    if client is None:
+        client = local_client()
+        fake_powershell.hostile_client = client  # type: ignore[attr-defined]
+    fake_powershell.state.unlink(missing_ok=True)  # a fresh forest: "plain" has no mailbox
+    seen = len(fake_powershell.calls())
+
+    by_identity = client.post(EMAILS, json={"identity": identity})
+    by_alias = client.post(EMAILS, json={"identity": "plain", "alias": alias})
+    calls = fake_powershell.calls()[seen:]
+
+    try:
+        expected_identity: str | None = validate_identity(identity)
+    except InvalidValue:
+        expected_identity = None
+    try:
+        expected_alias: str | None = validate_alias(alias)
+    except InvalidValue:
+        expected_alias = None
+
+    if expected_identity is None:
+        assert by_identity.status_code == 422
+    else:
+        assert by_identity.status_code != 422, by_identity.text
+        assert calls[0] == ("Get-User", {"Identity": expected_identity})
+    if expected_alias is None:
+        assert by_alias.status_code == 422
+        assert all(params.get("Alias") is None for _, params in calls)
+    else:
+        assert by_alias.status_code == 201, by_alias.text
+        enables = [params for cmdlet, params in calls if cmdlet == "Enable-Mailbox"]
+        assert enables[-1]["Alias"] == expected_alias
+    constant = host_argv(fake_powershell.path)
+    for start in fake_powershell.records("start"):
+        assert start["argv"] == constant
+
+
+def _local_config(fake: FakePowerShell, tmp_path: Path) -> Path:
+    config = tmp_path / "local.toml"
+    config.write_text(
+        "backend = 'local'\n"
+        f"[exchange]\npowershell_path = '{fake.path}'\n"
+        f"remote_exchange_path = '{fake.remote_exchange}'\n"
+        "[local]\npool_size = 1\nrestart_backoff_seconds = 5\n",
+        encoding="utf-8",
+    )
+    return config
+
+
+def test_probe_command_starts_a_host_and_reads_a_user(
+    fake_powershell: FakePowerShell, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _local_config(fake_powershell, tmp_path)
+    assert main(["probe", "--config", str(config), "--identity", "山田太郎"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["probe"].startswith("1/1 PowerShell hosts warm")
+    assert report["get_user"]["sam_account_name"] == "山田太郎"
+    assert wait_gone(fake_powershell.start_pids()) == []
+
+
+def test_probe_command_reports_a_missing_role(
+    fake_powershell: FakePowerShell, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_powershell.set(fault="rbac")
+    config = _local_config(fake_powershell, tmp_path)
+    assert main(["probe", "--config", str(config)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["code"] == "BACKEND_UNAVAILABLE"
+    assert "Mail Recipients" in report["detail"]
+
+
+def test_app_shutdown_stops_every_host(
+    make_settings: Callable[..., Settings], fake_powershell: FakePowerShell
+) -> None:
+    app = create_app(make_settings(**fake_powershell.settings(pool_size=2)))
+    with TestClient(app, headers=AUTH) as client:  # runs the app's lifespan
+        exchange = app.state.services.exchange
+        exchange.pool.wait_for(lambda s: s.warm == 2, timeout=20)
+        assert client.post(EMAILS, json={"identity": "plain"}).status_code == 201
+    assert exchange.pool.status().warm == 0
+    assert wait_gone(fake_powershell.start_pids()) == []
