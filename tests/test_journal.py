@@ -460,3 +460,34 @@ def test_a_user_claimed_elsewhere_too_long_is_503_identity_busy(
     assert exchange.count("Enable-Mailbox") == 0
     rec = record(client, "r-busy")
     assert (rec["state"], rec["code"]) == ("failed", "IDENTITY_BUSY")
+
+
+def test_workers_opening_a_fresh_journal_together_all_succeed(tmp_path: Path) -> None:
+    # Several IIS workers start at once on an empty data_dir: switching the new file to WAL
+    # needs an exclusive lock that SQLite refuses at once ("database is locked"). Before the
+    # retry, about 5 in 100 rounds of three openers lost; the rounds are bounded, not timed.
+    for round_number in range(100):
+        folder = tmp_path / str(round_number)
+        start = threading.Barrier(3)
+        failures: list[JournalUnavailable] = []
+
+        def open_and_write(
+            folder: Path = folder,
+            start: threading.Barrier = start,
+            failures: list[JournalUnavailable] = failures,
+        ) -> None:
+            journal = Journal(folder, JournalSettings(), code_of=problem_code)
+            start.wait()
+            try:
+                journal.check_writable()
+            except JournalUnavailable as exc:
+                failures.append(exc)
+            finally:
+                journal.close()
+
+        workers = [threading.Thread(target=open_and_write) for _ in range(3)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert failures == [], f"round {round_number}: {failures}"

@@ -236,7 +236,7 @@ class Journal:
             check_same_thread=False,  # guarded by self._lock
         )
         try:
-            mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = _enter_wal_mode(connection, self._settings.busy_timeout_ms / 1000)
             if str(mode).lower() != "wal":
                 # SQLite falls back silently where WAL cannot work (a network share).
                 raise sqlite3.DatabaseError(
@@ -528,6 +528,23 @@ class Journal:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             db.execute(f"PRAGMA user_version = {int(version)}")
         return f"writable: {self.path} (schema {version})"
+
+
+def _enter_wal_mode(connection: sqlite3.Connection, patience_seconds: float) -> str:
+    """PRAGMA journal_mode=WAL, retried while another process is creating the same file.
+
+    Switching a new database to WAL needs an exclusive lock, and SQLite answers "database is
+    locked" at once instead of calling the busy handler; several IIS workers starting together
+    on a fresh data_dir meet exactly there.
+    """
+    deadline = time.monotonic() + patience_seconds
+    while True:
+        try:
+            return str(connection.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)  # a retry interval, not synchronisation: the other side is SQLite
 
 
 def _migrate(connection: sqlite3.Connection) -> None:
