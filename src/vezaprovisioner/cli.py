@@ -68,6 +68,16 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _report_problem(exc: Exception) -> int:
+    """Prints the problem's code, detail and what Exchange said, as the API would; exit 1."""
+    problem = problem_for(exc)
+    report: dict[str, object] = {"code": problem.kind.code, "detail": problem.detail}
+    if problem.exchange:
+        report["exchange"] = problem.exchange
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    return EXIT_FAILED
+
+
 def _create_email(args: argparse.Namespace) -> int:
     try:
         identity = validate_identity(args.identity)
@@ -81,12 +91,7 @@ def _create_email(args: argparse.Namespace) -> int:
             CreateEmail(identity=identity, alias=alias), _cli_context()
         )
     except (ExchangeError, ProvisioningError, JournalUnavailable, IdentityBusy) as exc:
-        problem = problem_for(exc)
-        report: dict[str, object] = {"code": problem.kind.code, "detail": problem.detail}
-        if problem.exchange:
-            report["exchange"] = problem.exchange
-        print(json.dumps(report, indent=2, ensure_ascii=False))
-        return EXIT_FAILED
+        return _report_problem(exc)
     finally:
         services.close()
     print(json.dumps(asdict(result), indent=2, ensure_ascii=False))
@@ -166,12 +171,7 @@ def _probe(args: argparse.Namespace) -> int:
         if identity is not None:
             report["get_user"] = asdict(exchange.get_user(identity))
     except ExchangeError as exc:
-        problem = problem_for(exc)
-        failure: dict[str, object] = {"code": problem.kind.code, "detail": problem.detail}
-        if problem.exchange:
-            failure["exchange"] = problem.exchange
-        print(json.dumps(failure, indent=2, ensure_ascii=False))
-        return EXIT_FAILED
+        return _report_problem(exc)
     finally:
         services.close()
     print(json.dumps(report, indent=2, ensure_ascii=False))
