@@ -290,27 +290,53 @@ class Launch:
     argv: list[str]
 
 
-def replay(msi: Path, command_line_properties: Mapping[str, str]) -> list[Launch]:
-    """Walk InstallExecuteSequence in order: run the set-property actions whose condition holds,
-    and collect the deferred EXE actions that would be scheduled, formatted as Windows Installer
-    formats them when it writes the installation script."""
+Registry = dict[tuple[str, str], str]
+"""HKLM (64-bit view) as the model sees it: (key, value name) → value."""
+
+
+def replay(
+    msi: Path, command_line_properties: Mapping[str, str], registry: Registry | None = None
+) -> list[Launch]:
+    """Walk InstallExecuteSequence in order, as one installation session: AppSearch reads
+    `registry`; the set-property actions whose condition holds set their property; the deferred
+    EXE actions that would be scheduled are collected, formatted as Windows Installer formats
+    them when it writes the installation script; Write/RemoveRegistryValues update `registry`."""
+    registry = {} if registry is None else registry
     props = {**properties(msi), **command_line_properties}
     props.update(INSTALLDIR=INSTALLDIR, System64Folder=SYSTEM64)
+    removing = props.get("REMOVE") == "ALL"
     actions = custom_actions(msi)
     launches = []
     for name, (_, condition) in sorted(sequence(msi).items(), key=lambda item: item[1][0]):
-        action = actions.get(name)
-        if action is None or not condition_holds(condition, props):
+        if not condition_holds(condition, props):
             continue
-        base_type = int(action["Type"]) & BASE_TYPE_MASK
-        if base_type == SET_PROPERTY:
-            props[action["Source"]] = format_text(action["Target"], props)
-        else:
-            assert base_type == EXE_PROPERTY, f"{name}: unexpected type {action['Type']}"
-            executable = props[action["Source"]]
-            launches.append(
-                Launch(name, executable, split_command_line(format_text(action["Target"], props)))
-            )
+        if name == "AppSearch":
+            locators = {row["Signature_"]: row for row in table(msi, "RegLocator")}
+            for search in table(msi, "AppSearch"):
+                locator = locators[search["Signature_"]]
+                assert locator["Root"] == "2"  # HKLM
+                assert int(locator["Type"]) & 0x10  # the 64-bit view, where the values go
+                found = registry.get((locator["Key"], locator["Name"]))
+                if found:
+                    props[search["Property"]] = found
+        elif name == "WriteRegistryValues" and not removing:
+            for row in table(msi, "Registry"):
+                assert row["Root"] == "2"
+                registry[(row["Key"], row["Name"])] = format_text(row["Value"], props)
+        elif name == "RemoveRegistryValues" and removing:
+            for row in table(msi, "Registry"):
+                registry.pop((row["Key"], row["Name"]), None)
+        elif name in actions:
+            action = actions[name]
+            base_type = int(action["Type"]) & BASE_TYPE_MASK
+            if base_type == SET_PROPERTY:
+                props[action["Source"]] = format_text(action["Target"], props)
+            else:
+                assert base_type == EXE_PROPERTY, f"{name}: unexpected type {action['Type']}"
+                command_line = format_text(action["Target"], props)
+                launches.append(
+                    Launch(name, props[action["Source"]], split_command_line(command_line))
+                )
     return launches
 
 
@@ -450,15 +476,12 @@ def test_refuses_a_zip_that_writes_outside_its_folder(tmp_path: Path) -> None:
 # --- properties ------------------------------------------------------------------------------
 
 
-def test_public_properties_have_their_defaults_and_reach_the_elevated_session(msi: Path) -> None:
+def test_public_properties_reach_the_elevated_session(msi: Path) -> None:
     props = properties(msi)
-    assert props["SITE"] == "Default Web Site"
-    assert props["APPALIAS"] == "VezaProvisioner"
-    assert props["APPPOOL"] == "VezaProvisioner"
-    for optional in ("POWERSHELLPATH", "REMOTEEXCHANGEPATH", "REMOVEDATA"):
-        assert optional not in props
-    secure = props["SecureCustomProperties"].split(";")
+    # No value in the Property table: empty means "not given" (defaults come from actions).
     public = ["SITE", "APPALIAS", "APPPOOL", "POWERSHELLPATH", "REMOTEEXCHANGEPATH", "REMOVEDATA"]
+    assert not [name for name in public if name in props]
+    secure = props["SecureCustomProperties"].split(";")
     for name in [*public, "UPGRADEFOUND", "NEWERVERSIONFOUND"]:
         assert name in secure
 
@@ -564,6 +587,34 @@ def test_uninstall_runs_uninstall_ps1_and_keeps_data_unless_asked(msi: Path) -> 
     remove = replay(msi, {"REMOVE": "ALL", "REMOVEDATA": "1"})
     assert [launch.argv for launch in remove] == [install_argv("uninstall.ps1", "-RemoveData")]
     assert replay(msi, {"REMOVE": "ALL", "REMOVEDATA": "0"}) == keep
+
+
+def test_properties_are_remembered_for_repair_upgrade_and_uninstall(msi: Path) -> None:
+    registry: Registry = {}
+    custom = {"SITE": "Exchange Back End", "APPALIAS": "Veza", "APPPOOL": "VezaPool"}
+    remote = r"D:\Exchange\V15\bin\RemoteExchange.ps1"
+    (install,) = replay(msi, {**custom, "REMOTEEXCHANGEPATH": remote}, registry)
+    assert registry[("SOFTWARE\\VezaProvisioner", "Site")] == "Exchange Back End"
+
+    (repair,) = replay(msi, {"REINSTALL": "ALL"}, registry)
+    assert repair == install
+    (upgrade,) = replay(msi, {"UPGRADEFOUND": "{OLD}", "APPPOOL": "OtherPool"}, registry)
+    assert upgrade.argv[upgrade.argv.index("-AppPoolName") + 1] == "OtherPool"  # command line wins
+    assert upgrade.argv[upgrade.argv.index("-SiteName") + 1] == "Exchange Back End"
+    assert registry[("SOFTWARE\\VezaProvisioner", "AppPool")] == "OtherPool"
+
+    # Uninstall from Programs and Features passes no properties, yet reaches the same application.
+    (uninstall,) = replay(msi, {"REMOVE": "ALL"}, registry)
+    assert uninstall.argv[uninstall.argv.index("-SiteName") :][:6] == [
+        "-SiteName",
+        "Exchange Back End",
+        "-AppName",
+        "Veza",
+        "-AppPoolName",
+        "OtherPool",
+    ]
+    assert "-RemoteExchangePath" not in uninstall.argv
+    assert not registry
 
 
 def test_upgrade_removing_the_old_version_leaves_iis_alone(msi: Path) -> None:
