@@ -462,6 +462,35 @@ def test_refuses_a_bundle_without_the_iis_scripts(tmp_path: Path) -> None:
     assert "missing deploy/iis/uninstall.ps1" in result.stderr
 
 
+def test_a_bundle_holding_only_deploy_is_installed_as_is(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    for name in ("install.ps1", "uninstall.ps1", "README.md"):
+        (bundle / "deploy" / "iis").mkdir(parents=True, exist_ok=True)
+        (bundle / "deploy" / "iis" / name).write_text(name)
+    built = build(bundle, tmp_path / "dist")
+    assert tree_digest(extracted(built, tmp_path / "out")) == tree_digest(bundle)
+    links = {row["Source"]: row["Target"] for row in table(built, "CustomAction")}
+    assert links["ARPHELPLINK"] == "[INSTALLDIR]deploy\\iis\\README.md"
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["wheelhouse/Foo.whl", "wheelhouse/foo.whl"], "are the same file on Windows"),
+        (["examples/what?.txt"], "not a valid Windows file name"),
+        (["examples/trailing./x.txt"], "not a valid Windows file name"),
+    ],
+)
+def test_refuses_names_windows_cannot_hold(tmp_path: Path, names: list[str], message: str) -> None:
+    bundle = make_bundle(tmp_path / "bundle")
+    for name in names:
+        (bundle / name).parent.mkdir(parents=True, exist_ok=True)
+        (bundle / name).write_text(name)
+    result = run_build("--bundle", bundle, "--output-dir", tmp_path / "dist")
+    assert result.returncode == 1
+    assert message in result.stderr
+
+
 def test_refuses_a_zip_that_writes_outside_its_folder(tmp_path: Path) -> None:
     archive = tmp_path / "evil.zip"
     with zipfile.ZipFile(archive, "w") as zipped:

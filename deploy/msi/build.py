@@ -51,6 +51,8 @@ PUBLIC_PROPERTIES = (
     "REMOTEEXCHANGEPATH",
     "REMOVEDATA",
 )
+#: Characters Windows forbids in file names (besides the separators).
+_WINDOWS_FORBIDDEN = re.compile(r'[<>:"|?*\\\x00-\x1f]')
 #: Windows Installer compares only the first three fields, each within these bounds.
 _VERSION_LIMITS = (255, 255, 65535)
 
@@ -94,8 +96,9 @@ def msi_version(version: str) -> str:
 def stage_bundle(bundle: Path, work: Path) -> Path:
     """The bundle's tree on disk: a directory as given, or a zip extracted under `work`.
 
-    A zip (or directory) whose only entry is one folder (vezaprovisioner-<version>-win-amd64/)
-    is entered, so the scripts sit at INSTALLDIR\\deploy\\iis where the custom actions run them.
+    When the scripts are not at the top but the only entry is one folder
+    (vezaprovisioner-<version>-win-amd64/), that folder is the bundle, so the scripts land in
+    INSTALLDIR\\deploy\\iis where the custom actions run them.
     """
     if bundle.is_dir():
         root = bundle
@@ -110,7 +113,7 @@ def stage_bundle(bundle: Path, work: Path) -> Path:
     else:
         raise BuildError(f"{bundle}: neither a directory nor a zip file")
     entries = list(root.iterdir())
-    if len(entries) == 1 and entries[0].is_dir():
+    if not _has_scripts(root) and len(entries) == 1 and entries[0].is_dir():
         root = entries[0]
     missing = [str(path) for path in REQUIRED_FILES if not (root / path).is_file()]
     if missing:
@@ -118,14 +121,32 @@ def stage_bundle(bundle: Path, work: Path) -> Path:
     return root
 
 
+def _has_scripts(root: Path) -> bool:
+    return all((root / path).is_file() for path in REQUIRED_FILES)
+
+
 def bundle_files(root: Path) -> list[PurePosixPath]:
-    """Every regular file under `root`, as sorted relative paths (empty folders are not kept)."""
+    """Every regular file under `root`, as sorted relative paths (empty folders are not kept).
+
+    Refuses what would break on Windows: names it forbids, and names that differ only in case
+    (one would overwrite the other in the same folder).
+    """
     files: list[PurePosixPath] = []
+    seen: dict[str, PurePosixPath] = {}
     for path in sorted(root.rglob("*")):
         if path.is_symlink():
             raise BuildError(f"{path}: symbolic links cannot go into an MSI")
-        if path.is_file():
-            files.append(PurePosixPath(path.relative_to(root).as_posix()))
+        if not path.is_file():
+            continue
+        relative = PurePosixPath(path.relative_to(root).as_posix())
+        for part in relative.parts:
+            if _WINDOWS_FORBIDDEN.search(part) or part.endswith((" ", ".")):
+                raise BuildError(f"{relative}: {part!r} is not a valid Windows file name")
+        folded = str(relative).casefold()
+        if folded in seen:
+            raise BuildError(f"{relative} and {seen[folded]} are the same file on Windows")
+        seen[folded] = relative
+        files.append(relative)
     return files
 
 
