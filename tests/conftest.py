@@ -51,10 +51,11 @@ def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
 
 
 @pytest.fixture
-def make_settings(password_hash: str) -> Callable[..., Settings]:
+def make_settings(password_hash: str, tmp_path: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         base: dict[str, Any] = {
             "backend": "simulated",
+            "data_dir": str(tmp_path / "data"),
             "not_found_retry_seconds": 3,
             "simulated": {"directory": str(TEST_DIRECTORY)},
             "auth": {"mode": "basic", "users": {USER: password_hash}},

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from tests.conftest import TEST_DIRECTORY
 from vezaprovisioner.auth import verify_password
+from vezaprovisioner.cli import parse_since
 
 EXECUTABLE = Path(sys.executable).with_name("vezaprovisioner")
 
@@ -111,3 +116,57 @@ def test_hash_password_reads_stdin_when_piped() -> None:
 
 def test_hash_password_refuses_an_empty_password() -> None:
     assert run("hash-password", stdin="\n").returncode == 2
+
+
+def test_journal_lists_what_create_email_recorded(config: Path) -> None:
+    run("create-email", "--config", str(config), "--identity", "CONTOSO\\plain")
+    run("create-email", "--config", str(config), "--identity", "Alex Smith")
+    table = run("journal", "--config", str(config), "--since", "1d")
+    assert table.returncode == 0, table.stderr
+    header, *rows = table.stdout.splitlines()
+    assert header.split("\t")[:3] == ["received_at", "request_id", "state"]
+    assert [row.split("\t")[2] for row in rows] == ["failed", "created"]  # newest first
+    assert "2 record(s)" in table.stderr
+
+    failed = run("journal", "--config", str(config), "--state", "failed", "--json")
+    records = json.loads(failed.stdout)
+    assert [r["code"] for r in records] == ["AMBIGUOUS_IDENTITY"]
+    assert records[0]["caller_method"] == "cli"
+    assert records[0]["exchange"]["reason"] == "ManagementObjectAmbiguousException"
+
+    by_identity = run("journal", "--config", str(config), "--identity", "contoso\\PLAIN", "--json")
+    assert [r["state"] for r in json.loads(by_identity.stdout)] == ["created"]
+
+
+def test_journal_refuses_a_bad_since(config: Path) -> None:
+    result = run("journal", "--config", str(config), "--since", "yesterday")
+    assert result.returncode == 2
+    assert "like 1d" in result.stderr
+
+
+def test_journal_without_a_journal_yet(config: Path) -> None:
+    result = run("journal", "--config", str(config))
+    assert result.returncode == 0
+    assert "no journal yet" in result.stderr
+
+
+@given(amount=st.integers(min_value=0, max_value=10**6), unit=st.sampled_from("smhdw"))
+def test_since_accepts_a_number_and_a_unit(amount: int, unit: str) -> None:
+    factor = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}[unit]
+    assert parse_since(f" {amount}{unit} ") == amount * factor
+
+
+@given(text=st.text(max_size=12))
+def test_since_refuses_anything_else(text: str) -> None:
+    assume(not re.fullmatch(r"\s*\d+[smhdw]\s*", text))
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_since(text)
+
+
+def test_check_reports_an_unwritable_data_dir(tmp_path: Path, config: Path) -> None:
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    broken = tmp_path / "broken.toml"
+    broken.write_text(f"data_dir = '{tmp_path / 'blocker' / 'data'}'\n" + config.read_text())
+    result = run("check", "--config", str(broken))
+    assert result.returncode == 3
+    assert "journal" in result.stderr

@@ -52,3 +52,274 @@ def test_script_parses_and_never_evaluates_text(script: Path) -> None:
     source = script.read_bytes()
     assert syntax_errors(source) == []
     assert not _EVALUATES_TEXT.search(source.decode("utf-8-sig")), "Invoke-Expression is banned"
+
+
+# --- no command line is ever built from strings ---------------------------------------------------
+
+#: Commands that run text as code or hand a command line to another interpreter.
+_BANNED_COMMANDS = {
+    "invoke-expression",
+    "iex",
+    "cmd",
+    "cmd.exe",
+    "start-process",  # its -ArgumentList is one string on the other side
+    "powershell",
+    "powershell.exe",
+    "pwsh",
+    "pwsh.exe",
+    "start-transcript",  # would record every value the script handles
+}
+#: .NET and engine entry points that turn strings into code.
+_EVALUATES_STRINGS = re.compile(
+    r"\[scriptblock\]::Create|NewScriptBlock|InvokeScript\(|ExpandString\(|"
+    r"ConvertTo-SecureString[^\n]*-AsPlainText",
+    re.IGNORECASE,
+)
+#: Commands that change the machine: each must run only where ShouldProcess said yes (-WhatIf).
+_MUTATING = {
+    "new-item",
+    "remove-item",
+    "set-acl",
+    "set-itemproperty",
+    "new-webapppool",
+    "remove-webapppool",
+    "restart-webapppool",
+    "start-webapppool",
+    "stop-webapppool",
+    "new-webapplication",
+    "remove-webapplication",
+    "set-webconfigurationproperty",
+    "add-webconfigurationproperty",
+    "remove-webconfigurationproperty",
+    "clear-webconfiguration",
+    "set-folderaccess",
+}
+#: `& "..."` whose string holds a variable plus a space, or a switch: a whole command line.
+_COMMAND_LINE_IN_STRING = re.compile(r'^"(?=.*\s)(?=.*(\$|\s[-/])).*"$', re.DOTALL)
+_WRITES = re.compile(
+    r"\b(Write-\w+|Out-File|Set-Content|Add-Content|Export-\w+|Tee-Object)\b", re.I
+)
+
+
+def _nodes(node: tree_sitter.Node, kind: str) -> list[tree_sitter.Node]:
+    found = []
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current.type == kind:
+            found.append(current)
+        stack.extend(current.children)
+    return found
+
+
+def _text(node: tree_sitter.Node | None) -> str:
+    return node.text.decode("utf-8") if node is not None and node.text is not None else ""
+
+
+def _command_name(command: tree_sitter.Node) -> str:
+    for child in command.children:
+        if child.type in ("command_name", "command_name_expr"):
+            return _text(child)
+    return ""
+
+
+def _is_invocation(command: tree_sitter.Node) -> bool:
+    return any(child.type == "command_invokation_operator" for child in command.children)
+
+
+def _guarded_by_should_process(command: tree_sitter.Node) -> bool:
+    """True inside a function (its callers are checked) or in the block of an `if` / `elseif`
+    whose condition calls ShouldProcess."""
+    node = command
+    while node.parent is not None:
+        parent = node.parent
+        if parent.type == "function_statement":
+            return True
+        if node.type == "statement_block" and parent.type in ("if_statement", "elseif_clause"):
+            condition = next((c for c in parent.children if c.type == "pipeline"), None)
+            if "ShouldProcess" in _text(condition):
+                return True
+        node = parent
+    return False
+
+
+def command_line_problems(source: bytes) -> list[str]:
+    """Why a script builds or evaluates command lines, or handles secrets unsafely; [] if not."""
+    root = _PARSER.parse(source).root_node
+    problems = []
+    for command in _nodes(root, "command"):
+        name = _command_name(command)
+        line = command.start_point[0] + 1
+        if name.lower() in _BANNED_COMMANDS:
+            problems.append(f"line {line}: {name} is banned")
+        if _is_invocation(command) and _COMMAND_LINE_IN_STRING.search(name):
+            problems.append(f"line {line}: & runs a command line built in a string: {name}")
+        if name.lower() in _MUTATING and not _guarded_by_should_process(command):
+            problems.append(f"line {line}: {name} runs without ShouldProcess (-WhatIf)")
+    for parameter in _nodes(root, "script_parameter"):
+        variable = next((c for c in parameter.children if c.type == "variable"), None)
+        if re.search(r"password|secret", _text(variable), re.IGNORECASE):
+            problems.append(
+                f"line {parameter.start_point[0] + 1}: {_text(variable)} - take a "
+                "[PSCredential] (-Credential) instead of a password parameter"
+            )
+    text = source.decode("utf-8-sig")
+    for number, line_text in enumerate(text.splitlines(), 1):
+        if _EVALUATES_STRINGS.search(line_text):
+            problems.append(f"line {number}: turns a string into code: {line_text.strip()}")
+        if "GetNetworkCredential" in line_text and _WRITES.search(line_text):
+            problems.append(f"line {number}: writes a password out: {line_text.strip()}")
+    return problems
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b'& "$python -m pip install $name"\n',
+        b'& "$env:windir\\system32\\inetsrv\\appcmd.exe set config /commit:apphost"\n',
+        b'Start-Process -FilePath $exe -ArgumentList "install $name"\n',
+        b'cmd.exe /c "appcmd set config $site"\n',
+        b"cmd /c dir\n",
+        b'powershell -Command "Enable-Mailbox $id"\n',
+        b"iex $command\n",
+        b"Invoke-Expression -Command $line\n",
+        b"$sb = [scriptblock]::Create($text)\n",
+        b"$ExecutionContext.InvokeCommand.ExpandString($template)\n",
+        b"$s = ConvertTo-SecureString $plain -AsPlainText -Force\n",
+        b"param([string] $Password)\nWrite-Output 1\n",
+        b"param([string] $ServiceAccountPassword)\nWrite-Output 1\n",
+        b"Write-Host $Credential.GetNetworkCredential().Password\n",
+        b"New-WebAppPool -Name $pool\n",
+        b"if ($x) { Set-ItemProperty -LiteralPath $p -Name a -Value 1 }\n",
+        b"Start-Transcript -Path $log\n",
+    ],
+)
+def test_the_command_line_check_catches(bad: bytes) -> None:
+    assert command_line_problems(bad) != []
+
+
+def test_the_command_line_check_allows_argument_arrays() -> None:
+    good = b"""[CmdletBinding(SupportsShouldProcess = $true)]
+param([System.Management.Automation.PSCredential] $Credential)
+& $python @('-m', 'pip', 'install', '--no-index', $name)
+& "C:\\Program Files\\Python312\\python.exe" -V
+if ($PSCmdlet.ShouldProcess($pool, 'Create')) { New-WebAppPool -Name $pool }
+if ($exists) { Write-Host 'kept' } elseif ($PSCmdlet.ShouldProcess($p, 'Set')) {
+    Set-ItemProperty -LiteralPath $p -Name processModel -Value @{
+        userName = $Credential.UserName; password = $Credential.GetNetworkCredential().Password }
+}
+function Set-Thing { param([string] $Path) Set-Acl -LiteralPath $Path -AclObject $acl }
+"""
+    assert command_line_problems(good) == []
+
+
+@pytest.mark.parametrize(
+    "script", repository_scripts(), ids=lambda p: str(p.relative_to(REPO_ROOT))
+)
+def test_script_builds_no_command_line_and_honours_whatif(script: Path) -> None:
+    assert command_line_problems(script.read_bytes()) == []
+
+
+# --- the IIS scripts ------------------------------------------------------------------------------
+
+IIS_SCRIPTS = [REPO_ROOT / "deploy" / "iis" / name for name in ("install.ps1", "uninstall.ps1")]
+
+
+@pytest.mark.parametrize("script", IIS_SCRIPTS, ids=lambda p: p.name)
+def test_iis_scripts_support_whatif_and_stop_at_the_first_failure(script: Path) -> None:
+    text = script.read_text(encoding="utf-8")
+    assert "[CmdletBinding(SupportsShouldProcess = $true" in text
+    assert "Set-StrictMode -Version Latest" in text
+    assert "$ErrorActionPreference = 'Stop'" in text
+    assert "exit 1" in text
+    # Every step says what to do when it fails.
+    steps = re.findall(r"Invoke-Step '([^']+)' ('[^']*'|\"[^\"]*\") \{", text)
+    assert len(steps) >= 5
+    assert all(len(fix) > 20 for _, fix in steps)
+
+
+def test_install_covers_every_manual_step() -> None:
+    text = (REPO_ROOT / "deploy" / "iis" / "install.ps1").read_text(encoding="utf-8")
+    for needle in (
+        "IsInRole",  # admin rights
+        "'Web-CGI', 'Web-Basic-Auth'",  # IIS features
+        "'--no-index', '--find-links'",  # offline install from the wheelhouse
+        "ExchangeInstallPath",
+        "MsiInstallPath",
+        "vezaprovisioner.toml",
+        "instanceMaxRequests",
+        "'ReturnGeneric500'",
+        "managedRuntimeVersion -Value ''",  # No Managed Code
+        "identityType = 'SpecificUser'",
+        "processModel.loadUserProfile -Value $true",
+        "New-WebApplication",
+        "anonymousAuthentication' = @{ enabled = $false }",
+        "basicAuthentication'     = @{ enabled = $true }",
+        "sslFlags = 'Ssl'",
+        "-PSPath $AppHost -Location $Location",
+        "Set-FolderAccess",
+        "'doctor', '--config'",
+        "Instance URL",
+        "PowerShell Path",
+        "Remote Exchange Path",
+    ):
+        assert needle in text, needle
+
+
+def test_install_defaults_match_web_config() -> None:
+    """install.ps1 rewrites web.config's paths for -InstallRoot; web.config ships its default."""
+    text = (REPO_ROOT / "deploy" / "iis" / "install.ps1").read_text(encoding="utf-8")
+    web_config = (REPO_ROOT / "web.config").read_text(encoding="utf-8")
+    root = re.search(r"\[string\] \$InstallRoot = '([^']+)'", text)
+    assert root is not None
+    # The same rule as install.ps1's ValidatePattern on -InstallRoot.
+    allowed = re.compile(r"^[A-Za-z]:\\[^\s'\";|%]*$")
+    assert allowed.match(root.group(1))
+    assert not allowed.match("C:\\Program Files\\VezaProvisioner")
+    assert not allowed.match("C:\\Veza;Provisioner")
+    for relative in (
+        "venv\\Scripts\\python.exe|",
+        "venv\\Lib\\site-packages\\wfastcgi.py",
+        "config\\vezaprovisioner.toml",
+    ):
+        assert f"{root.group(1)}\\{relative}" in web_config
+
+
+def test_the_configuration_install_ps1_writes_is_valid(tmp_path: Path) -> None:
+    """install.ps1 fills the template's placeholders literally; the result must load as-is."""
+    from vezaprovisioner.config import load_settings
+
+    script = (REPO_ROOT / "deploy" / "iis" / "install.ps1").read_text(encoding="utf-8")
+    template = (REPO_ROOT / "deploy" / "iis" / "vezaprovisioner.toml.template").read_text(
+        encoding="utf-8"
+    )
+    filled = set(re.findall(r"'(\{\{[A-Z_]+\}\})'\s*=", script))
+    assert filled == set(re.findall(r"\{\{[A-Z_]+\}\}", template))
+    values = {
+        "{{APP_NAME}}": "VezaProvisioner",
+        "{{DATA_DIR}}": "C:\\VezaProvisioner\\data",
+        "{{POWERSHELL_PATH}}": "C:\\Windows\\System32\\WindowsPowerShell\\v1.0\\powershell.exe",
+        "{{REMOTE_EXCHANGE_PATH}}": (
+            "C:\\Program Files\\Microsoft\\Exchange Server\\V15\\bin\\RemoteExchange.ps1"
+        ),
+        # ConvertTo-TomlList: TOML literal strings; install.ps1 refuses values with a quote.
+        "{{ALLOWED_USERS}}": "['CONTOSO\\veza-integration', 'veza@contoso.com']",
+    }
+    text = template
+    for placeholder, value in values.items():
+        text = text.replace(placeholder, value)
+    written = tmp_path / "vezaprovisioner.toml"
+    written.write_text(text, encoding="utf-8")
+    settings = load_settings(written, environ={})
+    assert settings.backend == "local"
+    assert settings.auth.mode == "iis"
+    assert settings.auth.require_https
+    assert settings.auth.allowed_users == ("CONTOSO\\veza-integration", "veza@contoso.com")
+    assert settings.exchange.remote_exchange_path == values["{{REMOTE_EXCHANGE_PATH}}"]
+    assert settings.base_path == "/VezaProvisioner"
+    assert str(settings.data_dir).endswith("C:\\VezaProvisioner\\data")
+    empty = template
+    for placeholder, value in {**values, "{{ALLOWED_USERS}}": "[]"}.items():
+        empty = empty.replace(placeholder, value)
+    written.write_text(empty, encoding="utf-8")
+    assert load_settings(written, environ={}).auth.allowed_users == ()

@@ -1,22 +1,27 @@
-"""The `vezaprovisioner` command: serve, check, create-email, hash-password."""
+"""The `vezaprovisioner` command: serve, check, create-email, journal, hash-password, doctor."""
 
 from __future__ import annotations
 
 import argparse
 import getpass
 import json
+import re
 import sys
+import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
+from .api.models import RequestRecordResponse
 from .api.problems import problem_for
 from .auth import hash_password
 from .config import ConfigError, Settings, load_settings
 from .exchange.errors import ExchangeError
+from .journal import STATES, IdentityBusy, Journal, JournalUnavailable, RequestContext
 from .provisioning import CreateEmail, ProvisioningError
-from .services import build_services
+from .services import build_services, problem_code
 from .validation import InvalidValue, validate_alias, validate_identity
 
 # Exit codes of `create-email`, so scripts can branch without parsing text.
@@ -50,9 +55,15 @@ def _serve(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     settings = _settings(args)
     services = build_services(settings)  # also loads the directory / starts nothing else
-    services.close()
+    try:
+        journal = services.journal.check_writable() if services.journal else "no journal"
+    except JournalUnavailable as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    finally:
+        services.close()
     print(json.dumps(settings.masked(), indent=2))
-    print(f"configuration OK ({settings.source})", file=sys.stderr)
+    print(f"configuration OK ({settings.source}); journal {journal}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -65,8 +76,10 @@ def _create_email(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     services = build_services(_settings(args))
     try:
-        result = services.provisioner.create_email(CreateEmail(identity=identity, alias=alias))
-    except (ExchangeError, ProvisioningError) as exc:
+        result = services.provisioner.create_email(
+            CreateEmail(identity=identity, alias=alias), _cli_context()
+        )
+    except (ExchangeError, ProvisioningError, JournalUnavailable, IdentityBusy) as exc:
         problem = problem_for(exc)
         report: dict[str, object] = {"code": problem.kind.code, "detail": problem.detail}
         if problem.exchange:
@@ -76,6 +89,59 @@ def _create_email(args: argparse.Namespace) -> int:
     finally:
         services.close()
     print(json.dumps(asdict(result), indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
+def _cli_context() -> RequestContext:
+    """The journal's "who": the account that ran the command on this machine."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):
+        user = "(unknown local user)"
+    return RequestContext(
+        request_id=str(uuid.uuid4()), caller=user, caller_method="cli", client_address="local"
+    )
+
+
+_SINCE = re.compile(r"^(\d+)([smhdw])$")
+_SINCE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+def parse_since(text: str) -> float:
+    """`30m`, `12h`, `1d`, `2w` as seconds (for `journal --since`)."""
+    match = _SINCE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a number and s, m, h, d or w, like 1d")
+    return int(match.group(1)) * _SINCE_SECONDS[match.group(2)]
+
+
+def _journal(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    journal = Journal(settings.data_dir, settings.journal, code_of=problem_code)
+    if not journal.path.exists():
+        print(f"no journal yet at {journal.path}", file=sys.stderr)
+        return EXIT_OK
+    try:
+        records = journal.records(
+            since=time.time() - args.since if args.since is not None else None,
+            identity=args.identity,
+            state=args.state,
+            limit=args.limit,
+        )
+    except JournalUnavailable as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        journal.close()
+    shown = [RequestRecordResponse.build(r).model_dump(mode="json") for r in records]
+    if args.json:
+        print(json.dumps(shown, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    columns = ("received_at", "request_id", "state", "code", "caller", "identity", "duration_ms")
+    print("\t".join(columns))
+    for row in shown:
+        print("\t".join("" if row[c] is None else str(row[c]) for c in columns))
+    print(f"{len(shown)} record(s) in {journal.path}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -92,6 +158,17 @@ def _hash_password(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     print(hash_password(password))
     return EXIT_OK
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import Doctor, format_report, report_data
+
+    checks = Doctor(config=args.config, identity=args.identity, site=args.site).run()
+    if args.json:
+        print(json.dumps(report_data(checks), indent=2, ensure_ascii=False))
+    else:
+        print(format_report(checks))
+    return EXIT_FAILED if any(check.status == "fail" for check in checks) else EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,10 +203,32 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--alias", default=None, help="the Exchange alias (optional)")
     create.set_defaults(run=_create_email)
 
+    listing = with_config(
+        commands.add_parser("journal", help="list journal records (newest first)")
+    )
+    listing.add_argument("--since", type=parse_since, default=None, help="e.g. 30m, 12h, 1d, 2w")
+    listing.add_argument("--identity", default=None, help="requested identity or user GUID")
+    listing.add_argument("--state", choices=STATES, default=None)
+    listing.add_argument("--limit", type=int, default=1000)
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(run=_journal)
+
     hashing = commands.add_parser(
         "hash-password", help="print a hash for [auth.users] (reads stdin when piped)"
     )
     hashing.set_defaults(run=_hash_password)
+
+    doctor = with_config(
+        commands.add_parser("doctor", help="check this server's installation; exit 1 on failure")
+    )
+    doctor.add_argument(
+        "--identity", default=None, help="a test user for a read-only Get-User (recommended)"
+    )
+    doctor.add_argument(
+        "--site", default="Default Web Site", help="the IIS site holding the application"
+    )
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.set_defaults(run=_doctor)
     return parser
 
 

@@ -79,6 +79,81 @@ class SimulatedSettings(_Section):
     enable_latency_ms: int = Field(default=0, ge=0, le=600_000)
 
 
+class RemoteSettings(_Section):
+    """backend = "remote": Exchange's remote PowerShell endpoint, reached with pypsrp.
+
+    Credentials never live in this file: with `username_env`/`password_env` unset (or naming empty
+    variables) Kerberos/Negotiate use the process identity (the app pool account on Windows, the
+    Kerberos ticket cache or keytab on Linux); otherwise the named environment variables hold them.
+    """
+
+    server: str = ""
+    port: int | None = Field(default=None, ge=1, le=65535)
+    ssl: bool = False
+    path: str = "PowerShell"
+    auth: Literal["kerberos", "negotiate", "basic"] = "kerberos"
+    cert_validation: bool = True
+    ca_bundle: Path | None = None
+    spn_service: str = "HTTP"
+    username_env: str = "VEZA_EXCHANGE_USERNAME"
+    password_env: str = "VEZA_EXCHANGE_PASSWORD"  # noqa: S105 - the variable's name, not a secret
+    #: Bound on each HTTP request to the endpoint (connect, and read of one WS-Man answer).
+    http_timeout_seconds: float = Field(default=30.0, ge=5, le=300)
+
+    @field_validator("server")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value):
+            raise ValueError(f"must be a host name like exch01.contoso.com, not {value!r}")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*", value):
+            raise ValueError(
+                f"must be a URL path without slashes around it, like PowerShell, not {value!r}"
+            )
+        return value
+
+    @field_validator("spn_service")
+    @classmethod
+    def _spn_service(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", value):
+            raise ValueError(f"must be a service class like HTTP or host, not {value!r}")
+        return value
+
+    @field_validator("username_env", "password_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(f"must be an environment variable name, not {value!r}")
+        if value.upper().startswith(ENV_PREFIX):
+            raise ValueError(
+                f"{value!r} starts with {ENV_PREFIX}, which is reserved for configuration "
+                "overrides; use another name such as VEZA_EXCHANGE_PASSWORD"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RemoteSettings:
+        if self.auth == "basic" and not self.ssl:
+            raise ValueError(
+                "auth 'basic' over plain HTTP would send the password readable on the wire; "
+                'set ssl = true (https://<fqdn>/PowerShell) or use auth = "kerberos"'
+            )
+        if self.ca_bundle is not None and not self.ssl:
+            raise ValueError("ca_bundle is set but ssl is false; remove it or set ssl = true")
+        if self.ca_bundle is not None and not self.cert_validation:
+            raise ValueError("ca_bundle is set but cert_validation is false; choose one")
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        """The configured port, else 443 with TLS and 80 without (Exchange's IIS site)."""
+        return self.port or (443 if self.ssl else 80)
+
+
 class AuthSettings(_Section):
     """Who may call the API. Authentication fails closed: no identified caller, no access."""
 
@@ -108,6 +183,55 @@ class AuthSettings(_Section):
         return self
 
 
+class JournalSettings(_Section):
+    """The request journal (SQLite in data_dir) and the per-user claim that lives in it."""
+
+    #: Finished records older than this are deleted (at start, by the maintenance pass).
+    retention_days: int = Field(default=400, ge=1, le=36_500)
+    #: A claim (or an unfinished record) older than this is stale even if its owner seems alive.
+    stale_claim_seconds: float = Field(default=900.0, gt=0, le=86_400)
+    #: How long a request waits for another request's claim on the same user before 503.
+    claim_wait_seconds: float = Field(default=150.0, ge=0, le=3600)
+    #: How long SQLite waits for another process's write lock before the journal is unavailable.
+    busy_timeout_ms: int = Field(default=5000, ge=0, le=600_000)
+    #: SQLite synchronous mode: full survives power loss; normal survives process crashes only.
+    synchronous: Literal["full", "normal"] = "full"
+    #: After the pass at start, retention and crash recovery run again this often (an IIS
+    #: recycle can end the old worker after the new one started).
+    maintenance_interval_seconds: float = Field(default=300.0, ge=1, le=86_400)
+
+
+class AuditSettings(_Section):
+    """The append-only JSON-lines audit trail (one line per finished request)."""
+
+    enabled: bool = True
+    #: Relative paths are relative to data_dir.
+    file: Path = Path("audit.jsonl")
+    max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096, le=2**40)
+    backup_count: int = Field(default=10, ge=1, le=1000)
+
+
+class LoggingSettings(_Section):
+    """Structured JSON log lines: one per request plus backend lifecycle events."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: Empty: standard error. Otherwise a file (relative paths relative to data_dir).
+    file: str = ""
+    max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096, le=2**40)
+    backup_count: int = Field(default=5, ge=1, le=1000)
+
+
+class MetricsSettings(_Section):
+    """Prometheus metrics at <base_path>/metrics."""
+
+    enabled: bool = True
+    #: False serves /metrics without authentication (for a scraper on a trusted network).
+    require_auth: bool = True
+    #: Several worker processes (IIS): a folder they share (relative to data_dir); empty: one
+    #: process, unless PROMETHEUS_MULTIPROC_DIR is set.
+    multiprocess_dir: str = ""
+
+
 class Settings(_Section):
     """Everything the service needs, validated at start."""
 
@@ -120,7 +244,12 @@ class Settings(_Section):
     data_dir: Path = Path("data")
     exchange: ExchangeSettings = ExchangeSettings()
     simulated: SimulatedSettings = SimulatedSettings()
+    remote: RemoteSettings = RemoteSettings()
     auth: AuthSettings = AuthSettings()
+    journal: JournalSettings = JournalSettings()
+    audit: AuditSettings = AuditSettings()
+    logging: LoggingSettings = LoggingSettings()
+    metrics: MetricsSettings = MetricsSettings()
     #: The file the settings came from (None when built in code); shown by `check` and readiness.
     source: Path | None = None
 
@@ -139,6 +268,36 @@ class Settings(_Section):
             raise ValueError(
                 "exchange.remote_routing_domain is set but mailbox_kind is 'local'; "
                 'set mailbox_kind = "remote" for hybrid, or remove remote_routing_domain'
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _remote_needs_server(self) -> Settings:
+        if self.backend != "remote":
+            return self
+        server = self.remote.server
+        if not server:
+            raise ValueError(
+                'backend is "remote" but remote.server is empty; set it to the Exchange '
+                "server's FQDN, like exch01.contoso.com"
+            )
+        if self.remote.auth != "basic" and ("." not in server or re.fullmatch(r"[0-9.]+", server)):
+            raise ValueError(
+                f"remote.server {server!r} is not a fully qualified domain name; Kerberos finds "
+                "the server by its SPN (HTTP/<fqdn>), so use the FQDN like exch01.contoso.com, "
+                "never an IP address, a short name or localhost"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _claims_outlive_requests(self) -> Settings:
+        # A claim must not go stale while its request can still be talking to Exchange.
+        longest = 3 * self.exchange.command_timeout_seconds + self.not_found_retry_seconds
+        if self.journal.stale_claim_seconds <= longest:
+            raise ValueError(
+                f"journal.stale_claim_seconds ({self.journal.stale_claim_seconds:g}) must exceed "
+                f"3 x exchange.command_timeout_seconds + not_found_retry_seconds ({longest:g}), "
+                "or a slow request could lose its claim on the user"
             )
         return self
 
@@ -216,6 +375,9 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
     # Relative paths are relative to the file; joining an absolute path leaves it unchanged.
     data.setdefault("data_dir", str(Settings.model_fields["data_dir"].default))
     data["data_dir"] = str(path.parent / data["data_dir"])
+    remote = data.get("remote")
+    if isinstance(remote, dict) and remote.get("ca_bundle"):
+        remote["ca_bundle"] = str(path.parent / remote["ca_bundle"])
     simulated = data.setdefault("simulated", {})
     if isinstance(simulated, dict):
         simulated["directory"] = str(

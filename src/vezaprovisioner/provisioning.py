@@ -2,17 +2,22 @@
 
 No HTTP here: the API and the CLI both call `Provisioner`. Exchange is reached only through the
 `ExchangePort`; the flow passes the resolved GUID to Enable-*, never the caller's free text.
+With a journal, every step is committed before the Exchange call it announces (see journal.py).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import PureWindowsPath
 from typing import Literal, Protocol
 
+from .audit import AuditEvent, AuditTrail
 from .clock import Clock
 from .config import Settings
 from .exchange.errors import ExchangeError, ExchangeTimeout, IdentityNotFound, WrongRecipientType
@@ -26,7 +31,10 @@ from .exchange.port import (
     ExchangePort,
     Recipient,
 )
+from .journal import Journal, JournalUnavailable, RequestContext
 from .validation import InvalidValue, validate_alias
+
+log = logging.getLogger(__name__)
 
 _FIRST_RETRY_DELAY_SECONDS = 0.5
 _MAX_RETRY_DELAY_SECONDS = 5.0
@@ -147,20 +155,106 @@ class Provisioner:
         exchange: ExchangePort,
         clock: Clock,
         guard: IdentityGuard | None = None,
+        journal: Journal | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self._settings = settings
         self._exchange = exchange
         self._clock = clock
         self._guard = guard or InProcessIdentityGuard()
+        self._journal = journal
+        self._audit = audit
         self._dc = settings.exchange.domain_controller or None
         remote = settings.mailbox_kind == "remote"
         self._mailbox_type = REMOTE_MAILBOX_TYPE if remote else LOCAL_MAILBOX_TYPE
 
-    def create_email(self, request: CreateEmail) -> MailboxResult:
-        """Give the user a mailbox of the configured kind, or report the one it already has."""
+    def create_email(
+        self, request: CreateEmail, context: RequestContext | None = None
+    ) -> MailboxResult:
+        """Give the user a mailbox of the configured kind, or report the one it already has.
+
+        With a journal, the `received` record is committed first; if it cannot be, this raises
+        JournalUnavailable and Exchange is not called at all. With an audit trail, every outcome
+        (success or failure) is written to it.
+        """
+        context = context or RequestContext(
+            request_id=str(uuid.uuid4()), caller="(not given)", caller_method="none"
+        )
+        started = self._clock.monotonic()
+        try:
+            result = self._journalled(request, context)
+        except Exception as exc:
+            self._audited(request, context, started, error=exc)
+            raise
+        self._audited(request, context, started, result=result)
+        return result
+
+    def _journalled(self, request: CreateEmail, context: RequestContext) -> MailboxResult:
+        journal = self._journal
+        if journal is None:
+            return self._create_email(request, lambda: None, lambda guid: None)
+        row = journal.receive(context, "CREATE_EMAIL", request.identity, request.alias)
+        try:
+            result = self._create_email(
+                request, lambda: journal.enable_sent(row), lambda guid: journal.running(row, guid)
+            )
+        except Exception as exc:
+            _best_effort(partial(journal.fail, row, exc))
+            raise
+        _best_effort(
+            partial(
+                journal.finish,
+                row,
+                result.status,
+                guid=result.guid,
+                alias=result.alias,
+                primary_smtp_address=result.primary_smtp_address,
+            )
+        )
+        return result
+
+    def _audited(
+        self,
+        request: CreateEmail,
+        context: RequestContext,
+        started: float,
+        *,
+        result: MailboxResult | None = None,
+        error: Exception | None = None,
+    ) -> None:
+        if self._audit is None:
+            return
+        exchange = error if isinstance(error, ExchangeError) and error.from_exchange else None
+        self._audit.write(
+            AuditEvent(
+                event="request_finished",
+                request_id=context.request_id,
+                caller=context.caller,
+                caller_method=context.caller_method,
+                client_address=context.client_address,
+                action="CREATE_EMAIL",
+                identity=request.identity,
+                alias=request.alias,
+                outcome=result.status if result else "failed",
+                code=self._audit.code_of(error) if error else None,
+                guid=result.guid if result else None,
+                primary_smtp_address=result.primary_smtp_address if result else None,
+                exchange_reason=exchange.reason if exchange else None,
+                exchange_error_id=exchange.error_id if exchange else None,
+                duration_ms=round((self._clock.monotonic() - started) * 1000),
+            )
+        )
+
+    def _create_email(
+        self,
+        request: CreateEmail,
+        before_enable: Callable[[], None],
+        claimed: Callable[[str], None],
+    ) -> MailboxResult:
         self._check_declared_paths(request)
         user = self._resolve_waiting_for_replication(request.identity)
         with self._guard.hold(user.guid):
+            claimed(user.guid)
             # Re-read inside the guard: a request that held it before us may have enabled the user.
             user = self._exchange.get_user(user.guid, self._dc)
             kind = user.recipient_type_details
@@ -169,6 +263,7 @@ class Provisioner:
             if kind not in ENABLEABLE_USER_TYPES:
                 raise self._refuse(request.identity, kind)
             try:
+                before_enable()
                 recipient = self._enable(user, request.alias)
             except WrongRecipientType as exc:
                 if exc.recipient_type != self._mailbox_type:
@@ -280,6 +375,15 @@ class Provisioner:
         except ExchangeError:
             return False
         return kind == self._mailbox_type
+
+
+def _best_effort(write: Callable[[], object]) -> None:
+    """A journal write after the outcome is known: Exchange already decided, so the caller still
+    gets the answer; the failure is counted and logged by the journal's error hook."""
+    try:
+        write()
+    except JournalUnavailable:
+        log.exception("the outcome of a request could not be journalled")
 
 
 def _derived_alias(user: DirectoryUser) -> str:

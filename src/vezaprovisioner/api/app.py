@@ -13,8 +13,11 @@ from ..clock import Clock
 from ..config import Settings
 from ..exchange.errors import ExchangeError
 from ..exchange.port import ExchangePort
+from ..journal import IdentityBusy, JournalUnavailable
+from ..logs import configure_logging
 from ..provisioning import ProvisioningError
 from ..services import Services, build_services
+from .access import AccessLogMiddleware
 from .middleware import (
     AuthenticationMiddleware,
     BodyLimitMiddleware,
@@ -46,11 +49,13 @@ def create_app_from_services(services: Services) -> FastAPI:
     app.state.services = services
     app.include_router(router, prefix=base)
 
-    public = frozenset(
-        f"{base}{path}" for path in ("/health", "/health/ready", "/docs", "/openapi.json")
-    )
+    public_paths = ["/health", "/health/ready", "/docs", "/openapi.json"]
+    if not services.settings.metrics.require_auth:
+        public_paths.append("/metrics")
+    public = frozenset(f"{base}{path}" for path in public_paths)
     basic_realm = REALM if services.settings.auth.mode == "basic" else None
-    # Added innermost first: the request context wraps authentication, which wraps body limits.
+    # Added innermost first: the access log wraps the request context, which wraps
+    # authentication, which wraps body limits.
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(
         AuthenticationMiddleware,
@@ -59,6 +64,9 @@ def create_app_from_services(services: Services) -> FastAPI:
         basic_realm=basic_realm,
     )
     app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(AccessLogMiddleware, metrics=services.metrics, base_path=base)
+    configure_logging(services.settings)
+    services.start_maintenance()
 
     async def send_problem(request: Request, exc: Exception) -> Response:
         return problem_for(exc).response(request_id_of(request.scope))
@@ -77,7 +85,7 @@ def create_app_from_services(services: Services) -> FastAPI:
             )
         return problem.response(request_id_of(request.scope))
 
-    for handled in (Problem, ExchangeError, ProvisioningError):
+    for handled in (Problem, ExchangeError, ProvisioningError, JournalUnavailable, IdentityBusy):
         app.add_exception_handler(handled, send_problem)
     app.add_exception_handler(RequestValidationError, send_validation_problem)
     app.add_exception_handler(StarletteHTTPException, send_http_problem)

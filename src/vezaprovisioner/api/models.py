@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
+from ..journal import Record
 from ..provisioning import CreateEmail, MailboxResult, RecipientState
 from ..validation import InvalidValue, validate_alias, validate_identity
 
@@ -156,3 +158,64 @@ class ProblemDocument(BaseModel):
     request_id: str
     errors: list[FieldError] | None = None
     exchange: ExchangeSaid | None = None
+
+
+class RequestRecordResponse(BaseModel):
+    """A journal record (GET /api/v1/requests/{request_id}); times are UTC ISO 8601."""
+
+    request_id: str
+    action: str
+    identity: str
+    alias: str | None
+    caller: str
+    caller_method: str
+    client_address: str | None
+    state: str
+    recovered: bool
+    guid: str | None
+    received_at: str
+    updated_at: str
+    enable_sent_at: str | None
+    finished_at: str | None
+    duration_ms: int | None
+    code: str | None
+    detail: str | None
+    exchange: dict[str, str | None] | None
+    result_alias: str | None
+    primary_smtp_address: str | None
+
+    @classmethod
+    def build(cls, record: Record) -> RequestRecordResponse:
+        exchange = None
+        if record.exchange_reason or record.exchange_error_id:
+            exchange = {
+                "reason": record.exchange_reason,
+                "error_id": record.exchange_error_id,
+                "message": record.exchange_message,
+            }
+        return cls(
+            request_id=record.request_id,
+            action=record.action,
+            identity=record.identity,
+            alias=record.alias,
+            caller=record.caller,
+            caller_method=record.caller_method,
+            client_address=record.client_address,
+            state=record.state,
+            recovered=record.recovered,
+            guid=record.guid,
+            received_at=iso_time(record.received_at),
+            updated_at=iso_time(record.updated_at),
+            enable_sent_at=iso_time(record.enable_sent_at) if record.enable_sent_at else None,
+            finished_at=iso_time(record.finished_at) if record.finished_at else None,
+            duration_ms=record.duration_ms,
+            code=record.code,
+            detail=record.detail,
+            exchange=exchange,
+            result_alias=record.result_alias,
+            primary_smtp_address=record.primary_smtp_address,
+        )
+
+
+def iso_time(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="milliseconds")

@@ -24,6 +24,7 @@ from ..exchange.errors import (
     UnexpectedExchangeError,
     WrongRecipientType,
 )
+from ..journal import IdentityBusy, JournalUnavailable
 from ..provisioning import AliasMismatch, AliasRequired, PathMismatch, ProvisioningError
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
@@ -49,6 +50,7 @@ ACTION_NOT_SUPPORTED = ProblemKind(501, "ACTION_NOT_SUPPORTED", "The action is n
 NOT_FOUND = ProblemKind(404, "NOT_FOUND", "No such resource")
 METHOD_NOT_ALLOWED = ProblemKind(405, "METHOD_NOT_ALLOWED", "Method not allowed")
 INTERNAL_ERROR = ProblemKind(500, "INTERNAL_ERROR", "Internal error")
+SERVICE_NOT_STARTED = ProblemKind(503, "SERVICE_NOT_STARTED", "The service could not start")
 
 # Most specific class first is not needed: lookup walks each exception's MRO.
 _KINDS: dict[type[Exception], ProblemKind] = {
@@ -68,6 +70,10 @@ _KINDS: dict[type[Exception], ProblemKind] = {
     ExchangeTimeout: ProblemKind(504, "EXCHANGE_TIMEOUT", "Exchange did not answer in time"),
     BackendUnavailable: ProblemKind(503, "BACKEND_UNAVAILABLE", "Exchange is unavailable"),
     UnexpectedExchangeError: ProblemKind(502, "EXCHANGE_ERROR", "Exchange reported an error"),
+    JournalUnavailable: ProblemKind(
+        503, "JOURNAL_UNAVAILABLE", "The request journal cannot be written"
+    ),
+    IdentityBusy: ProblemKind(503, "IDENTITY_BUSY", "Another request for this user is running"),
     ExchangeError: ProblemKind(502, "EXCHANGE_ERROR", "Exchange reported an error"),
 }
 
@@ -167,6 +173,12 @@ def problem_for(exc: Exception, *, basic_realm: str | None = None) -> Problem:
         return Problem(kind, _exchange_detail(exc), exchange=exchange, headers=headers)
     if isinstance(exc, NotAuthenticated) and basic_realm:
         headers["WWW-Authenticate"] = f'Basic realm="{basic_realm}", charset="UTF-8"'
-    if isinstance(exc, AuthenticationError | ProvisioningError):
+    if isinstance(exc, IdentityBusy):
+        headers["Retry-After"] = str(exc.retry_after_seconds)
+    if isinstance(exc, JournalUnavailable):
+        headers["Retry-After"] = "30"
+        detail = f"{exc} Nothing was sent to Exchange; retry after Retry-After."
+        return Problem(kind, detail, headers=headers)
+    if isinstance(exc, AuthenticationError | ProvisioningError | IdentityBusy):
         return Problem(kind, str(exc), headers=headers)
     return Problem(INTERNAL_ERROR, "An internal error occurred; the service log has details.")

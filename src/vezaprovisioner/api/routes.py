@@ -11,12 +11,16 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from .. import __version__
+from ..auth import Caller
+from ..journal import JournalUnavailable, RequestContext
+from ..metrics import CONTENT_TYPE
 from ..services import Services
 from ..validation import InvalidValue, validate_identity
+from .access import client_address
 from .models import (
     SUPPORTED_ACTIONS,
     ActionRequest,
@@ -27,8 +31,9 @@ from .models import (
     ProblemDocument,
     ReadinessResponse,
     RecipientStateResponse,
+    RequestRecordResponse,
 )
-from .problems import ACTION_NOT_SUPPORTED, Problem
+from .problems import ACTION_NOT_SUPPORTED, NOT_FOUND, Problem
 from .validation_errors import validation_problem
 
 router = APIRouter()
@@ -84,6 +89,7 @@ def ready(services: ServicesDep) -> JSONResponse:
     checks = {
         "configuration": Check(ok=True, detail=f"valid ({source})"),
         "backend": _probe(services),
+        "journal": _journal_writable(services),
     }
     ok = all(check.ok for check in checks.values())
     body = ReadinessResponse(status="ready" if ok else "not_ready", checks=checks)
@@ -102,6 +108,15 @@ def _probe(services: Services) -> Check:
         )
     except Exception as exc:  # any failure means "not ready"; the detail says which
         return Check(ok=False, detail=f"{type(exc).__name__}: {exc}")
+
+
+def _journal_writable(services: Services) -> Check:
+    if services.journal is None:
+        return Check(ok=True, detail="no journal configured")
+    try:
+        return Check(ok=True, detail=services.journal.check_writable())
+    except JournalUnavailable as exc:
+        return Check(ok=False, detail=str(exc))
 
 
 @router.post(
@@ -151,7 +166,7 @@ def run_action(
 def _create(
     body: EmailRequest, request: Request, services: ServicesDep, request_id: str
 ) -> JSONResponse:
-    result = services.provisioner.create_email(body.to_command())
+    result = services.provisioner.create_email(body.to_command(), _context(request, request_id))
     response = MailboxResponse.build(result, request_id)
     created = result.status == "created"
     headers = {}
@@ -181,3 +196,42 @@ def read_email(
             [{"loc": ("path", "identity"), "msg": exc.message, "type": "invalid_value"}]
         ) from exc
     return RecipientStateResponse.build(services.provisioner.read_state(identity), request_id)
+
+
+def _context(request: Request, request_id: str) -> RequestContext:
+    """Who asked: the caller the authentication middleware identified, and from where."""
+    caller = request.scope["state"].get("caller")
+    return RequestContext(
+        request_id=request_id,
+        caller=caller.name if isinstance(caller, Caller) else "(unauthenticated)",
+        caller_method=caller.method if isinstance(caller, Caller) else "none",
+        client_address=client_address(request.scope),
+    )
+
+
+@router.get(
+    "/api/v1/requests/{request_id}",
+    tags=["requests"],
+    responses={404: {"description": "No journal record has this request id"}},
+)
+def read_request(
+    request_id: Annotated[str, Path(max_length=128, description="The X-Request-ID of a request")],
+    services: ServicesDep,
+) -> RequestRecordResponse:
+    """The journal record of a request: who asked, what, its state and what Exchange said."""
+    record = services.journal.get(request_id) if services.journal else None
+    if record is None:
+        raise Problem(
+            NOT_FOUND,
+            f"No journal record has request id {request_id!r}; records older than "
+            f"journal.retention_days ({services.settings.journal.retention_days}) are deleted.",
+        )
+    return RequestRecordResponse.build(record)
+
+
+@router.get("/metrics", tags=["metrics"], response_class=Response)
+def metrics(services: ServicesDep) -> Response:
+    """Prometheus text format."""
+    if services.metrics is None or not services.settings.metrics.enabled:
+        raise Problem(NOT_FOUND, "Metrics are disabled (metrics.enabled = false).")
+    return Response(services.metrics.exposition(), media_type=CONTENT_TYPE)

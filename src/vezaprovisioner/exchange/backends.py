@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 from ..clock import Clock
 from ..config import ConfigError, Settings
 from .port import ExchangePort
+from .remote import RemoteCredentials, RemoteExchange
 from .simulated import DirectoryError, SimulatedExchange, load_directory
 
 
@@ -22,6 +25,12 @@ def open_exchange(settings: Settings, clock: Clock) -> ExchangePort:
             enable_latency_ms=settings.simulated.enable_latency_ms,
             command_timeout_seconds=settings.exchange.command_timeout_seconds,
         )
+    if settings.backend == "remote":
+        credentials = RemoteCredentials.from_environment(settings.remote, os.environ)
+        try:
+            return RemoteExchange(settings.remote, settings.exchange, credentials, clock=clock)
+        except ValueError as exc:
+            raise ConfigError(f"remote: {exc}") from exc
     raise ConfigError(
         f"backend {settings.backend!r} is not available in this version yet; "
         'use backend = "simulated"'

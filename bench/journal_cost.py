@@ -1,0 +1,120 @@
+"""What the journal costs per CREATE_EMAIL: the same flow with and without it, in one run.
+
+    .venv/bin/python bench/journal_cost.py [--requests 400] [--latency-ms 0]
+
+Each variant provisions `--requests` distinct users (so every request takes the full path:
+received, claim, running, enable_sent, Enable-Mailbox, created, release) against a simulated
+Exchange whose cmdlets take `--latency-ms`, at concurrency 1 and 16 (threads, as the API's
+thread pool runs them). "without" is the flow with the in-process guard only; "with" adds the
+SQLite journal and its cross-process claim, with synchronous=full (the default) and normal.
+Prints per-request wall time (total time / requests) and latency percentiles; the journal's
+cost is the difference. Numbers depend on the disk: run it on the Exchange server's data_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from vezaprovisioner.clock import SystemClock
+from vezaprovisioner.config import JournalSettings, Settings
+from vezaprovisioner.exchange.simulated import SimulatedExchange, parse_directory
+from vezaprovisioner.journal import Journal, JournalIdentityGuard, RequestContext
+from vezaprovisioner.provisioning import CreateEmail, InProcessIdentityGuard, Provisioner
+from vezaprovisioner.services import problem_code
+
+
+def directory(users: int) -> dict[str, Any]:
+    return {
+        "domain": "CONTOSO",
+        "upn_suffix": "contoso.com",
+        "smtp_domain": "contoso.com",
+        "domain_controller": "DC01.contoso.com",
+        "users": [
+            {
+                "sam_account_name": f"user{i}",
+                "user_principal_name": f"user{i}@contoso.com",
+                "name": f"User {i}",
+                "display_name": f"User {i}",
+                "distinguished_name": f"CN=User {i},CN=Users,DC=contoso,DC=com",
+                "guid": str(uuid.UUID(int=i + 1)),
+                "recipient_type_details": "User",
+            }
+            for i in range(users)
+        ],
+    }
+
+
+def build(
+    variant: str, users: int, latency_ms: int, data_dir: Path
+) -> tuple[Provisioner, Callable[[], None]]:
+    clock = SystemClock()
+    exchange = SimulatedExchange(
+        parse_directory(directory(users)), clock=clock, latency_ms=latency_ms
+    )
+    settings = Settings.model_validate({"data_dir": str(data_dir), "not_found_retry_seconds": 0})
+    if variant == "without":
+        return Provisioner(settings, exchange, clock), lambda: None
+    journal_settings = JournalSettings(synchronous=variant.removeprefix("with/"))  # type: ignore[arg-type]
+    journal = Journal(data_dir, journal_settings, code_of=problem_code)
+    guard = JournalIdentityGuard(journal, journal_settings, clock, InProcessIdentityGuard())
+    return Provisioner(settings, exchange, clock, guard=guard, journal=journal), journal.close
+
+
+def run(variant: str, requests: int, concurrency: int, latency_ms: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="journal-bench-") as folder:
+        provisioner, close = build(variant, requests, latency_ms, Path(folder))
+        latencies: list[float] = []
+
+        def one(i: int) -> None:
+            started = time.perf_counter()
+            context = RequestContext(f"bench-{i}", "bench", "none", "127.0.0.1")
+            result = provisioner.create_email(CreateEmail(identity=f"CONTOSO\\user{i}"), context)
+            assert result.status == "created"
+            latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            list(pool.map(one, range(requests)))
+        elapsed = time.perf_counter() - started
+        close()
+    latencies.sort()
+    return {
+        "per_request_ms": elapsed / requests * 1000,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--latency-ms", type=int, default=0, help="simulated cmdlet latency")
+    args = parser.parse_args()
+    variants = ("without", "with/full", "with/normal")
+    print(f"{args.requests} CREATE_EMAIL per cell, simulated cmdlet latency {args.latency_ms} ms")
+    print("| concurrency | journal | wall ms/request | p50 ms | p99 ms | journal cost ms/request |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for concurrency in (1, 16):
+        baseline = 0.0
+        for variant in variants:
+            numbers = run(variant, args.requests, concurrency, args.latency_ms)
+            if variant == "without":
+                baseline = numbers["per_request_ms"]
+            cost = numbers["per_request_ms"] - baseline
+            print(
+                f"| {concurrency} | {variant} | {numbers['per_request_ms']:.2f} "
+                f"| {numbers['p50_ms']:.2f} | {numbers['p99_ms']:.2f} "
+                f"| {'—' if variant == 'without' else f'{cost:+.2f}'} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

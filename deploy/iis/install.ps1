@@ -1,0 +1,441 @@
+<#
+.SYNOPSIS
+    Installs or upgrades VezaProvisioner in IIS on the Exchange server, from the offline bundle.
+
+.DESCRIPTION
+    Automates every manual step of Veza's "Infrastructure Setup" for Exchange: finds the
+    PowerShell and RemoteExchange.ps1 paths, creates the application pool (No Managed Code, the
+    service account, user profile loaded), the application "VezaProvisioner" under the site,
+    Anonymous off / Basic on / Require SSL, and installs the service from the bundle's wheelhouse
+    (no internet). Then it runs `vezaprovisioner doctor` and prints the values to enter in Veza.
+
+    Safe to re-run: every step checks the current state first, so running it again repairs or
+    upgrades an installation. -WhatIf shows what would change. It stops at the first failed step
+    with a sentence saying what to do.
+
+    The service account's password is only handed to IIS, which stores it encrypted in
+    applicationHost.config; this script never writes or prints it.
+
+.EXAMPLE
+    .\install.ps1 -Credential (Get-Credential CONTOSO\svc-veza) -TestIdentity testuser@contoso.com
+
+.EXAMPLE
+    .\install.ps1 -GroupManagedServiceAccount 'CONTOSO\gmsa-veza$' -AllowedUsers 'CONTOSO\veza-integration' -WhatIf
+#>
+[CmdletBinding(SupportsShouldProcess = $true, DefaultParameterSetName = 'Credential')]
+param(
+    # The service account the application pool runs as (needs the Mail Recipients role).
+    [Parameter(Mandatory = $true, ParameterSetName = 'Credential')]
+    [System.Management.Automation.PSCredential] $Credential,
+
+    # Or a group managed service account (DOMAIN\name$), which has no password to enter.
+    [Parameter(Mandatory = $true, ParameterSetName = 'Gmsa')]
+    [ValidatePattern('^[^\\]+\\[^\\]+\$$')]
+    [string] $GroupManagedServiceAccount,
+
+    # The unpacked bundle (holds wheelhouse\, web.config and VERSION); default: two levels up.
+    [string] $BundleRoot = (Join-Path $PSScriptRoot '..\..'),
+    # A local folder without spaces, quotes, ';', '|' or '%' (they would break FastCGI's
+    # scriptProcessor, PYTHONPATH or wfastcgi's %VAR% expansion).
+    [ValidatePattern('^[A-Za-z]:\\[^\s''";|%]*$')]
+    [string] $InstallRoot = 'C:\VezaProvisioner',
+    [string] $SiteName = 'Default Web Site',
+    [ValidatePattern('^[A-Za-z0-9._~-]+$')]
+    [string] $AppName = 'VezaProvisioner',
+    [string] $AppPoolName = 'VezaProvisionerPool',
+    # A 64-bit CPython 3.10-3.13 installed for all users; default: the newest one registered.
+    [string] $PythonExe = '',
+    # Default: $env:SystemRoot\System32\WindowsPowerShell\v1.0\powershell.exe
+    [string] $PowerShellPath = '',
+    # Default: from $env:ExchangeInstallPath or the Exchange Setup registry key.
+    [string] $RemoteExchangePath = '',
+    # Callers allowed besides IIS's Basic check (DOMAIN\user or UPN); empty: any IIS-authenticated user.
+    [string[]] $AllowedUsers = @(),
+    # Domain IIS assumes when a caller sends a bare user name.
+    [string] $DefaultLogonDomain = '',
+    # A user for the self-test's read-only Get-User (recommended).
+    [string] $TestIdentity = ''
+)
+
+Set-StrictMode -Version Latest
+$ErrorActionPreference = 'Stop'
+
+$SupportedPython = @('3.13', '3.12', '3.11', '3.10')
+$AppHost = 'MACHINE/WEBROOT/APPHOST'
+$Location = "$SiteName/$AppName"
+$VenvDir = Join-Path $InstallRoot 'venv'
+$AppDir = Join-Path $InstallRoot 'app'
+$ConfigDir = Join-Path $InstallRoot 'config'
+$DataDir = Join-Path $InstallRoot 'data'
+$ConfigFile = Join-Path $ConfigDir 'vezaprovisioner.toml'
+$VenvPython = Join-Path $VenvDir 'Scripts\python.exe'
+$WfastcgiPy = Join-Path $VenvDir 'Lib\site-packages\wfastcgi.py'
+$SitePackages = Join-Path $VenvDir 'Lib\site-packages'
+$Cli = Join-Path $VenvDir 'Scripts\vezaprovisioner.exe'
+
+function Invoke-Step {
+    # Runs one step; a failure stops the script with what failed and what to do about it.
+    param([string] $Name, [string] $Fix, [scriptblock] $Action)
+    Write-Host "==> $Name"
+    try {
+        & $Action
+    }
+    catch {
+        throw "Step '$Name' failed: $($_.Exception.Message) What to do: $Fix"
+    }
+}
+
+function Invoke-Native {
+    # Runs an executable with an argument array (never a command string) and checks its exit code.
+    param([string] $FilePath, [string[]] $Arguments)
+    & $FilePath @Arguments
+    if ($LASTEXITCODE -ne 0) {
+        throw "$FilePath exited with code $LASTEXITCODE."
+    }
+}
+
+function Assert-NoQuote {
+    # Paths and names go into TOML literal strings and IIS filters: a quote would break out.
+    param([string] $What, [string] $Value)
+    if ($Value -match "['`r`n]") {
+        throw "$What must not contain a quote or a line break: $Value"
+    }
+}
+
+function Find-Python {
+    foreach ($version in $SupportedPython) {
+        $key = "HKLM:\SOFTWARE\Python\PythonCore\$version\InstallPath"
+        if (Test-Path -LiteralPath $key) {
+            $exe = (Get-ItemProperty -LiteralPath $key).ExecutablePath
+            if ($exe -and (Test-Path -LiteralPath $exe)) {
+                return $exe
+            }
+        }
+    }
+    throw 'No 64-bit Python 3.10-3.13 installed for all users was found.'
+}
+
+function Find-RemoteExchangePath {
+    $root = $env:ExchangeInstallPath
+    if (-not $root) {
+        $setup = 'HKLM:\SOFTWARE\Microsoft\ExchangeServer\v15\Setup'
+        if (Test-Path -LiteralPath $setup) {
+            $root = (Get-ItemProperty -LiteralPath $setup).MsiInstallPath
+        }
+    }
+    if (-not $root) {
+        throw 'Neither $env:ExchangeInstallPath nor the Exchange Setup registry key names the Exchange folder.'
+    }
+    return (Join-Path $root 'bin\RemoteExchange.ps1')
+}
+
+function ConvertTo-TomlList {
+    param([string[]] $Values)
+    $quoted = foreach ($value in $Values) { "'" + $value + "'" }
+    return '[' + ($quoted -join ', ') + ']'
+}
+
+function Get-AccountSid {
+    param([string] $Name)
+    $account = New-Object System.Security.Principal.NTAccount($Name)
+    return $account.Translate([System.Security.Principal.SecurityIdentifier])
+}
+
+function Set-FolderAccess {
+    # Replaces the folder's ACL: Administrators and SYSTEM full control, the service account $Rights.
+    param([string] $Path, [System.Security.Principal.SecurityIdentifier] $Account, [string] $Rights)
+    $inherit = [System.Security.AccessControl.InheritanceFlags] 'ContainerInherit, ObjectInherit'
+    $propagate = [System.Security.AccessControl.PropagationFlags]::None
+    $allow = [System.Security.AccessControl.AccessControlType]::Allow
+    $admins = New-Object System.Security.Principal.SecurityIdentifier('S-1-5-32-544')
+    $system = New-Object System.Security.Principal.SecurityIdentifier('S-1-5-18')
+    $acl = New-Object System.Security.AccessControl.DirectorySecurity
+    $acl.SetAccessRuleProtection($true, $false)
+    foreach ($grant in @(@($admins, 'FullControl'), @($system, 'FullControl'), @($Account, $Rights))) {
+        $rights = [System.Security.AccessControl.FileSystemRights] $grant[1]
+        $rule = New-Object System.Security.AccessControl.FileSystemAccessRule(
+            $grant[0], $rights, $inherit, $propagate, $allow)
+        $acl.AddAccessRule($rule)
+    }
+    Set-Acl -LiteralPath $Path -AclObject $acl
+}
+
+try {
+    if ($PSCmdlet.ParameterSetName -eq 'Gmsa') {
+        $AccountName = $GroupManagedServiceAccount
+    }
+    else {
+        $AccountName = $Credential.UserName
+    }
+    foreach ($pair in @(@('-InstallRoot', $InstallRoot), @('-SiteName', $SiteName),
+            @('-AppPoolName', $AppPoolName), @('-AccountName', $AccountName))) {
+        Assert-NoQuote $pair[0] $pair[1]
+    }
+    foreach ($user in $AllowedUsers) {
+        Assert-NoQuote '-AllowedUsers' $user
+    }
+
+    Invoke-Step 'Check administrator rights' 'Start PowerShell with "Run as administrator" and run this script again.' {
+        $principal = New-Object System.Security.Principal.WindowsPrincipal(
+            [System.Security.Principal.WindowsIdentity]::GetCurrent())
+        if (-not $principal.IsInRole([System.Security.Principal.WindowsBuiltInRole]::Administrator)) {
+            throw 'This PowerShell is not elevated.'
+        }
+    }
+
+    Invoke-Step 'Check the IIS features (CGI, Basic Authentication)' 'Run: Install-WindowsFeature Web-CGI, Web-Basic-Auth (then run this script again).' {
+        Import-Module ServerManager
+        $missing = @(Get-WindowsFeature -Name 'Web-CGI', 'Web-Basic-Auth' | Where-Object { -not $_.Installed })
+        if ($missing.Count -gt 0) {
+            throw ('Missing: ' + (($missing | ForEach-Object { $_.Name }) -join ', ') + '.')
+        }
+        Import-Module WebAdministration
+    }
+
+    Invoke-Step 'Check the bundle' 'Unpack vezaprovisioner-<version>-win-amd64.zip and run deploy\iis\install.ps1 from inside it, or pass -BundleRoot.' {
+        $script:BundleRoot = (Resolve-Path -LiteralPath $BundleRoot).Path
+        $script:Wheelhouse = Join-Path $BundleRoot 'wheelhouse'
+        $script:Version = (Get-Content -LiteralPath (Join-Path $BundleRoot 'VERSION') -TotalCount 1).Trim()
+        foreach ($needed in @($Wheelhouse, (Join-Path $BundleRoot 'web.config'))) {
+            if (-not (Test-Path -LiteralPath $needed)) {
+                throw "$needed is missing."
+            }
+        }
+        Write-Host "    VezaProvisioner $Version from $BundleRoot"
+    }
+
+    Invoke-Step 'Find Python' 'Install 64-bit Python 3.10-3.13 from python.org "for all users", or pass -PythonExe.' {
+        if (-not $PythonExe) {
+            $script:PythonExe = Find-Python
+        }
+        Invoke-Native $PythonExe @('-c', 'import sys; assert sys.version_info[:2] >= (3, 10) and sys.maxsize > 2**32, sys.version')
+        Write-Host "    $PythonExe"
+    }
+
+    Invoke-Step 'Find the Exchange Management Shell paths' 'Pass -PowerShellPath and -RemoteExchangePath: the two paths in the Target of the Exchange Management Shell shortcut.' {
+        if (-not $PowerShellPath) {
+            $script:PowerShellPath = Join-Path $env:SystemRoot 'System32\WindowsPowerShell\v1.0\powershell.exe'
+        }
+        if (-not $RemoteExchangePath) {
+            $script:RemoteExchangePath = Find-RemoteExchangePath
+        }
+        foreach ($path in @($PowerShellPath, $RemoteExchangePath)) {
+            Assert-NoQuote 'Exchange path' $path
+            if (-not (Test-Path -LiteralPath $path -PathType Leaf)) {
+                throw "$path does not exist."
+            }
+        }
+        Write-Host "    PowerShell: $PowerShellPath"
+        Write-Host "    RemoteExchange.ps1: $RemoteExchangePath"
+    }
+
+    Invoke-Step 'Resolve the service account' 'Check the account name (DOMAIN\user) and that this server can reach a domain controller.' {
+        $script:AccountSid = Get-AccountSid $AccountName
+        Write-Host "    $AccountName ($AccountSid)"
+    }
+
+    Invoke-Step 'Create the folders' "Check that $InstallRoot is on a local NTFS disk you can write to." {
+        foreach ($dir in @($InstallRoot, $AppDir, $ConfigDir, $DataDir)) {
+            if (-not (Test-Path -LiteralPath $dir) -and $PSCmdlet.ShouldProcess($dir, 'Create folder')) {
+                New-Item -ItemType Directory -Path $dir | Out-Null
+            }
+        }
+    }
+
+    Invoke-Step 'Install VezaProvisioner from the wheelhouse (offline)' 'Check that the bundle matches this Python version (3.10-3.13, 64-bit); delete the venv folder and run again if it is damaged.' {
+        if (-not (Test-Path -LiteralPath $VenvPython) -and $PSCmdlet.ShouldProcess($VenvDir, 'Create virtual environment')) {
+            Invoke-Native $PythonExe @('-m', 'venv', $VenvDir)
+        }
+        # Windows keeps loaded .pyd files locked: an upgrade stops the pool's processes first.
+        if ((Test-Path -LiteralPath "IIS:\AppPools\$AppPoolName") -and
+            (Get-WebAppPoolState -Name $AppPoolName).Value -ne 'Stopped' -and
+            $PSCmdlet.ShouldProcess($AppPoolName, 'Stop application pool for the upgrade')) {
+            Stop-WebAppPool -Name $AppPoolName
+            $deadline = (Get-Date).AddSeconds(60)
+            while ((Get-WebAppPoolState -Name $AppPoolName).Value -ne 'Stopped') {
+                if ((Get-Date) -gt $deadline) {
+                    throw "The application pool $AppPoolName did not stop within 60 seconds."
+                }
+                Start-Sleep -Seconds 1
+            }
+        }
+        if ($PSCmdlet.ShouldProcess($VenvDir, "Install vezaprovisioner $Version from $Wheelhouse")) {
+            Invoke-Native $VenvPython @('-m', 'pip', 'install', '--no-index', '--find-links', $Wheelhouse,
+                '--upgrade', '--disable-pip-version-check', "vezaprovisioner==$Version")
+            if (-not (Test-Path -LiteralPath $WfastcgiPy)) {
+                throw "$WfastcgiPy is missing after the install."
+            }
+        }
+    }
+
+    Invoke-Step 'Write the configuration' "Fix or delete $ConfigFile and run again." {
+        if (Test-Path -LiteralPath $ConfigFile) {
+            Write-Host "    kept the existing $ConfigFile (delete it to have it written again)"
+        }
+        elseif ($PSCmdlet.ShouldProcess($ConfigFile, 'Write configuration')) {
+            # A template with literal placeholders (String.Replace, not a regex, not code).
+            $text = Get-Content -LiteralPath (Join-Path $PSScriptRoot 'vezaprovisioner.toml.template') -Raw
+            $values = [ordered]@{
+                '{{APP_NAME}}'             = $AppName
+                '{{DATA_DIR}}'             = $DataDir
+                '{{POWERSHELL_PATH}}'      = $PowerShellPath
+                '{{REMOTE_EXCHANGE_PATH}}' = $RemoteExchangePath
+                '{{ALLOWED_USERS}}'        = (ConvertTo-TomlList $AllowedUsers)
+            }
+            foreach ($placeholder in $values.Keys) {
+                $text = $text.Replace($placeholder, [string] $values[$placeholder])
+            }
+            $utf8 = New-Object System.Text.UTF8Encoding($false)
+            [System.IO.File]::WriteAllText($ConfigFile, $text, $utf8)
+        }
+    }
+
+    Invoke-Step 'Lay down web.config' "Check that $AppDir is writable and that the bundle's web.config is intact." {
+        if ($PSCmdlet.ShouldProcess((Join-Path $AppDir 'web.config'), 'Write web.config')) {
+            $xml = New-Object System.Xml.XmlDocument
+            $xml.PreserveWhitespace = $true
+            $xml.Load((Join-Path $BundleRoot 'web.config'))
+            $values = @{
+                'PYTHONPATH'             = $SitePackages
+                'VEZAPROVISIONER_CONFIG' = $ConfigFile
+            }
+            foreach ($add in $xml.SelectNodes('/configuration/appSettings/add')) {
+                $key = $add.GetAttribute('key')
+                if ($values.ContainsKey($key)) {
+                    $add.SetAttribute('value', $values[$key])
+                }
+            }
+            $handler = $xml.SelectSingleNode('/configuration/system.webServer/handlers/add')
+            $handler.SetAttribute('scriptProcessor', "$VenvPython|$WfastcgiPy")
+            $xml.Save((Join-Path $AppDir 'web.config'))
+        }
+    }
+
+    Invoke-Step 'Register the FastCGI application' 'Check that applicationHost.config is not locked by another tool (close IIS Manager) and run again.' {
+        $fastCgi = Get-WebConfiguration -PSPath $AppHost -Filter 'system.webServer/fastCgi/application' |
+            Where-Object { $_.fullPath -eq $VenvPython -and $_.arguments -eq $WfastcgiPy }
+        if (-not $fastCgi -and $PSCmdlet.ShouldProcess("$VenvPython|$WfastcgiPy", 'Register FastCGI application')) {
+            Add-WebConfigurationProperty -PSPath $AppHost -Filter 'system.webServer/fastCgi' -Name '.' -Value @{
+                fullPath  = $VenvPython
+                arguments = $WfastcgiPy
+            }
+        }
+        $entry = "system.webServer/fastCgi/application[@fullPath='$VenvPython' and @arguments='$WfastcgiPy']"
+        $tuning = [ordered]@{
+            maxInstances                 = 4
+            instanceMaxRequests          = 10000
+            activityTimeout              = 300
+            requestTimeout               = 300
+            idleTimeout                  = 1800
+            signalBeforeTerminateSeconds = 30
+            stderrMode                   = 'ReturnGeneric500'
+            protocol                     = 'NamedPipe'
+        }
+        foreach ($name in $tuning.Keys) {
+            if ($PSCmdlet.ShouldProcess("FastCGI $name", "Set to $($tuning[$name])")) {
+                Set-WebConfigurationProperty -PSPath $AppHost -Filter $entry -Name $name -Value $tuning[$name]
+            }
+        }
+    }
+
+    Invoke-Step 'Create the application pool' 'Check the service account name and password (Get-Credential), and that the account may log on as a batch job.' {
+        $poolPath = "IIS:\AppPools\$AppPoolName"
+        if (-not (Test-Path -LiteralPath $poolPath) -and $PSCmdlet.ShouldProcess($AppPoolName, 'Create application pool')) {
+            New-WebAppPool -Name $AppPoolName | Out-Null
+        }
+        if ($PSCmdlet.ShouldProcess($AppPoolName, "Run as $AccountName, No Managed Code, load user profile")) {
+            Set-ItemProperty -LiteralPath $poolPath -Name managedRuntimeVersion -Value ''
+            Set-ItemProperty -LiteralPath $poolPath -Name enable32BitAppOnWin64 -Value $false
+            # RemoteExchange.ps1 caches in the account's profile.
+            Set-ItemProperty -LiteralPath $poolPath -Name processModel.loadUserProfile -Value $true
+            # Keep the process (and its warm Exchange session) instead of idling it out.
+            Set-ItemProperty -LiteralPath $poolPath -Name processModel.idleTimeout -Value ([TimeSpan]::Zero)
+            if ($PSCmdlet.ParameterSetName -eq 'Gmsa') {
+                Set-ItemProperty -LiteralPath $poolPath -Name processModel -Value @{
+                    identityType = 'SpecificUser'; userName = $AccountName; password = '' }
+            }
+            else {
+                # Handed straight to IIS, which stores it encrypted; never kept in a variable.
+                Set-ItemProperty -LiteralPath $poolPath -Name processModel -Value @{
+                    identityType = 'SpecificUser'; userName = $AccountName
+                    password     = $Credential.GetNetworkCredential().Password }
+            }
+        }
+    }
+
+    Invoke-Step 'Create the application' "Check that the site '$SiteName' exists (pass -SiteName otherwise)." {
+        if (-not (Test-Path -LiteralPath "IIS:\Sites\$SiteName")) {
+            throw "There is no IIS site named '$SiteName'."
+        }
+        $existing = Get-WebApplication -Site $SiteName -Name $AppName
+        if (-not $existing) {
+            if ($PSCmdlet.ShouldProcess($Location, 'Create application')) {
+                New-WebApplication -Site $SiteName -Name $AppName -PhysicalPath $AppDir -ApplicationPool $AppPoolName | Out-Null
+            }
+        }
+        elseif ($PSCmdlet.ShouldProcess($Location, "Point at $AppDir in pool $AppPoolName")) {
+            Set-ItemProperty -LiteralPath "IIS:\Sites\$SiteName\$AppName" -Name physicalPath -Value $AppDir
+            Set-ItemProperty -LiteralPath "IIS:\Sites\$SiteName\$AppName" -Name applicationPool -Value $AppPoolName
+        }
+    }
+
+    Invoke-Step 'Set Anonymous off, Basic on, Require SSL' 'Check that the site has an HTTPS binding with a certificate (Exchange sets one up) and run again.' {
+        $sections = [ordered]@{
+            'system.webServer/security/authentication/anonymousAuthentication' = @{ enabled = $false }
+            'system.webServer/security/authentication/windowsAuthentication'   = @{ enabled = $false }
+            'system.webServer/security/authentication/basicAuthentication'     = @{ enabled = $true }
+            'system.webServer/security/access'                                 = @{ sslFlags = 'Ssl' }
+        }
+        if ($DefaultLogonDomain) {
+            $sections['system.webServer/security/authentication/basicAuthentication']['defaultLogonDomain'] = $DefaultLogonDomain
+        }
+        foreach ($filter in $sections.Keys) {
+            foreach ($name in $sections[$filter].Keys) {
+                $value = $sections[$filter][$name]
+                if ($PSCmdlet.ShouldProcess("$Location $filter", "Set $name to $value")) {
+                    Set-WebConfigurationProperty -PSPath $AppHost -Location $Location -Filter $filter -Name $name -Value $value
+                }
+            }
+        }
+    }
+
+    Invoke-Step 'Set least-privilege folder permissions' "Check that $InstallRoot is on NTFS and that you own it." {
+        if ($PSCmdlet.ShouldProcess($InstallRoot, "Read and execute for $AccountName; Modify on $DataDir")) {
+            Set-FolderAccess -Path $InstallRoot -Account $AccountSid -Rights 'ReadAndExecute'
+            Set-FolderAccess -Path $DataDir -Account $AccountSid -Rights 'Modify'
+        }
+    }
+
+    Invoke-Step 'Restart the application pool' "Start it in IIS Manager and read the System event log (source WAS) for why it stopped." {
+        if ($PSCmdlet.ShouldProcess($AppPoolName, 'Restart application pool')) {
+            if ((Get-WebAppPoolState -Name $AppPoolName).Value -eq 'Started') {
+                Restart-WebAppPool -Name $AppPoolName
+            }
+            else {
+                Start-WebAppPool -Name $AppPoolName
+            }
+        }
+    }
+
+    Invoke-Step 'Run the self-test (vezaprovisioner doctor)' 'Fix what the FAIL lines above say, then run this script again.' {
+        if ($PSCmdlet.ShouldProcess($ConfigFile, 'Run vezaprovisioner doctor')) {
+            $doctorArguments = @('doctor', '--config', $ConfigFile, '--site', $SiteName)
+            if ($TestIdentity) {
+                $doctorArguments += @('--identity', $TestIdentity)
+            }
+            Invoke-Native $Cli $doctorArguments
+        }
+    }
+
+    $hostName = [System.Net.Dns]::GetHostEntry('').HostName
+    Write-Host ''
+    Write-Host 'VezaProvisioner is installed. Enter these values in Veza (Exchange Server integration):'
+    Write-Host "    Instance URL:         https://$hostName/$AppName"
+    Write-Host "    PowerShell Path:      $PowerShellPath"
+    Write-Host "    Remote Exchange Path: $RemoteExchangePath"
+}
+catch {
+    Write-Host ''
+    Write-Error -Message $_.Exception.Message -ErrorAction Continue
+    exit 1
+}

@@ -1,0 +1,242 @@
+"""The WSGI entry IIS runs through wfastcgi: `application`, the service's only module-level app.
+
+web.config names it in WSGI_HANDLER. wfastcgi copies web.config's appSettings into the
+environment before the first request, so VEZAPROVISIONER_CONFIG names the configuration file.
+a2wsgi serves the ASGI app and hands the whole environ (IIS's server variables included) to it as
+`scope["wsgi_environ"]`; it runs no lifespan events, so the app and its Exchange backend are built
+on the first request, once per process. A start that fails is answered with a problem and tried
+again on the next request. Logs go to files under `data_dir`, because wfastcgi replaces stdout and
+stderr with a fresh buffer for every request.
+"""
+
+from __future__ import annotations
+
+import http
+import logging
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from a2wsgi import ASGIMiddleware
+
+from .api.app import create_app
+from .api.middleware import REQUEST_ID_HEADER
+from .api.problems import SERVICE_NOT_STARTED, Problem
+from .config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+    from starlette.types import ASGIApp
+
+log = logging.getLogger(__name__)
+
+#: Where the service logs, under data_dir: one file per day, never renamed, so the several
+#: FastCGI processes IIS may start can all append to it.
+LOG_DIR = Path("logs")
+#: Where a start that failed before the configuration was read is logged, in the app pool
+#: account's temporary folder (there is no data_dir yet).
+START_LOG_NAME = "vezaprovisioner-start.log"
+#: How long a2wsgi waits for a request's ASGI task after the response has been sent.
+_ASGI_WAIT_SECONDS = 5.0
+_HANDLER_NAME = "vezaprovisioner-iis"
+
+
+class DailyFileHandler(logging.FileHandler):
+    """Appends to `<directory>/vezaprovisioner-YYYY-MM-DD.log`, switching files at midnight.
+
+    It never renames a file (Windows refuses to rename a file another process has open), so every
+    FastCGI process of the application pool can log to the same file.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self._day = time.strftime("%Y-%m-%d")
+        super().__init__(self._path_for(self._day), encoding="utf-8", delay=True)
+
+    def _path_for(self, day: str) -> Path:
+        return self._directory / f"vezaprovisioner-{day}.log"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        day = time.strftime("%Y-%m-%d", time.localtime(record.created))
+        if day != self._day:
+            if self.stream is not None:
+                self.stream.close()
+                self.stream = None  # reopened by FileHandler.emit
+            self._day = day
+            self.baseFilename = str(self._path_for(day))
+        super().emit(record)
+
+
+def configure_logging(data_dir: Path) -> Path:
+    """Send the process's log records to the daily file under `data_dir`; returns its folder."""
+    directory = data_dir / LOG_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    handler = DailyFileHandler(directory)
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s %(message)s")
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    logging.getLogger("vezaprovisioner").setLevel(logging.INFO)
+    return directory
+
+
+def routed_environ(environ: Mapping[str, Any], base_path: str) -> dict[str, Any]:
+    """The environ with SCRIPT_NAME blank and the request's full path in PATH_INFO.
+
+    wfastcgi blanks SCRIPT_NAME and passes the full path; other WSGI servers split it at the
+    application's root. The app's routes include `base_path`, so both become the full path, with
+    the prefix spelled as configured (IIS matched it case-insensitively). wfastcgi lets a request
+    header, X-Original-URL, replace PATH_INFO; this deployment uses no URL Rewrite, so the path
+    IIS itself routed (its URL variable) wins over that header.
+    """
+    routed = dict(environ)
+    if "HTTP_X_ORIGINAL_URL" in environ and environ.get("URL"):
+        path = str(environ["URL"])
+    else:
+        path = str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", ""))
+    prefix = path[: len(base_path)]
+    if prefix.lower() == base_path.lower() and path[len(base_path) :][:1] in ("", "/"):
+        path = base_path + path[len(base_path) :]
+    routed["SCRIPT_NAME"] = ""
+    routed["PATH_INFO"] = path
+    return routed
+
+
+@dataclass(frozen=True)
+class _Started:
+    settings: Settings
+    serve: Callable[[WSGIEnvironment, StartResponse], Iterable[bytes]]
+
+
+class IisApplication:
+    """A WSGI callable that builds the service on its first request, once per process."""
+
+    def __init__(
+        self,
+        environ: Mapping[str, str] | None = None,
+        *,
+        build: Callable[[Settings], ASGIApp] = create_app,
+        start_log: Path | None = None,
+    ) -> None:
+        # None: read os.environ at the first request, after wfastcgi has applied the appSettings.
+        self._environ = environ
+        self._build = build
+        self._start_log = start_log
+        self._lock = threading.Lock()
+        self._started: _Started | None = None
+        self._middleware: ASGIMiddleware | None = None
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            started = self._start()
+        except Exception:
+            return self._not_started(start_response)
+        return started.serve(routed_environ(environ, started.settings.base_path), start_response)
+
+    def close(self) -> None:
+        """Stop a2wsgi's event loop thread (tests; IIS simply ends the process)."""
+        with self._lock:
+            if self._middleware is not None:
+                self._middleware.loop.call_soon_threadsafe(self._middleware.loop.stop)
+                self._middleware = None
+            self._started = None
+
+    def _start(self) -> _Started:
+        started = self._started
+        if started is not None:
+            return started
+        with self._lock:
+            if self._started is None:
+                settings = load_settings(None, self._environ)
+                log_dir = configure_logging(settings.data_dir)
+                app = self._build(settings)
+                # a2wsgi starts its event loop thread here, on the first request, not at import.
+                middleware = ASGIMiddleware(cast(Any, app), wait_time=_ASGI_WAIT_SECONDS)
+                self._middleware = middleware
+                self._started = _Started(settings, cast(Any, middleware))
+                log.info(
+                    "VezaProvisioner started under IIS: %s backend, base path %s, config %s, "
+                    "logs in %s",
+                    settings.backend,
+                    settings.base_path,
+                    settings.source,
+                    log_dir,
+                )
+            return self._started
+
+    def _not_started(self, start_response: StartResponse) -> Iterable[bytes]:
+        """Log why the start failed (to a file: stderr goes nowhere) and answer 503."""
+        request_id = str(uuid.uuid4())
+        self._log_start_failure(request_id)
+        problem = Problem(
+            SERVICE_NOT_STARTED,
+            "VezaProvisioner could not start on this server. The administrator finds the reason "
+            "in its start log (deploy/iis/README.md, Troubleshooting); `vezaprovisioner doctor` "
+            "checks the installation.",
+        )
+        response = problem.response(request_id)
+        status = http.HTTPStatus(response.status_code)
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers]
+        start_response(
+            f"{status.value} {status.phrase}", [*headers, (REQUEST_ID_HEADER, request_id)]
+        )
+        return [bytes(response.body)]
+
+    def _log_start_failure(self, request_id: str) -> None:
+        handler: logging.Handler | None = None
+        path = self._start_log or Path(tempfile.gettempdir()) / START_LOG_NAME
+        try:
+            handler = logging.FileHandler(path, encoding="utf-8")
+        except OSError:
+            handler = None  # nowhere to write; the 503 still tells the caller
+        if handler is not None:
+            handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(message)s"))
+            log.addHandler(handler)
+        try:
+            log.exception("VezaProvisioner could not start (request %s)", request_id)
+        finally:
+            if handler is not None:
+                log.removeHandler(handler)
+                handler.close()
+
+
+#: Server variables whose values are secrets: shown as "***" by `server_variables`.
+_SECRET_VARIABLES = frozenset({"AUTH_PASSWORD", "HTTP_AUTHORIZATION", "HTTP_COOKIE"})
+
+
+def server_variables(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    """A diagnostic WSGI handler: lists the variables IIS passed, secrets masked.
+
+    To see them once on the server, set web.config's WSGI_HANDLER to
+    `vezaprovisioner.iis_entry.server_variables`, request any URL of the application, and set it
+    back (deploy/iis/README.md, Troubleshooting).
+    """
+    lines = [
+        f"{name}={'***' if name in _SECRET_VARIABLES else value}"
+        for name, value in sorted(environ.items())
+        if isinstance(value, str)
+    ]
+    body = ("\n".join(lines) + "\n").encode("utf-8", "replace")
+    start_response(
+        "200 OK",
+        [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+        ],
+    )
+    return [body]
+
+
+#: What web.config's WSGI_HANDLER names. Building nothing at import: the first request starts it.
+application = IisApplication()

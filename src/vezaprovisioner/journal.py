@@ -1,0 +1,618 @@
+"""The request journal: every CREATE_EMAIL is recorded in SQLite before Exchange is touched.
+
+One file, `<data_dir>/journal.sqlite3`, in WAL mode, shared by every worker process. A record
+moves through these states, each change committed before the step it describes:
+
+    received ──► running ──► created | already_exists | failed      (the request finished)
+        │           │
+        └───────────┴──────► created (recovered) | not_created | unknown   (crash recovery)
+
+`received` is written before any Exchange call; `running` once the request holds the claim on
+the user; `enable_sent_at` just before Enable-* is sent. The claim (table `claims`, one row per
+user GUID) is what keeps two worker processes from both running Enable-* for one user: taking it
+is one atomic SQLite transaction, it is released when the request ends, and a claim whose owner
+process is gone or whose age exceeds `journal.stale_claim_seconds` may be taken over.
+
+If the journal cannot be written the request stops with `JournalUnavailable` before any Exchange
+change (the API answers 503 JOURNAL_UNAVAILABLE).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from .clock import Clock
+from .config import JournalSettings
+from .exchange.errors import ExchangeError
+
+JOURNAL_FILE = "journal.sqlite3"
+
+log = logging.getLogger(__name__)
+
+State = Literal[
+    "received", "running", "created", "already_exists", "failed", "not_created", "unknown"
+]
+UNFINISHED: tuple[State, ...] = ("received", "running")
+STATES: tuple[State, ...] = (
+    "received",
+    "running",
+    "created",
+    "already_exists",
+    "failed",
+    "not_created",
+    "unknown",
+)
+
+# Each entry moves the schema from version N to N + 1 (PRAGMA user_version). Never edit a
+# released entry: append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE requests (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        request_id TEXT NOT NULL,
+        action TEXT NOT NULL,
+        identity TEXT NOT NULL,
+        alias TEXT,
+        caller TEXT NOT NULL,
+        caller_method TEXT NOT NULL,
+        client_address TEXT,
+        state TEXT NOT NULL,
+        guid TEXT,
+        received_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        enable_sent_at REAL,
+        finished_at REAL,
+        duration_ms INTEGER,
+        code TEXT,
+        detail TEXT,
+        exchange_reason TEXT,
+        exchange_error_id TEXT,
+        exchange_message TEXT,
+        result_alias TEXT,
+        primary_smtp_address TEXT,
+        recovered INTEGER NOT NULL DEFAULT 0,
+        owner_host TEXT NOT NULL,
+        owner_pid INTEGER NOT NULL,
+        owner_token TEXT NOT NULL
+    );
+    CREATE INDEX requests_request_id ON requests (request_id);
+    CREATE INDEX requests_received_at ON requests (received_at);
+    CREATE INDEX requests_state ON requests (state);
+    CREATE TABLE claims (
+        identity_key TEXT PRIMARY KEY,
+        token TEXT NOT NULL,
+        owner_host TEXT NOT NULL,
+        owner_pid INTEGER NOT NULL,
+        owner_token TEXT NOT NULL,
+        claimed_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    """,
+)
+
+
+class JournalUnavailable(Exception):
+    """The journal could not be written, so nothing was (or will be) sent to Exchange."""
+
+
+class IdentityBusy(Exception):
+    """Another request (maybe in another worker process) holds the claim on this user too long."""
+
+    def __init__(self, message: str, *, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """Who asked, and under which request id; passed explicitly from the API or the CLI."""
+
+    request_id: str
+    caller: str
+    caller_method: str
+    client_address: str | None = None
+
+
+@dataclass(frozen=True)
+class Record:
+    """One journal record, as stored."""
+
+    id: int
+    request_id: str
+    action: str
+    identity: str
+    alias: str | None
+    caller: str
+    caller_method: str
+    client_address: str | None
+    state: State
+    guid: str | None
+    received_at: float
+    updated_at: float
+    enable_sent_at: float | None
+    finished_at: float | None
+    duration_ms: int | None
+    code: str | None
+    detail: str | None
+    exchange_reason: str | None
+    exchange_error_id: str | None
+    exchange_message: str | None
+    result_alias: str | None
+    primary_smtp_address: str | None
+    recovered: bool
+    owner_host: str
+    owner_pid: int
+    owner_token: str
+
+
+_COLUMNS = ", ".join(Record.__dataclass_fields__)
+
+
+_process_tokens: dict[int, str] = {}
+
+
+def process_token() -> str:
+    """A random id of this process (per pid, so a forked child gets its own)."""
+    return _process_tokens.setdefault(os.getpid(), uuid.uuid4().hex)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (a reused id counts as alive)."""
+    if pid <= 0:
+        return False
+    if sys.platform == "win32":  # pragma: no cover - Windows only, verified by reading
+        import ctypes
+        from ctypes import wintypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        kernel32.OpenProcess.restype = wintypes.HANDLE
+        kernel32.OpenProcess.argtypes = (wintypes.DWORD, wintypes.BOOL, wintypes.DWORD)
+        kernel32.WaitForSingleObject.restype = wintypes.DWORD
+        kernel32.WaitForSingleObject.argtypes = (wintypes.HANDLE, wintypes.DWORD)
+        kernel32.CloseHandle.argtypes = (wintypes.HANDLE,)
+        synchronize, query_limited_information = 0x00100000, 0x1000
+        handle = kernel32.OpenProcess(synchronize | query_limited_information, False, pid)
+        if not handle:
+            return ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED: it exists
+        try:
+            return bool(kernel32.WaitForSingleObject(handle, 0) == 0x102)  # WAIT_TIMEOUT: running
+        finally:
+            kernel32.CloseHandle(handle)
+    # os.kill(pid, 0) only asks; on Windows it would terminate the process, hence the branch.
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Journal:
+    """The journal file: records and claims. Thread-safe; one instance per process."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        settings: JournalSettings,
+        *,
+        code_of: Callable[[Exception], str],
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = data_dir / JOURNAL_FILE
+        self._settings = settings
+        self._code_of = code_of
+        self._wall = wall
+        #: This machine, as claims and records name it (pids are only checked here).
+        self.host = socket.gethostname().casefold()
+        self._lock = threading.Lock()
+        self._connection: sqlite3.Connection | None = None
+        #: Called with the exception whenever a journal operation fails (metrics, logs).
+        self.on_error: Callable[[Exception], None] = lambda exc: None
+
+    # ---- connection ---------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        """Opens (and migrates) the file on first use, so a broken disk never stops the start."""
+        if self._connection is not None:
+            return self._connection
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(
+            self.path,
+            timeout=self._settings.busy_timeout_ms / 1000,
+            isolation_level=None,  # explicit BEGIN/COMMIT only
+            check_same_thread=False,  # guarded by self._lock
+        )
+        try:
+            mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                # SQLite falls back silently where WAL cannot work (a network share).
+                raise sqlite3.DatabaseError(
+                    f"WAL mode is unavailable here (got {mode!r}); keep data_dir on a local disk"
+                )
+            connection.execute(f"PRAGMA synchronous={self._settings.synchronous.upper()}")
+            connection.execute(f"PRAGMA busy_timeout={self._settings.busy_timeout_ms}")
+            _migrate(connection)
+        except BaseException:
+            connection.close()
+            raise
+        self._connection = connection
+        return connection
+
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE); any failure becomes JournalUnavailable."""
+        with self._lock:
+            try:
+                connection = self._connect()
+                connection.execute("BEGIN IMMEDIATE")
+                try:
+                    yield connection
+                except BaseException:
+                    connection.execute("ROLLBACK")
+                    raise
+                connection.execute("COMMIT")
+            except (sqlite3.Error, OSError) as exc:
+                self._drop_connection()
+                error = JournalUnavailable(
+                    f"The request journal {self.path} could not be written ({what}: {exc}). "
+                    "Check the disk, the data_dir permissions and journal.busy_timeout_ms."
+                )
+                self.on_error(error)
+                raise error from exc
+
+    def _read(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self._connect().execute(sql, parameters).fetchall()
+            except (sqlite3.Error, OSError) as exc:
+                self._drop_connection()
+                error = JournalUnavailable(f"The request journal {self.path} is unreadable: {exc}.")
+                self.on_error(error)
+                raise error from exc
+
+    def _drop_connection(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop_connection()
+
+    # ---- the record's life --------------------------------------------------------------------
+
+    def receive(
+        self, context: RequestContext, action: str, identity: str, alias: str | None
+    ) -> int:
+        """Writes the `received` record; returns its row id."""
+        now = self._wall()
+        with self._transaction("receive") as db:
+            cursor = db.execute(
+                "INSERT INTO requests (request_id, action, identity, alias, caller, caller_method,"
+                " client_address, state, received_at, updated_at, owner_host, owner_pid,"
+                " owner_token) VALUES (?, ?, ?, ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?)",
+                (
+                    context.request_id,
+                    action,
+                    identity,
+                    alias,
+                    context.caller,
+                    context.caller_method,
+                    context.client_address,
+                    now,
+                    now,
+                    self.host,
+                    os.getpid(),
+                    process_token(),
+                ),
+            )
+            row_id = cursor.lastrowid
+        assert row_id is not None
+        return row_id
+
+    def running(self, row_id: int, guid: str) -> None:
+        """received → running: this request now holds the claim on the user `guid`."""
+        self._move(row_id, ("received",), "running", guid=guid)
+
+    def enable_sent(self, row_id: int) -> None:
+        """Marks that Enable-* is about to be sent (committed before it is)."""
+        self._move(row_id, ("running",), "running", enable_sent_at=self._wall())
+
+    def finish(
+        self,
+        row_id: int,
+        state: Literal["created", "already_exists"],
+        *,
+        guid: str,
+        alias: str,
+        primary_smtp_address: str,
+    ) -> None:
+        """running → created / already_exists."""
+        self._move(
+            row_id,
+            ("running",),
+            state,
+            guid=guid,
+            result_alias=alias,
+            primary_smtp_address=primary_smtp_address,
+            finished=True,
+        )
+
+    def fail(self, row_id: int, error: Exception) -> None:
+        """received / running → failed, with the code and what Exchange said."""
+        fields: dict[str, Any] = {"code": self._code_of(error), "detail": str(error)[:2000]}
+        if isinstance(error, ExchangeError) and error.from_exchange:
+            fields.update(
+                exchange_reason=error.reason,
+                exchange_error_id=error.error_id,
+                exchange_message=error.message[:2000],
+            )
+        self._move(row_id, UNFINISHED, "failed", finished=True, **fields)
+
+    def reconcile(self, row_id: int, state: State, reason: str, *, code: str | None = None) -> bool:
+        """Crash recovery: an unfinished record gets its final state; False if it had one."""
+        return self._move(
+            row_id, UNFINISHED, state, detail=reason, code=code, recovered=1, finished=True
+        )
+
+    def _move(
+        self,
+        row_id: int,
+        allowed_from: Sequence[State],
+        state: State,
+        *,
+        finished: bool = False,
+        **fields: Any,
+    ) -> bool:
+        now = self._wall()
+        fields["state"] = state
+        fields["updated_at"] = now
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        values = list(fields.values())
+        if finished:
+            assignments += ", finished_at = ?, duration_ms = CAST((? - received_at) * 1000 AS INT)"
+            values += [now, now]
+        marks = ", ".join("?" for _ in allowed_from)
+        with self._transaction(f"mark {state}") as db:
+            cursor = db.execute(
+                f"UPDATE requests SET {assignments} WHERE id = ? AND state IN ({marks})",  # noqa: S608 - names are ours
+                (*values, row_id, *allowed_from),
+            )
+            return cursor.rowcount == 1
+
+    # ---- claims -------------------------------------------------------------------------------
+
+    def try_claim(self, key: str) -> str | None:
+        """Takes the claim on `key` in one transaction; returns its token, or None if held."""
+        now = self._wall()
+        token = uuid.uuid4().hex
+        with self._transaction("claim") as db:
+            held = db.execute(
+                "SELECT owner_host, owner_pid, owner_token, expires_at FROM claims"
+                " WHERE identity_key = ?",
+                (key,),
+            ).fetchone()
+            if held is not None and not self._stale(held[0], held[1], held[2], held[3], now):
+                return None
+            db.execute(
+                "INSERT OR REPLACE INTO claims (identity_key, token, owner_host, owner_pid,"
+                " owner_token, claimed_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key,
+                    token,
+                    self.host,
+                    os.getpid(),
+                    process_token(),
+                    now,
+                    now + self._settings.stale_claim_seconds,
+                ),
+            )
+        return token
+
+    def release(self, key: str, token: str) -> None:
+        """Gives the claim back (only if it is still ours)."""
+        with self._transaction("release claim") as db:
+            db.execute("DELETE FROM claims WHERE identity_key = ? AND token = ?", (key, token))
+
+    def _stale(self, host: str, pid: int, token: str, expires_at: float, now: float) -> bool:
+        """Expired, or its process is gone: only processes on this machine can be checked.
+
+        A pid equal to ours with another token is a dead predecessor that had our pid (a
+        restarted container's PID 1, say); any other live pid might be reused, so it waits
+        for the expiry instead.
+        """
+        if expires_at <= now:
+            return True
+        if host != self.host:
+            return False
+        if pid == os.getpid():
+            return token != process_token()
+        return not pid_alive(pid)
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def get(self, request_id: str) -> Record | None:
+        """The latest record with this request id (a client may reuse an X-Request-ID)."""
+        rows = self._read(
+            f"SELECT {_COLUMNS} FROM requests WHERE request_id = ? ORDER BY id DESC LIMIT 1",  # noqa: S608
+            (request_id,),
+        )
+        return _record(rows[0]) if rows else None
+
+    def records(
+        self,
+        *,
+        since: float | None = None,
+        identity: str | None = None,
+        state: State | None = None,
+        limit: int = 1000,
+    ) -> list[Record]:
+        """Records, newest first; `identity` matches the requested identity or the GUID."""
+        where, parameters = ["1 = 1"], list[Any]()
+        if since is not None:
+            where.append("received_at >= ?")
+            parameters.append(since)
+        if identity is not None:
+            where.append("(identity = ? COLLATE NOCASE OR guid = ? COLLATE NOCASE)")
+            parameters += [identity, identity]
+        if state is not None:
+            where.append("state = ?")
+            parameters.append(state)
+        rows = self._read(
+            f"SELECT {_COLUMNS} FROM requests WHERE {' AND '.join(where)}"  # noqa: S608
+            " ORDER BY id DESC LIMIT ?",
+            [*parameters, limit],
+        )
+        return [_record(row) for row in rows]
+
+    def orphans(self) -> list[Record]:
+        """Unfinished records whose process is gone (this machine) or that are stale."""
+        now = self._wall()
+        rows = self._read(
+            f"SELECT {_COLUMNS} FROM requests WHERE state IN ('received', 'running')"  # noqa: S608
+            " ORDER BY id"
+        )
+        records = [_record(row) for row in rows]
+        stale_after = self._settings.stale_claim_seconds
+        return [
+            r
+            for r in records
+            if self._stale(
+                r.owner_host, r.owner_pid, r.owner_token, r.updated_at + stale_after, now
+            )
+        ]
+
+    # ---- maintenance --------------------------------------------------------------------------
+
+    def release_dead_claims(self) -> int:
+        """Drops claims whose owner process is gone or that expired; returns how many."""
+        now = self._wall()
+        with self._transaction("release dead claims") as db:
+            held = db.execute(
+                "SELECT identity_key, owner_host, owner_pid, owner_token, expires_at FROM claims"
+            ).fetchall()
+            dead = [
+                key
+                for key, host, pid, owner_token, expires_at in held
+                if self._stale(host, pid, owner_token, expires_at, now)
+            ]
+            db.executemany("DELETE FROM claims WHERE identity_key = ?", [(k,) for k in dead])
+        return len(dead)
+
+    def prune(self) -> int:
+        """Deletes finished records older than `retention_days`; returns how many."""
+        cutoff = self._wall() - self._settings.retention_days * 86_400
+        with self._transaction("prune") as db:
+            cursor = db.execute(
+                "DELETE FROM requests WHERE finished_at IS NOT NULL AND received_at < ?",
+                (cutoff,),
+            )
+            return cursor.rowcount
+
+    def check_writable(self) -> str:
+        """For readiness: a real write transaction (the schema version is rewritten as is)."""
+        with self._transaction("readiness check") as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            db.execute(f"PRAGMA user_version = {int(version)}")
+        return f"writable: {self.path} (schema {version})"
+
+
+def _migrate(connection: sqlite3.Connection) -> None:
+    """Brings the schema to the newest version; several processes may race here safely."""
+    if connection.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS):
+        return  # the usual case: no write lock needed just to connect
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise sqlite3.DatabaseError(
+                f"schema version {version} is newer than this program knows ({len(MIGRATIONS)}); "
+                "upgrade VezaProvisioner"
+            )
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            for statement in filter(str.strip, script.split(";")):
+                connection.execute(statement)
+            connection.execute(f"PRAGMA user_version = {number}")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
+def _record(row: tuple[Any, ...]) -> Record:
+    values = dict(zip(Record.__dataclass_fields__, row, strict=True))
+    values["recovered"] = bool(values["recovered"])
+    return Record(**values)
+
+
+class IdentityLock(Protocol):
+    """The in-process part of the guard (provisioning.InProcessIdentityGuard)."""
+
+    def hold(self, key: str) -> AbstractContextManager[None]: ...
+
+
+class JournalIdentityGuard:
+    """The per-user guard across threads *and* processes: a lock, then the journal's claim.
+
+    Threads of one process queue on the in-process lock (no polling); processes meet at the claim
+    row, polled with a short backoff up to `journal.claim_wait_seconds`.
+    """
+
+    def __init__(
+        self,
+        journal: Journal,
+        settings: JournalSettings,
+        clock: Clock,
+        local: IdentityLock,
+    ) -> None:
+        self._journal = journal
+        self._settings = settings
+        self._clock = clock
+        self._local = local
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        key = key.casefold()
+        with self._local.hold(key):
+            token = self._wait_for_claim(key)
+            try:
+                yield
+            finally:
+                try:
+                    self._journal.release(key, token)
+                except JournalUnavailable:
+                    # Never mask the request's own outcome (Exchange may have acted): the claim
+                    # stays until this process ends or it goes stale; on_error counted it.
+                    log.exception("the claim on user %s could not be released", key)
+
+    def _wait_for_claim(self, key: str) -> str:
+        deadline = self._clock.monotonic() + self._settings.claim_wait_seconds
+        delay = 0.01
+        while True:
+            token = self._journal.try_claim(key)
+            if token is not None:
+                return token
+            remaining = deadline - self._clock.monotonic()
+            if remaining <= 0:
+                raise IdentityBusy(
+                    f"another request for user {key} has been running for more than "
+                    f"{self._settings.claim_wait_seconds:g} s (journal.claim_wait_seconds); "
+                    "retry later, or look it up with `vezaprovisioner journal --identity "
+                    f"{key}`.",
+                    retry_after_seconds=5,
+                )
+            self._clock.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.25)

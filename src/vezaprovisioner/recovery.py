@@ -1,0 +1,141 @@
+"""Crash recovery: requests a dead process left `received`/`running` get a final state.
+
+The final state comes from what the journal proves and what Exchange reports now (Get-User,
+Get-Recipient), never from a guess:
+
+* `received`: the process died before it claimed the user, so it sent Exchange nothing that
+  changes anything → `not_created`.
+* `running` without `enable_sent_at`: it died before sending Enable-* → `not_created`.
+* `running` with `enable_sent_at`: Enable-* may or may not have landed, so Exchange is asked:
+  a mailbox of the configured kind with the requested alias → `created` (recovered); still a
+  plain user → `not_created`; anything else (another type, another alias, the user gone, or a
+  later request of this service created the mailbox) → `unknown`, with what was seen. When
+  Exchange cannot be read now the record is left for the next start.
+
+Each reconciliation holds the same per-user guard as a request, so a new request for that user
+cannot change it while recovery reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from .config import Settings
+from .exchange.errors import ExchangeError, IdentityNotFound
+from .exchange.port import (
+    ENABLEABLE_USER_TYPES,
+    LOCAL_MAILBOX_TYPE,
+    REMOTE_MAILBOX_TYPE,
+    ExchangePort,
+)
+from .journal import IdentityBusy, Journal, JournalUnavailable, Record, State
+from .provisioning import IdentityGuard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What recovery decided for one record."""
+
+    request_id: str
+    state: State
+    reason: str
+
+
+def recover(
+    journal: Journal, exchange: ExchangePort, settings: Settings, guard: IdentityGuard
+) -> list[Reconciled]:
+    """Reconciles every orphaned record; returns what was decided (skipped ones are absent)."""
+    decided: list[Reconciled] = []
+    for record in journal.orphans():
+        try:
+            outcome = _reconcile(record, journal, exchange, settings, guard)
+        except (ExchangeError, IdentityBusy, JournalUnavailable) as exc:
+            log.warning(
+                "recovery of request %s postponed to the next start: %s", record.request_id, exc
+            )
+            continue
+        if outcome is not None:
+            decided.append(outcome)
+            log.info(
+                "recovered request %s: %s (%s)", outcome.request_id, outcome.state, outcome.reason
+            )
+    journal.release_dead_claims()
+    return decided
+
+
+def _reconcile(
+    record: Record,
+    journal: Journal,
+    exchange: ExchangePort,
+    settings: Settings,
+    guard: IdentityGuard,
+) -> Reconciled | None:
+    if record.state == "received" or record.guid is None:
+        return _decide(
+            journal,
+            record,
+            "not_created",
+            "the process stopped before it claimed the user; this request sent nothing that "
+            "changes Exchange",
+        )
+    if record.enable_sent_at is None:
+        return _decide(
+            journal,
+            record,
+            "not_created",
+            "the process stopped after reading the user but before Enable-* was sent",
+        )
+    with guard.hold(record.guid):
+        state, reason = _read_outcome(record, record.guid, journal, exchange, settings)
+        return _decide(journal, record, state, reason)
+
+
+def _read_outcome(
+    record: Record, guid: str, journal: Journal, exchange: ExchangePort, settings: Settings
+) -> tuple[State, str]:
+    remote = settings.mailbox_kind == "remote"
+    mailbox_type = REMOTE_MAILBOX_TYPE if remote else LOCAL_MAILBOX_TYPE
+    cmdlet = "Enable-RemoteMailbox" if remote else "Enable-Mailbox"
+    dc = settings.exchange.domain_controller or None
+    sent = f"{cmdlet} was sent at {_iso(record.enable_sent_at)} and the process stopped"
+    try:
+        kind = exchange.get_user(guid, dc).recipient_type_details
+    except IdentityNotFound:
+        return "unknown", f"{sent}; the user {guid} no longer exists in Active Directory"
+    if kind in ENABLEABLE_USER_TYPES:
+        return "not_created", f"{sent}; Exchange still reports a {kind}, so it did not take effect"
+    if kind != mailbox_type:
+        return "unknown", f"{sent}; Exchange now reports a {kind}, not a {mailbox_type}"
+    later = [
+        r
+        for r in journal.records(identity=guid, limit=50)
+        if r.id > record.id and r.state == "created" and not r.recovered
+    ]
+    if later:
+        return "unknown", (
+            f"{sent}; the user has a {kind}, but the later request {later[-1].request_id} "
+            "reports that it created it"
+        )
+    recipient = exchange.get_recipient(guid, dc)
+    if record.alias and record.alias.casefold() != recipient.alias.casefold():
+        return "unknown", (
+            f"{sent}; the user has a {kind} with alias {recipient.alias!r}, not the requested "
+            f"{record.alias!r}"
+        )
+    return "created", f"{sent}; Exchange now reports a {kind} ({recipient.primary_smtp_address})"
+
+
+def _decide(journal: Journal, record: Record, state: State, reason: str) -> Reconciled | None:
+    if not journal.reconcile(record.id, state, reason):
+        return None  # finished meanwhile (by a stale-but-alive owner)
+    return Reconciled(record.request_id, state, reason)
+
+
+def _iso(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "?"
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,462 @@
+"""The request journal: every state transition, the claim, migrations, retention, and the rule
+that a journal that cannot be written means nothing is sent to Exchange (503)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.fakes.clock import FakeClock
+from vezaprovisioner.config import JournalSettings, Settings
+from vezaprovisioner.exchange.port import DirectoryUser, EnableMailbox, Recipient
+from vezaprovisioner.exchange.simulated import SimulatedExchange
+from vezaprovisioner.journal import (
+    JOURNAL_FILE,
+    MIGRATIONS,
+    IdentityBusy,
+    Journal,
+    JournalIdentityGuard,
+    JournalUnavailable,
+    RequestContext,
+)
+from vezaprovisioner.provisioning import InProcessIdentityGuard
+from vezaprovisioner.services import problem_code
+
+EMAILS = "/VezaProvisioner/api/v1/emails"
+REQUESTS = "/VezaProvisioner/api/v1/requests"
+CONTEXT = RequestContext("req-1", "CONTOSO\\svc-veza", "basic", "10.0.0.5")
+
+
+class Wall:
+    """Wall-clock time the test moves by hand (claims and retention use wall time)."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def wall() -> Wall:
+    return Wall()
+
+
+@pytest.fixture
+def make_journal(tmp_path: Path, wall: Wall) -> Iterator[Callable[..., Journal]]:
+    opened: list[Journal] = []
+
+    def make(**settings: Any) -> Journal:
+        journal = Journal(
+            tmp_path / "data", JournalSettings(**settings), code_of=problem_code, wall=wall
+        )
+        opened.append(journal)
+        return journal
+
+    yield make
+    for journal in opened:
+        journal.close()
+
+
+def post(client: TestClient, request_id: str, **body: Any) -> Any:
+    return client.post(EMAILS, json=body, headers={"X-Request-ID": request_id})
+
+
+def record(client: TestClient, request_id: str) -> dict[str, Any]:
+    response = client.get(f"{REQUESTS}/{request_id}")
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+# ---- the record's life through the API --------------------------------------------------------
+
+
+def test_created_goes_received_running_created(client: TestClient) -> None:
+    assert post(client, "r-created", identity="CONTOSO\\plain", alias="pat").status_code == 201
+    rec = record(client, "r-created")
+    assert rec["state"] == "created"
+    assert rec["caller"] == "veza-svc"
+    assert rec["caller_method"] == "basic"
+    assert rec["client_address"] == "testclient"
+    assert rec["identity"] == "CONTOSO\\plain"
+    assert rec["alias"] == "pat"
+    assert rec["result_alias"] == "pat"
+    assert rec["primary_smtp_address"] == "pat@contoso.com"
+    assert rec["enable_sent_at"] is not None  # committed before Enable-Mailbox was sent
+    assert rec["received_at"] <= rec["enable_sent_at"] <= rec["finished_at"]
+    assert rec["duration_ms"] >= 0
+    assert rec["recovered"] is False
+
+
+def test_already_exists_never_sends_enable(client: TestClient) -> None:
+    assert post(client, "r-exists", identity="mailbox").status_code == 200
+    rec = record(client, "r-exists")
+    assert rec["state"] == "already_exists"
+    assert rec["enable_sent_at"] is None
+    assert rec["guid"] is not None
+
+
+def test_failure_before_the_claim_is_received_to_failed(client: TestClient) -> None:
+    assert post(client, "r-ambiguous", identity="Alex Smith").status_code == 409
+    rec = record(client, "r-ambiguous")
+    assert rec["state"] == "failed"
+    assert rec["code"] == "AMBIGUOUS_IDENTITY"
+    assert rec["guid"] is None  # never resolved, never claimed
+    assert rec["exchange"]["reason"] == "ManagementObjectAmbiguousException"
+    assert (
+        "FailureCategory=Cmdlet-ManagementObjectAmbiguousException" in (rec["exchange"]["error_id"])
+    )
+
+
+def test_failure_inside_the_claim_is_running_to_failed(client: TestClient) -> None:
+    assert post(client, "r-mailuser", identity="mailuser").status_code == 409
+    rec = record(client, "r-mailuser")
+    assert rec["state"] == "failed"
+    assert rec["code"] == "WRONG_RECIPIENT_TYPE"
+    assert rec["guid"] is not None  # it held the claim (running) before failing
+    assert rec["enable_sent_at"] is None
+
+
+def test_exchange_error_from_enable_is_recorded_with_exchange_details(client: TestClient) -> None:
+    assert post(client, "r-denied", identity="denied").status_code == 502
+    rec = record(client, "r-denied")
+    assert rec["state"] == "failed"
+    assert rec["code"] == "EXCHANGE_PERMISSION_DENIED"
+    assert rec["enable_sent_at"] is not None
+    assert rec["exchange"]["message"]
+    assert rec["exchange"]["error_id"]
+
+
+def test_unknown_request_id_is_404(client: TestClient) -> None:
+    response = client.get(f"{REQUESTS}/nope")
+    assert response.status_code == 404
+    assert response.json()["code"] == "NOT_FOUND"
+
+
+def test_request_lookup_needs_authentication(
+    make_client: Callable[..., TestClient], client: TestClient
+) -> None:
+    post(client, "r-auth", identity="mailbox")
+    anonymous = make_client(authenticated=False)
+    assert anonymous.get(f"{REQUESTS}/r-auth").status_code == 401
+
+
+def test_a_reused_request_id_shows_the_latest_record(client: TestClient) -> None:
+    post(client, "r-twice", identity="Alex Smith")
+    post(client, "r-twice", identity="mailbox")
+    assert record(client, "r-twice")["state"] == "already_exists"
+
+
+# ---- journal unavailable → 503 and no Exchange call -------------------------------------------
+
+
+def test_unusable_data_dir_is_503_with_zero_backend_calls(
+    make_client: Callable[..., TestClient], exchange: SimulatedExchange, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    client = make_client(data_dir=str(blocker / "data"))
+    response = post(client, "r-503", identity="CONTOSO\\plain")
+    assert response.status_code == 503
+    assert response.json()["code"] == "JOURNAL_UNAVAILABLE"
+    assert response.headers["Retry-After"]
+    assert exchange.calls == []
+    ready = client.get("/VezaProvisioner/health/ready")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["journal"]["ok"] is False
+
+
+def test_a_locked_journal_is_503_with_zero_backend_calls(
+    make_client: Callable[..., TestClient], exchange: SimulatedExchange, tmp_path: Path
+) -> None:
+    client = make_client(journal={"busy_timeout_ms": 50})
+    assert client.get("/VezaProvisioner/health/ready").status_code == 200  # creates the file
+    with closing(sqlite3.connect(tmp_path / "data" / JOURNAL_FILE, isolation_level=None)) as db:
+        db.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
+        calls_before = len(exchange.calls)
+        response = post(client, "r-locked", identity="CONTOSO\\plain")
+        assert response.status_code == 503
+        assert response.json()["code"] == "JOURNAL_UNAVAILABLE"
+        assert len(exchange.calls) == calls_before
+        db.execute("ROLLBACK")
+    assert post(client, "r-unlocked", identity="CONTOSO\\plain").status_code == 201
+
+
+class LocksJournalOnGetUser:
+    """Get-User works, then the journal becomes locked (a disk or another process's lock)."""
+
+    def __init__(self, inner: SimulatedExchange, journal_path: Path) -> None:
+        self.inner = inner
+        self.path = journal_path
+        self.locker: sqlite3.Connection | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def get_user(self, identity: str, domain_controller: str | None = None) -> DirectoryUser:
+        user = self.inner.get_user(identity, domain_controller)
+        if self.locker is None:
+            self.locker = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.locker.execute("BEGIN EXCLUSIVE")
+        return user
+
+
+def test_journal_failing_before_the_claim_step_sends_no_enable(
+    make_settings: Callable[..., Settings],
+    exchange: SimulatedExchange,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    from vezaprovisioner.api.app import create_app
+
+    port = LocksJournalOnGetUser(exchange, tmp_path / "data" / JOURNAL_FILE)
+    app = create_app(make_settings(journal={"busy_timeout_ms": 50}), exchange=port, clock=clock)
+    with TestClient(app, headers={"Authorization": _auth()}) as client:
+        response = post(client, "r-mid", identity="CONTOSO\\plain")
+        assert response.status_code == 503
+        assert response.json()["code"] == "JOURNAL_UNAVAILABLE"
+        assert exchange.count("Enable-Mailbox") == 0
+        assert port.locker is not None
+        port.locker.close()
+
+
+class LocksJournalOnEnable(LocksJournalOnGetUser):
+    """Enable-Mailbox takes effect, then the journal locks before the outcome is written."""
+
+    def get_user(self, identity: str, domain_controller: str | None = None) -> DirectoryUser:
+        return self.inner.get_user(identity, domain_controller)
+
+    def enable_mailbox(self, request: EnableMailbox) -> Recipient:
+        result = self.inner.enable_mailbox(request)
+        self.locker = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.locker.execute("BEGIN EXCLUSIVE")
+        return result
+
+
+def test_journal_failing_after_exchange_acted_still_reports_the_outcome(
+    make_settings: Callable[..., Settings],
+    exchange: SimulatedExchange,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> None:
+    from vezaprovisioner.api.app import create_app
+
+    port = LocksJournalOnEnable(exchange, tmp_path / "data" / JOURNAL_FILE)
+    app = create_app(make_settings(journal={"busy_timeout_ms": 50}), exchange=port, clock=clock)
+    with TestClient(app, headers={"Authorization": _auth()}) as client:
+        response = post(client, "r-after", identity="CONTOSO\\plain")
+        assert port.locker is not None
+        port.locker.close()
+        # Exchange created the mailbox: the caller hears so, not "nothing was sent" (503).
+        assert response.status_code == 201, response.text
+        rec = record(client, "r-after")
+    # The outcome could not be written: the record stays running with Enable-* announced, for
+    # recovery to reconcile once it is stale.
+    assert rec["state"] == "running"
+    assert rec["enable_sent_at"] is not None
+
+
+def _auth() -> str:
+    from tests.conftest import AUTH
+
+    return AUTH["Authorization"]
+
+
+# ---- transitions are guarded ------------------------------------------------------------------
+
+
+def test_transitions_only_from_the_states_they_describe(
+    make_journal: Callable[..., Journal],
+) -> None:
+    journal = make_journal()
+    row = journal.receive(CONTEXT, "CREATE_EMAIL", "jdoe", None)
+    assert journal.records()[0].state == "received"
+    journal.enable_sent(row)  # not running yet: refused
+    assert journal.records()[0].enable_sent_at is None
+    journal.running(row, "guid-1")
+    journal.enable_sent(row)
+    journal.finish(row, "created", guid="guid-1", alias="jdoe", primary_smtp_address="j@c.com")
+    assert journal.records()[0].state == "created"
+    assert not journal.reconcile(row, "unknown", "too late")  # finished records stay finished
+    journal.fail(row, RuntimeError("late"))
+    assert journal.records()[0].state == "created"
+
+
+def test_schema_version_and_a_newer_schema_is_refused(
+    make_journal: Callable[..., Journal], tmp_path: Path
+) -> None:
+    journal = make_journal()
+    journal.check_writable()
+    path = tmp_path / "data" / JOURNAL_FILE
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+        db.commit()
+    with pytest.raises(JournalUnavailable, match="newer than this program knows"):
+        make_journal().check_writable()
+
+
+def test_retention_deletes_only_old_finished_records(
+    make_journal: Callable[..., Journal], wall: Wall
+) -> None:
+    journal = make_journal(retention_days=30)
+    old = journal.receive(CONTEXT, "CREATE_EMAIL", "old", None)
+    journal.fail(old, RuntimeError("x"))
+    journal.receive(CONTEXT, "CREATE_EMAIL", "old-unfinished", None)
+    wall.now += 31 * 86_400
+    journal.receive(CONTEXT, "CREATE_EMAIL", "new", None)
+    assert journal.prune() == 1
+    assert sorted(r.identity for r in journal.records()) == ["new", "old-unfinished"]
+
+
+def test_record_filters(make_journal: Callable[..., Journal], wall: Wall) -> None:
+    journal = make_journal()
+    a = journal.receive(CONTEXT, "CREATE_EMAIL", "jdoe", None)
+    journal.fail(a, RuntimeError("x"))
+    wall.now += 7200
+    b = journal.receive(CONTEXT, "CREATE_EMAIL", "asmith", None)
+    journal.running(b, "GUID-B")
+    assert [r.identity for r in journal.records(since=wall.now - 3600)] == ["asmith"]
+    assert [r.identity for r in journal.records(identity="JDOE")] == ["jdoe"]
+    assert [r.identity for r in journal.records(identity="guid-b")] == ["asmith"]
+    assert [r.identity for r in journal.records(state="failed")] == ["jdoe"]
+
+
+# ---- claims -----------------------------------------------------------------------------------
+
+
+def test_a_claim_is_exclusive_until_released(make_journal: Callable[..., Journal]) -> None:
+    first, second = make_journal(), make_journal()  # two connections, as two processes have
+    token = first.try_claim("guid-1")
+    assert token is not None
+    assert second.try_claim("guid-1") is None
+    assert second.try_claim("guid-2") is not None
+    first.release("guid-1", token)
+    assert second.try_claim("guid-1") is not None
+
+
+def test_an_expired_claim_is_taken_over(make_journal: Callable[..., Journal], wall: Wall) -> None:
+    journal = make_journal(stale_claim_seconds=600)
+    assert journal.try_claim("guid-1") is not None
+    wall.now += 599
+    assert journal.try_claim("guid-1") is None
+    wall.now += 2
+    assert journal.try_claim("guid-1") is not None
+
+
+def test_a_claim_of_a_dead_process_is_taken_over(
+    make_journal: Callable[..., Journal], tmp_path: Path
+) -> None:
+    journal = make_journal()
+    journal.check_writable()
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(child.stdout)
+    with closing(sqlite3.connect(tmp_path / "data" / JOURNAL_FILE)) as db:
+        host = db.execute("SELECT ?", (journal.host,)).fetchone()[0]
+        db.execute(
+            "INSERT INTO claims VALUES ('guid-1', 'tok', ?, ?, 'p', 0, 1e12)", (host, dead_pid)
+        )
+        db.execute(
+            "INSERT INTO claims VALUES ('guid-2', 'tok', 'another-server', ?, 'p', 0, 1e12)",
+            (dead_pid,),
+        )
+        db.commit()
+    assert journal.try_claim("guid-1") is not None
+    # Another machine's process cannot be checked: only expiry frees its claim.
+    assert journal.try_claim("guid-2") is None
+
+
+def test_a_dead_predecessor_with_our_pid_is_recognised(
+    make_journal: Callable[..., Journal], tmp_path: Path
+) -> None:
+    journal = make_journal()
+    row = journal.receive(CONTEXT, "CREATE_EMAIL", "jdoe", None)
+    assert journal.orphans() == []  # ours, and we are alive
+    with closing(sqlite3.connect(tmp_path / "data" / JOURNAL_FILE)) as db:
+        # A restarted container's process often gets the same pid as the one that died.
+        db.execute("UPDATE requests SET owner_token = 'before-restart' WHERE id = ?", (row,))
+        db.execute(
+            "INSERT INTO claims VALUES ('guid-1', 'tok', ?, ?, 'before-restart', 0, 1e12)",
+            (journal.host, os.getpid()),
+        )
+        db.commit()
+    assert [r.id for r in journal.orphans()] == [row]
+    assert journal.try_claim("guid-1") is not None
+
+
+def test_the_guard_waits_for_another_process_then_gives_up(
+    make_journal: Callable[..., Journal], clock: FakeClock
+) -> None:
+    other_process = make_journal()
+    token = other_process.try_claim("guid-1")
+    assert token is not None
+    settings = JournalSettings(claim_wait_seconds=2)
+    guard = JournalIdentityGuard(make_journal(), settings, clock, InProcessIdentityGuard())
+    with pytest.raises(IdentityBusy, match="claim_wait_seconds"), guard.hold("GUID-1"):
+        pass
+    assert sum(clock.sleeps) == pytest.approx(2)
+    other_process.release("guid-1", token)
+    with guard.hold("guid-1"):
+        assert other_process.try_claim("guid-1") is None
+    assert other_process.try_claim("guid-1") is not None
+
+
+def test_threads_of_one_process_queue_on_the_guard(
+    make_journal: Callable[..., Journal], clock: FakeClock
+) -> None:
+    guard = JournalIdentityGuard(make_journal(), JournalSettings(), clock, InProcessIdentityGuard())
+    inside = threading.Event()
+    leave = threading.Event()
+    order: list[str] = []
+
+    def first() -> None:
+        with guard.hold("guid-1"):
+            order.append("first in")
+            inside.set()
+            leave.wait(10)
+            order.append("first out")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    inside.wait(10)
+    leave.set()
+    with guard.hold("guid-1"):
+        order.append("second in")
+    thread.join(10)
+    assert order == ["first in", "first out", "second in"]
+    assert clock.sleeps == []  # queued on the lock, not polling the claim
+
+
+def test_a_user_claimed_elsewhere_too_long_is_503_identity_busy(
+    make_client: Callable[..., TestClient],
+    make_journal: Callable[..., Journal],
+    exchange: SimulatedExchange,
+) -> None:
+    client = make_client(journal={"claim_wait_seconds": 1})
+    other_process = make_journal()
+    guid = exchange.get_user("CONTOSO\\plain").guid
+    assert other_process.try_claim(guid) is not None
+    response = post(client, "r-busy", identity="CONTOSO\\plain")
+    assert response.status_code == 503
+    assert response.json()["code"] == "IDENTITY_BUSY"
+    assert response.headers["Retry-After"] == "5"
+    assert exchange.count("Enable-Mailbox") == 0
+    rec = record(client, "r-busy")
+    assert (rec["state"], rec["code"]) == ("failed", "IDENTITY_BUSY")

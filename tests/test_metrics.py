@@ -1,0 +1,151 @@
+"""Metrics: the exposition parses, counts what happened, and adds up worker processes."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from contextlib import closing
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import REPO_ROOT
+from vezaprovisioner.journal import JOURNAL_FILE
+from vezaprovisioner.services import Services
+
+METRICS = "/VezaProvisioner/metrics"
+EMAILS = "/VezaProvisioner/api/v1/emails"
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def samples(text: str) -> Samples:
+    parsed: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            parsed[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return parsed
+
+
+def value(parsed: Samples, name: str, **labels: str) -> float:
+    return parsed.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_requests_and_latencies_are_counted(client: TestClient) -> None:
+    client.post(EMAILS, json={"identity": "CONTOSO\\plain"})
+    client.post(EMAILS, json={"identity": "Alex Smith"})
+    client.post(EMAILS, json={"identity": "Alex Smith"})
+    response = client.get(METRICS)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    parsed = samples(response.text)
+    route = "/VezaProvisioner/api/v1/emails"
+    total = "vezaprovisioner_requests_total"
+    assert value(parsed, total, route=route, method="POST", status="201", code="") == 1
+    assert (
+        value(parsed, total, route=route, method="POST", status="409", code="AMBIGUOUS_IDENTITY")
+        == 2
+    )
+    assert value(parsed, "vezaprovisioner_request_duration_seconds_count", route=route) == 3
+    exchange = "vezaprovisioner_exchange_duration_seconds_count"
+    assert value(parsed, exchange, cmdlet="Enable-Mailbox", outcome="ok") == 1
+    assert value(parsed, exchange, cmdlet="Get-User", outcome="error") == 2
+    assert value(parsed, "vezaprovisioner_journal_errors_total") == 0
+
+
+def test_backend_gauges_appear_only_when_a_backend_reports_them(
+    client: TestClient,
+) -> None:
+    assert "vezaprovisioner_backend_hosts{" not in client.get(METRICS).text
+    services: Services = client.app.state.services  # type: ignore[attr-defined]
+    assert services.metrics is not None
+    events = services.metrics.backend_events("local")
+    events.hosts({"idle": 3, "busy": 1})
+    events.queue_depth(2)
+    events.host_killed("ps-7", "timeout")
+    parsed = samples(client.get(METRICS).text)
+    assert value(parsed, "vezaprovisioner_backend_hosts", backend="local", state="idle") == 3
+    assert value(parsed, "vezaprovisioner_backend_hosts", backend="local", state="busy") == 1
+    assert value(parsed, "vezaprovisioner_backend_queue_depth", backend="local") == 2
+    assert (
+        value(parsed, "vezaprovisioner_backend_host_events_total", backend="local", event="killed")
+        == 1
+    )
+
+
+def test_journal_errors_are_counted(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    client = make_client(journal={"busy_timeout_ms": 20})
+    client.get("/VezaProvisioner/health/ready")
+    with closing(sqlite3.connect(tmp_path / "data" / JOURNAL_FILE, isolation_level=None)) as db:
+        db.execute("BEGIN EXCLUSIVE")
+        assert client.post(EMAILS, json={"identity": "plain"}).status_code == 503
+        db.execute("ROLLBACK")
+    parsed = samples(client.get(METRICS).text)
+    assert value(parsed, "vezaprovisioner_journal_errors_total") >= 1
+    assert (
+        value(
+            parsed,
+            "vezaprovisioner_requests_total",
+            route="/VezaProvisioner/api/v1/emails",
+            method="POST",
+            status="503",
+            code="JOURNAL_UNAVAILABLE",
+        )
+        == 1
+    )
+
+
+def test_metrics_need_authentication_unless_configured(
+    make_client: Callable[..., TestClient],
+) -> None:
+    assert make_client(authenticated=False).get(METRICS).status_code == 401
+    public = make_client(authenticated=False, metrics={"require_auth": False})
+    assert public.get(METRICS).status_code == 200
+    disabled = make_client(metrics={"enabled": False})
+    assert disabled.get(METRICS).status_code == 404
+
+
+def test_multiprocess_mode_adds_up_worker_processes(tmp_path: Path) -> None:
+    worker = textwrap.dedent(
+        """
+        import sys
+        from pathlib import Path
+        from vezaprovisioner.metrics import Metrics, use_multiprocess_dir
+        metrics = Metrics(use_multiprocess_dir(Path(sys.argv[1])))
+        metrics.requests.labels("/r", "POST", "201", "").inc(int(sys.argv[2]))
+        if len(sys.argv) > 3:
+            sys.stdout.write(metrics.exposition().decode())
+        """
+    )
+    folder = tmp_path / "prom"
+
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", worker, str(folder), *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO_ROOT,
+            env={"PATH": "/usr/bin:/bin"},
+        )
+        return done.stdout
+
+    run("2")
+    run("3")
+    exposition = run("4", "expose")
+    parsed = samples(exposition)
+    assert (
+        value(
+            parsed,
+            "vezaprovisioner_requests_total",
+            route="/r",
+            method="POST",
+            status="201",
+            code="",
+        )
+        == 9
+    )
