@@ -1,4 +1,4 @@
-"""Prints how long deploy/msi/build.py takes and how large the MSI gets, by bundle size.
+"""Prints how long deploy/msi/build_msi.py takes and how large the MSI gets, by bundle size.
 
 Builds synthetic bundles shaped like the offline bundle (the IIS scripts, a README, a wheelhouse
 of incompressible wheels and a tree of compressible source files) and times the build and
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BUILD_SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "msi" / "build.py"
+BUILD_SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "msi" / "build_msi.py"
 WHEEL_BYTES = 1_000_000
 
 

@@ -1,5 +1,5 @@
-"""deploy/msi/build.py: the MSI builds from a bundle, its tables say what Windows will do, and it
-carries the bundle file for file.
+"""deploy/msi/build_msi.py: the MSI builds from a bundle, its tables say what Windows will do,
+and it carries the bundle file for file.
 
 No Windows here, so the tables are read back with msiinfo and the custom actions are replayed by a
 small model of the parts of Windows Installer they rely on: the InstallExecuteSequence order,
@@ -26,7 +26,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BUILD_SCRIPT = REPO_ROOT / "deploy" / "msi" / "build.py"
+BUILD_SCRIPT = REPO_ROOT / "deploy" / "msi" / "build_msi.py"
 #: Pinned on purpose: a new UpgradeCode makes the next MSI install beside the old one instead of
 #: upgrading it. Never change this value (see deploy/msi/README.md).
 UPGRADE_CODE = "{71AB0217-5251-4548-A08C-66881B77A871}"

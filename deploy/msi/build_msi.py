@@ -6,7 +6,7 @@ deploy\\iis\\install.ps1 (see VezaProvisioner.wxs for the custom actions). wixl 
 harvester that fits, so this script generates the file list: one component per file, with ids
 derived from the file's path, so the same path keeps the same component across versions.
 
-    python3 deploy/msi/build.py --bundle dist/vezaprovisioner-0.1.0-win-amd64.zip
+    python3 deploy/msi/build_msi.py --bundle dist/vezaprovisioner-0.1.0-win-amd64.zip
 
 Needs the Debian packages wixl (the compiler) and msitools (msibuild, msiinfo, msiextract).
 """
@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         output = build_msi(args.bundle, args.version or package_version(), args.output_dir)
     except BuildError as error:
-        print(f"build.py: {error}", file=sys.stderr)
+        print(f"build_msi.py: {error}", file=sys.stderr)
         return 1
     print(output)
     return 0
