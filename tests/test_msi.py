@@ -5,6 +5,9 @@ No Windows here, so the tables are read back with msiinfo and the custom actions
 small model of the parts of Windows Installer they rely on: the InstallExecuteSequence order,
 conditions (the subset the package uses), "[PROPERTY]" formatting, and the splitting of the
 resulting command line into argv (CommandLineToArgvW rules, which powershell.exe follows).
+That argv is then bound against deploy/iis/install.ps1's and uninstall.ps1's param() blocks
+(parsed with tree-sitter-powershell) the way PowerShell's binder would, so the MSI and the
+scripts cannot drift apart.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import tree_sitter
+import tree_sitter_powershell
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -32,6 +37,8 @@ BUILD_SCRIPT = REPO_ROOT / "deploy" / "msi" / "build_msi.py"
 UPGRADE_CODE = "{71AB0217-5251-4548-A08C-66881B77A871}"
 VERSION = metadata.version("vezaprovisioner")
 INSTALLDIR = "C:\\Program Files\\VezaProvisioner\\"
+#: install.ps1's -InstallRoot default: venv, configuration, data and logs (no space allowed).
+INSTALLROOT = "C:\\VezaProvisioner"
 SYSTEM64 = "C:\\Windows\\system32\\"
 POWERSHELL = SYSTEM64 + "WindowsPowerShell\\v1.0\\powershell.exe"
 POWERSHELL_OPTIONS = [
@@ -340,18 +347,34 @@ def replay(
     return launches
 
 
-def install_argv(script: str, *extra: str, site: str = "Default Web Site") -> list[str]:
+def install_argv(*extra: str, site: str = "Default Web Site") -> list[str]:
     return [
         *POWERSHELL_OPTIONS,
-        f"{INSTALLDIR}deploy\\iis\\{script}",
+        f"{INSTALLDIR}deploy\\iis\\install.ps1",
+        "-KeepPoolIdentity",
+        "-InstallRoot",
+        INSTALLROOT,
         "-SiteName",
         site,
         "-AppName",
         "VezaProvisioner",
         "-AppPoolName",
+        "VezaProvisionerPool",
+        *extra,
+        "-FromMsi",
+    ]
+
+
+def uninstall_argv(*extra: str) -> list[str]:
+    return [
+        *POWERSHELL_OPTIONS,
+        f"{INSTALLDIR}deploy\\iis\\uninstall.ps1",
+        "-InstallRoot",
+        INSTALLROOT,
+        "-SiteName",
+        "Default Web Site",
+        "-AppName",
         "VezaProvisioner",
-        "-InstallDir",
-        f"{INSTALLDIR}.",
         *extra,
         "-FromMsi",
     ]
@@ -508,7 +531,15 @@ def test_refuses_a_zip_that_writes_outside_its_folder(tmp_path: Path) -> None:
 def test_public_properties_reach_the_elevated_session(msi: Path) -> None:
     props = properties(msi)
     # No value in the Property table: empty means "not given" (defaults come from actions).
-    public = ["SITE", "APPALIAS", "APPPOOL", "POWERSHELLPATH", "REMOTEEXCHANGEPATH", "REMOVEDATA"]
+    public = [
+        "INSTALLROOT",
+        "SITE",
+        "APPALIAS",
+        "APPPOOL",
+        "POWERSHELLPATH",
+        "REMOTEEXCHANGEPATH",
+        "REMOVEDATA",
+    ]
     assert not [name for name in public if name in props]
     secure = props["SecureCustomProperties"].split(";")
     for name in [*public, "UPGRADEFOUND", "NEWERVERSIONFOUND"]:
@@ -567,7 +598,7 @@ def test_iis_actions_run_inside_the_transaction_around_the_files(msi: Path) -> N
 
 
 def test_install_runs_install_ps1_with_the_defaults(msi: Path) -> None:
-    assert replay(msi, {}) == [Launch("VpConfigureIis", POWERSHELL, install_argv("install.ps1"))]
+    assert replay(msi, {}) == [Launch("VpConfigureIis", POWERSHELL, install_argv())]
 
 
 def test_install_passes_the_admins_properties(msi: Path) -> None:
@@ -576,6 +607,7 @@ def test_install_passes_the_admins_properties(msi: Path) -> None:
     launches = replay(
         msi,
         {
+            "INSTALLROOT": "D:\\Veza",
             "SITE": "Exchange Back End",
             "APPALIAS": "Veza",
             "APPPOOL": "VezaPool",
@@ -587,14 +619,15 @@ def test_install_passes_the_admins_properties(msi: Path) -> None:
         [
             *POWERSHELL_OPTIONS,
             f"{INSTALLDIR}deploy\\iis\\install.ps1",
+            "-KeepPoolIdentity",
+            "-InstallRoot",
+            "D:\\Veza",
             "-SiteName",
             "Exchange Back End",
             "-AppName",
             "Veza",
             "-AppPoolName",
             "VezaPool",
-            "-InstallDir",
-            f"{INSTALLDIR}.",
             "-PowerShellPath",
             shell,
             "-RemoteExchangePath",
@@ -612,15 +645,20 @@ def test_repair_and_upgrade_run_install_ps1_again(msi: Path) -> None:
 
 def test_uninstall_runs_uninstall_ps1_and_keeps_data_unless_asked(msi: Path) -> None:
     keep = replay(msi, {"REMOVE": "ALL"})
-    assert keep == [Launch("VpRemoveIis", POWERSHELL, install_argv("uninstall.ps1"))]
+    assert keep == [Launch("VpRemoveIis", POWERSHELL, uninstall_argv())]
     remove = replay(msi, {"REMOVE": "ALL", "REMOVEDATA": "1"})
-    assert [launch.argv for launch in remove] == [install_argv("uninstall.ps1", "-RemoveData")]
+    assert [launch.argv for launch in remove] == [uninstall_argv("-RemoveData")]
     assert replay(msi, {"REMOVE": "ALL", "REMOVEDATA": "0"}) == keep
 
 
 def test_properties_are_remembered_for_repair_upgrade_and_uninstall(msi: Path) -> None:
     registry: Registry = {}
-    custom = {"SITE": "Exchange Back End", "APPALIAS": "Veza", "APPPOOL": "VezaPool"}
+    custom = {
+        "INSTALLROOT": "D:\\Veza",
+        "SITE": "Exchange Back End",
+        "APPALIAS": "Veza",
+        "APPPOOL": "VezaPool",
+    }
     remote = r"D:\Exchange\V15\bin\RemoteExchange.ps1"
     (install,) = replay(msi, {**custom, "REMOTEEXCHANGEPATH": remote}, registry)
     assert registry[("SOFTWARE\\VezaProvisioner", "Site")] == "Exchange Back End"
@@ -634,13 +672,13 @@ def test_properties_are_remembered_for_repair_upgrade_and_uninstall(msi: Path) -
 
     # Uninstall from Programs and Features passes no properties, yet reaches the same application.
     (uninstall,) = replay(msi, {"REMOVE": "ALL"}, registry)
-    assert uninstall.argv[uninstall.argv.index("-SiteName") :][:6] == [
+    assert uninstall.argv[uninstall.argv.index("-InstallRoot") :][:6] == [
+        "-InstallRoot",
+        "D:\\Veza",
         "-SiteName",
         "Exchange Back End",
         "-AppName",
         "Veza",
-        "-AppPoolName",
-        "OtherPool",
     ]
     assert "-RemoteExchangePath" not in uninstall.argv
     assert not registry
@@ -663,7 +701,7 @@ def test_a_site_name_stays_one_argument(msi: Path, site: str) -> None:
     """Any site name without a double quote or backslash (IIS forbids both) reaches install.ps1
     as exactly one argument, spaces and all."""
     (launch,) = replay(msi, {"SITE": site})
-    assert launch.argv == install_argv("install.ps1", site=site)
+    assert launch.argv == install_argv(site=site)
 
 
 # --- upgrades --------------------------------------------------------------------------------
@@ -689,3 +727,246 @@ def test_upgrade_table_replaces_older_and_same_versions_and_refuses_downgrades(m
 def test_build_leaves_only_the_msi_behind(bundle: Path, tmp_path: Path) -> None:
     build(bundle, tmp_path)
     assert [path.name for path in tmp_path.rglob("*")] == [f"VezaProvisioner-{VERSION}-x64.msi"]
+
+
+# --- the scripts accept what the MSI passes --------------------------------------------------
+
+_PS_PARSER = tree_sitter.Parser(tree_sitter.Language(tree_sitter_powershell.language()))
+IIS_DIR = REPO_ROOT / "deploy" / "iis"
+#: The set a parameter without ParameterSetName belongs to: every set.
+ALL_SETS = "__AllParameterSets"
+
+
+@dataclass(frozen=True)
+class ScriptParameter:
+    """One parameter of a script's param() block, as PowerShell's binder sees it."""
+
+    name: str
+    type: str
+    #: parameter set → mandatory there; ALL_SETS when the parameter is in every set.
+    sets: Mapping[str, bool]
+    default: str | None
+    pattern: str | None
+
+    def in_set(self, name: str) -> bool:
+        return ALL_SETS in self.sets or name in self.sets
+
+    def mandatory_in(self, name: str) -> bool:
+        return self.sets.get(name, False) or self.sets.get(ALL_SETS, False)
+
+
+@dataclass(frozen=True)
+class ScriptSignature:
+    default_set: str
+    parameters: Mapping[str, ScriptParameter]  # by lower-case name: PowerShell ignores case
+
+    @property
+    def sets(self) -> set[str]:
+        named = {s for p in self.parameters.values() for s in p.sets if s != ALL_SETS}
+        return named or {ALL_SETS}
+
+
+def _walk(node: tree_sitter.Node, kind: str) -> list[tree_sitter.Node]:
+    found, stack = [], [node]
+    while stack:
+        current = stack.pop()
+        if current.type == kind:
+            found.append(current)
+        stack.extend(reversed(current.children))
+    return found
+
+
+def _node_text(node: tree_sitter.Node) -> str:
+    return node.text.decode("utf-8") if node.text is not None else ""
+
+
+def _literal(text: str) -> str:
+    """A PowerShell literal's value: 'single-quoted' ('' is a quote), "double", or as written."""
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        return text[1:-1].replace("''", "'")
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return text[1:-1]
+    return text
+
+
+def _attribute_arguments(attribute: tree_sitter.Node) -> dict[str, str]:
+    """`[Name(A = x, 'positional')]` → {"a": "x", "": "positional"}."""
+    arguments = {}
+    for argument in _walk(attribute, "attribute_argument"):
+        name = next((c for c in argument.children if c.type == "simple_name"), None)
+        value = argument.children[-1]
+        arguments[_node_text(name).lower() if name else ""] = _literal(_node_text(value))
+    return arguments
+
+
+def script_signature(script: Path) -> ScriptSignature:
+    """The param() block of `script`: names, types, parameter sets, defaults, ValidatePattern."""
+    root = _PS_PARSER.parse(script.read_bytes()).root_node
+    (param_block,) = [n for n in root.children if n.type == "param_block"]
+    binding = {}
+    for attribute in _walk(param_block, "attribute"):
+        if attribute.parent is not None and attribute.parent.parent == param_block:
+            binding = _attribute_arguments(attribute)  # [CmdletBinding(...)]
+    parameters = {}
+    for parameter in _walk(param_block, "script_parameter"):
+        variable = next(c for c in parameter.children if c.type == "variable")
+        name = _node_text(variable).lstrip("$")
+        kind, pattern, sets = "", None, {}
+        for attribute in _walk(parameter, "attribute"):
+            literal = next((c for c in attribute.children if c.type == "type_literal"), None)
+            if literal is not None:
+                kind = _node_text(literal)[1:-1].lower()
+                continue
+            attribute_name = _node_text(attribute.children[1]).lower()
+            arguments = _attribute_arguments(attribute)
+            if attribute_name == "parameter":
+                set_name = arguments.get("parametersetname", ALL_SETS)
+                sets[set_name] = arguments.get("mandatory", "$false").lower() == "$true"
+            elif attribute_name == "validatepattern":
+                pattern = arguments[""]
+        default_node = next(
+            (c for c in parameter.children if c.type == "script_parameter_default"), None
+        )
+        default = _literal(_node_text(default_node.children[-1])) if default_node else None
+        parameters[name.lower()] = ScriptParameter(
+            name, kind, sets or {ALL_SETS: False}, default, pattern
+        )
+    return ScriptSignature(binding.get("defaultparametersetname", ALL_SETS), parameters)
+
+
+def bind(signature: ScriptSignature, arguments: list[str]) -> tuple[str, dict[str, str | None]]:
+    """Bind named arguments as `powershell -File script.ps1 <arguments>` would: each `-Name` is a
+    declared parameter, a switch takes no value, any other parameter takes the next argument;
+    then the one parameter set that holds every bound parameter (the default set when several
+    do) must have all its mandatory parameters bound. Returns (set, name → value or None)."""
+    bound: dict[str, str | None] = {}
+    position = 0
+    while position < len(arguments):
+        token = arguments[position]
+        assert token.startswith("-"), f"positional argument {token!r}: pass it by name"
+        parameter = signature.parameters.get(token[1:].lower())
+        assert parameter is not None, f"{token} is not a parameter of the script"
+        assert parameter.name not in bound, f"{token} is passed twice"
+        if parameter.type == "switch":
+            following = arguments[position + 1] if position + 1 < len(arguments) else "-"
+            assert following.startswith("-"), f"switch {token} is passed a value {following!r}"
+            bound[parameter.name] = None
+            position += 1
+        else:
+            assert position + 1 < len(arguments), f"{token} has no value"
+            value = arguments[position + 1]
+            assert not value.startswith("-"), f"{token} is followed by {value!r}, not a value"
+            bound[parameter.name] = value
+            position += 2
+    candidates = {
+        name
+        for name in signature.sets
+        if all(signature.parameters[p.lower()].in_set(name) for p in bound)
+    }
+    assert candidates, f"no parameter set holds all of {sorted(bound)}"
+    if len(candidates) > 1:
+        assert signature.default_set in candidates, f"ambiguous parameter sets {candidates}"
+        candidates = {signature.default_set}
+    (chosen,) = candidates
+    unbound = [
+        p.name
+        for p in signature.parameters.values()
+        if p.in_set(chosen) and p.mandatory_in(chosen) and p.name not in bound
+    ]
+    assert not unbound, f"parameter set {chosen} leaves mandatory {unbound} unbound"
+    for bound_name, bound_value in bound.items():
+        pattern = signature.parameters[bound_name.lower()].pattern
+        if pattern is not None and bound_value is not None:
+            # ValidatePattern matches case-insensitively; these patterns are plain regexes.
+            assert re.search(pattern, bound_value, re.I), f"-{bound_name} {bound_value!r} fails"
+    return chosen, bound
+
+
+def script_arguments(launch: Launch) -> tuple[Path, list[str]]:
+    """The script a launch runs (from the repository) and the arguments after its path."""
+    file_index = launch.argv.index("-File")
+    script = launch.argv[file_index + 1].removeprefix(INSTALLDIR).replace("\\", "/")
+    return REPO_ROOT / script, launch.argv[file_index + 2 :]
+
+
+def test_the_binding_model_catches_what_powershell_would_refuse() -> None:
+    install = script_signature(IIS_DIR / "install.ps1")
+    with pytest.raises(AssertionError, match="not a parameter"):
+        bind(install, ["-KeepPoolIdentity", "-InstallDir", "C:\\Program Files\\X\\."])
+    with pytest.raises(AssertionError, match="is passed a value"):
+        bind(install, ["-KeepPoolIdentity", "-FromMsi", "1"])
+    with pytest.raises(AssertionError, match=r"Credential'\] unbound"):
+        bind(install, ["-SiteName", "Default Web Site", "-FromMsi"])  # the default set prompts
+    with pytest.raises(AssertionError, match="no parameter set holds"):
+        bind(install, ["-KeepPoolIdentity", "-GroupManagedServiceAccount", "CONTOSO\\g$"])
+    with pytest.raises(AssertionError, match="fails"):  # "Program Files" has a space
+        bind(install, ["-KeepPoolIdentity", "-InstallRoot", "C:\\Program Files\\Veza"])
+    assert bind(install, ["-GroupManagedServiceAccount", "CONTOSO\\gmsa-veza$"])[0] == "Gmsa"
+
+
+_SESSIONS = {
+    "install": {},
+    "install with every property": {
+        "INSTALLROOT": "D:\\Veza",
+        "SITE": "Exchange Back End",
+        "APPALIAS": "Veza",
+        "APPPOOL": "VezaPool",
+        "POWERSHELLPATH": "C:\\Windows\\System32\\WindowsPowerShell\\v1.0\\powershell.exe",
+        "REMOTEEXCHANGEPATH": "C:\\Program Files\\Microsoft\\Exchange Server\\V15\\bin\\x.ps1",
+    },
+    "repair": {"REINSTALL": "ALL"},
+    "upgrade": {"UPGRADEFOUND": "{OLD}"},
+    "uninstall": {"REMOVE": "ALL"},
+    "uninstall with REMOVEDATA=1": {"REMOVE": "ALL", "REMOVEDATA": "1"},
+}
+
+
+@pytest.mark.parametrize("session", list(_SESSIONS))
+def test_every_script_action_binds_to_its_script(msi: Path, session: str) -> None:
+    """What each custom action passes is what the script declares: known names, switches
+    without values, and a parameter set with every mandatory parameter bound (no prompt, which
+    -NonInteractive would turn into a failed installation)."""
+    (launch,) = replay(msi, _SESSIONS[session])
+    script, arguments = script_arguments(launch)
+    parameter_set, bound = bind(script_signature(script), arguments)
+    assert "FromMsi" in bound
+    if script.name == "install.ps1":
+        assert parameter_set == "KeepPoolIdentity"  # no account, so never a password
+    assert not [name for name in bound if re.search("password|credential", name, re.I)]
+
+
+def test_msi_defaults_are_the_scripts_defaults(msi: Path) -> None:
+    """Installing with the MSI or running the scripts by hand reaches the same folder, site,
+    application and pool, and so uninstall.ps1 by hand undoes an MSI install."""
+    (install,) = replay(msi, {})
+    (uninstall,) = replay(msi, {"REMOVE": "ALL"})
+    for launch in (install, uninstall):
+        script, arguments = script_arguments(launch)
+        signature = script_signature(script)
+        _, bound = bind(signature, arguments)
+        for name, value in bound.items():
+            default = signature.parameters[name.lower()].default
+            if value is not None and default is not None:
+                assert value == default, f"{script.name} -{name}: MSI {value!r}, script {default!r}"
+
+
+def test_the_scripts_find_the_bundle_the_msi_installed() -> None:
+    """The MSI passes no -BundleRoot: install.ps1's default, two folders above the script, is
+    INSTALLDIR, where the MSI put the bundle."""
+    signature = script_signature(IIS_DIR / "install.ps1")
+    assert signature.parameters["bundleroot"].default == "(Join-Path $PSScriptRoot '..\\..')"
+
+
+def test_the_msi_log_names_the_transcripts_the_scripts_write(msi: Path) -> None:
+    """Windows Installer keeps no output of an EXE action; the verbose MSI log records property
+    changes, so VpScriptLog carries where the scripts' transcripts are, under INSTALLROOT."""
+    note = {row["Source"]: row["Target"] for row in table(msi, "CustomAction")}["VpScriptLog"]
+    assert "[INSTALLROOT]\\logs\\install-msi.log" in note
+    assert "uninstall-msi.log" in note
+    number, condition = sequence(msi)["VpSetScriptLog"]
+    assert condition == ""
+    assert number > sequence(msi)["VpDefaultInstallRoot"][0]  # INSTALLROOT has its value then
+    for script, log in (("install.ps1", "install-msi.log"), ("uninstall.ps1", "uninstall-msi.log")):
+        text = (IIS_DIR / script).read_text(encoding="utf-8")
+        assert f"'{log}'" in text
+        assert "Join-Path $InstallRoot 'logs'" in text

@@ -44,6 +44,7 @@ README_CANDIDATES = (
 #: Public properties the admin may pass on the msiexec command line. Listed in
 #: SecureCustomProperties so they reach the elevated (server-side) part of the installation.
 PUBLIC_PROPERTIES = (
+    "INSTALLROOT",
     "SITE",
     "APPALIAS",
     "APPPOOL",
