@@ -118,8 +118,6 @@ function Open-Transcript {
     [System.IO.Directory]::CreateDirectory($folder) | Out-Null
     $script:LogFile = Join-Path $folder $Name
     [System.IO.File]::WriteAllText($script:LogFile, '', $Utf8)
-    $who = [System.Security.Principal.WindowsIdentity]::GetCurrent().Name
-    Write-Line "$(Get-Date -Format o) $PSCommandPath (parameter set $($PSCmdlet.ParameterSetName)), run by Windows Installer as $who"
 }
 
 function Invoke-Step {
@@ -269,6 +267,8 @@ function Invoke-Doctor {
 try {
     if ($FromMsi -and -not $WhatIfPreference) {
         Open-Transcript 'install-msi.log'
+        $who = [System.Security.Principal.WindowsIdentity]::GetCurrent().Name
+        Write-Line "$(Get-Date -Format o) $PSCommandPath (parameter set $($PSCmdlet.ParameterSetName)), run by Windows Installer as $who"
     }
     if ($PSCmdlet.ParameterSetName -eq 'Gmsa') {
         $AccountName = $GroupManagedServiceAccount
