@@ -538,6 +538,7 @@ def test_public_properties_reach_the_elevated_session(msi: Path) -> None:
         "APPPOOL",
         "POWERSHELLPATH",
         "REMOTEEXCHANGEPATH",
+        "ALLOWEDUSERS",
         "REMOVEDATA",
     ]
     assert not [name for name in public if name in props]
@@ -613,6 +614,7 @@ def test_install_passes_the_admins_properties(msi: Path) -> None:
             "APPPOOL": "VezaPool",
             "POWERSHELLPATH": shell,
             "REMOTEEXCHANGEPATH": remote,
+            "ALLOWEDUSERS": "CONTOSO\\veza-integration,veza@contoso.com",
         },
     )
     assert [launch.argv for launch in launches] == [
@@ -632,6 +634,8 @@ def test_install_passes_the_admins_properties(msi: Path) -> None:
             shell,
             "-RemoteExchangePath",
             remote,
+            "-AllowedUsers",
+            "CONTOSO\\veza-integration,veza@contoso.com",
             "-FromMsi",
         ]
     ]
@@ -913,6 +917,7 @@ _SESSIONS = {
         "APPPOOL": "VezaPool",
         "POWERSHELLPATH": "C:\\Windows\\System32\\WindowsPowerShell\\v1.0\\powershell.exe",
         "REMOTEEXCHANGEPATH": "C:\\Program Files\\Microsoft\\Exchange Server\\V15\\bin\\x.ps1",
+        "ALLOWEDUSERS": "CONTOSO\\veza-integration",
     },
     "repair": {"REINSTALL": "ALL"},
     "upgrade": {"UPGRADEFOUND": "{OLD}"},

@@ -66,7 +66,8 @@ param(
     [string] $PowerShellPath = '',
     # Default: from $env:ExchangeInstallPath or the Exchange Setup registry key.
     [string] $RemoteExchangePath = '',
-    # Callers allowed besides IIS's Basic check (DOMAIN\user or UPN); empty: any IIS-authenticated user.
+    # Callers allowed besides IIS's Basic check (DOMAIN\user or UPN); empty: any IIS-authenticated
+    # user. Also one comma-separated string, which is what `powershell -File` (the MSI) passes.
     [string[]] $AllowedUsers = @(),
     # Domain IIS assumes when a caller sends a bare user name.
     [string] $DefaultLogonDomain = '',
@@ -283,6 +284,8 @@ try {
             @('-AppPoolName', $AppPoolName), @('-AccountName', $AccountName))) {
         Assert-NoQuote $pair[0] $pair[1]
     }
+    $AllowedUsers = @($AllowedUsers | ForEach-Object { $_ -split ',' } |
+        ForEach-Object { $_.Trim() } | Where-Object { $_ })
     foreach ($user in $AllowedUsers) {
         Assert-NoQuote '-AllowedUsers' $user
     }

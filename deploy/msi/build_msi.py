@@ -50,6 +50,7 @@ PUBLIC_PROPERTIES = (
     "APPPOOL",
     "POWERSHELLPATH",
     "REMOTEEXCHANGEPATH",
+    "ALLOWEDUSERS",
     "REMOVEDATA",
 )
 #: Characters Windows forbids in file names (besides the separators).
