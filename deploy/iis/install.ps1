@@ -246,10 +246,12 @@ function Invoke-Doctor {
         throw "vezaprovisioner doctor exited with code $exitCode and printed no report."
     }
     $failed = @()
+    $warned = $false
     foreach ($check in $report.checks) {
         $line = '{0,-4}  {1,-14}  {2}' -f ([string] $check.status).ToUpper(), $check.name, $check.detail
         if ($check.status -eq 'fail' -and $IdentityChecks -contains $check.name) {
             $line = 'WARN' + $line.Substring(4)
+            $warned = $true
         }
         elseif ($check.status -eq 'fail') {
             $failed += $check.name
@@ -259,7 +261,9 @@ function Invoke-Doctor {
             Write-Line "                      fix: $($check.fix)"
         }
     }
-    Write-Line "    WARN lines: this runs as $([System.Security.Principal.WindowsIdentity]::GetCurrent().Name), not as the pool's service account; run doctor as that account (deploy\iis\README.md, Verify)."
+    if ($warned) {
+        Write-Line "    WARN lines: this runs as $([System.Security.Principal.WindowsIdentity]::GetCurrent().Name), not as the pool's service account; run doctor as that account (deploy\iis\README.md, Verify)."
+    }
     if ($failed.Count -gt 0) {
         throw ('vezaprovisioner doctor failed: ' + ($failed -join ', ') + '.')
     }
