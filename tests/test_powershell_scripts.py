@@ -323,3 +323,77 @@ def test_the_configuration_install_ps1_writes_is_valid(tmp_path: Path) -> None:
         empty = empty.replace(placeholder, value)
     written.write_text(empty, encoding="utf-8")
     assert load_settings(written, environ={}).auth.allowed_users == ()
+
+
+# --- what the MSI relies on -------------------------------------------------------------------
+
+
+def _statement_block_of(if_node: tree_sitter.Node) -> str:
+    """The text of an if statement's first (then) block."""
+    block = next(child for child in if_node.children if child.type == "statement_block")
+    return _text(block)
+
+
+def test_keep_pool_identity_never_sets_the_pool_identity() -> None:
+    """-KeepPoolIdentity (the MSI's parameter set) changes the pool's runtime settings only; the
+    identity is set only in the branch that has an account (-Credential or -Gmsa)."""
+    source = (REPO_ROOT / "deploy" / "iis" / "install.ps1").read_bytes()
+    root = _PARSER.parse(source).root_node
+    branches = [
+        node
+        for node in _nodes(root, "if_statement")
+        if _text(next((c for c in node.children if c.type == "pipeline"), None)).startswith(
+            "$KeepPoolIdentity -and $PSCmdlet.ShouldProcess"
+        )
+    ]
+    assert len(branches) == 1
+    keep = _statement_block_of(branches[0])
+    assert "processModel.loadUserProfile" in keep
+    assert "identityType" not in keep
+    assert "userName" not in keep
+    otherwise = _text(next(c for c in branches[0].children if c.type == "elseif_clauses"))
+    assert "identityType = 'SpecificUser'" in otherwise
+
+
+def test_uninstall_removes_only_the_pool_install_created() -> None:
+    """install.ps1 names the pool it creates in a marker file, right after creating it;
+    uninstall.ps1 removes the pool that file names and no other (never -AppPoolName)."""
+    install = (REPO_ROOT / "deploy" / "iis" / "install.ps1").read_text(encoding="utf-8")
+    uninstall = (REPO_ROOT / "deploy" / "iis" / "uninstall.ps1").read_text(encoding="utf-8")
+    marker = "$PoolMarker = Join-Path $ConfigDir 'created-app-pool.txt'"
+    assert marker in install
+    assert marker in uninstall
+    assert re.search(
+        r"New-WebAppPool -Name \$AppPoolName \| Out-Null\n(\s*#[^\n]*\n)*"
+        r"\s*\[System\.IO\.File\]::WriteAllText\(\$PoolMarker, \$AppPoolName",
+        install,
+    )
+    assert "AppPoolName" not in uninstall
+    removals = re.findall(r"Remove-WebAppPool -Name (\$\w+)", uninstall)
+    assert removals == ["$pool"]
+    assert "$pool = (Get-Content -LiteralPath $PoolMarker -TotalCount 1).Trim()" in uninstall
+
+
+def test_the_checks_install_ps1_downgrades_under_the_msi_are_doctors_identity_checks(
+    tmp_path: Path,
+) -> None:
+    """Under -FromMsi, install.ps1 reads the doctor's --json report and only warns for the
+    checks that need the pool's service account. Those names, and the report's keys, must be
+    the doctor's own."""
+    from vezaprovisioner.doctor import Doctor, report_data
+
+    text = (REPO_ROOT / "deploy" / "iis" / "install.ps1").read_text(encoding="utf-8")
+    declared = re.search(r"\$IdentityChecks = @\(([^)]*)\)", text)
+    assert declared is not None
+    downgraded = set(re.findall(r"'([^']+)'", declared.group(1)))
+    checks = Doctor(config=tmp_path / "missing.toml", environ={}, iis=None).run()
+    names = {check.name for check in checks}
+    assert downgraded == {"exchange", "get-user"}
+    assert downgraded <= names
+    rows = report_data(checks)["checks"]
+    assert isinstance(rows, list)
+    assert rows
+    for key in ("status", "name", "detail", "fix"):
+        assert f"$check.{key}" in text
+        assert all(key in row for row in rows)
+    assert "'--json'" in text

@@ -16,11 +16,23 @@
     The service account's password is only handed to IIS, which stores it encrypted in
     applicationHost.config; this script never writes or prints it.
 
+    -KeepPoolIdentity takes no account at all (the MSI uses it, because an MSI property would
+    put a password in the MSI log): an application pool that already exists keeps its identity
+    (the admin followed the product page's manual steps); a pool this script creates keeps IIS's
+    default identity, and the final message says how to set the service account.
+
+    -FromMsi: run by VezaProvisioner.msi as LocalSystem. Windows Installer keeps none of a custom
+    action's output, so every line also goes to <InstallRoot>\logs\install-msi.log, and the
+    self-test's Exchange checks (which need the pool's service account) only warn.
+
 .EXAMPLE
     .\install.ps1 -Credential (Get-Credential CONTOSO\svc-veza) -TestIdentity testuser@contoso.com
 
 .EXAMPLE
     .\install.ps1 -GroupManagedServiceAccount 'CONTOSO\gmsa-veza$' -AllowedUsers 'CONTOSO\veza-integration' -WhatIf
+
+.EXAMPLE
+    .\install.ps1 -KeepPoolIdentity -AppPoolName 'VezaProvisionerPool'
 #>
 [CmdletBinding(SupportsShouldProcess = $true, DefaultParameterSetName = 'Credential')]
 param(
@@ -32,6 +44,11 @@ param(
     [Parameter(Mandatory = $true, ParameterSetName = 'Gmsa')]
     [ValidatePattern('^[^\\]+\\[^\\]+\$$')]
     [string] $GroupManagedServiceAccount,
+
+    # Or no account: reuse an existing pool with its identity, or create one without a service
+    # account for the admin to set (IIS Manager, or this script with -Credential).
+    [Parameter(Mandatory = $true, ParameterSetName = 'KeepPoolIdentity')]
+    [switch] $KeepPoolIdentity,
 
     # The unpacked bundle (holds wheelhouse\, web.config and VERSION); default: two levels up.
     [string] $BundleRoot = (Join-Path $PSScriptRoot '..\..'),
@@ -49,12 +66,16 @@ param(
     [string] $PowerShellPath = '',
     # Default: from $env:ExchangeInstallPath or the Exchange Setup registry key.
     [string] $RemoteExchangePath = '',
-    # Callers allowed besides IIS's Basic check (DOMAIN\user or UPN); empty: any IIS-authenticated user.
+    # Callers allowed besides IIS's Basic check (DOMAIN\user or UPN); empty: any IIS-authenticated
+    # user. Also one comma-separated string, which is what `powershell -File` (the MSI) passes.
     [string[]] $AllowedUsers = @(),
     # Domain IIS assumes when a caller sends a bare user name.
     [string] $DefaultLogonDomain = '',
     # A user for the self-test's read-only Get-User (recommended).
-    [string] $TestIdentity = ''
+    [string] $TestIdentity = '',
+    # Run by VezaProvisioner.msi: a transcript in <InstallRoot>\logs\install-msi.log, and the
+    # Exchange self-test (which needs the pool's service account) only warns.
+    [switch] $FromMsi
 )
 
 Set-StrictMode -Version Latest
@@ -72,11 +93,38 @@ $VenvPython = Join-Path $VenvDir 'Scripts\python.exe'
 $WfastcgiPy = Join-Path $VenvDir 'Lib\site-packages\wfastcgi.py'
 $SitePackages = Join-Path $VenvDir 'Lib\site-packages'
 $Cli = Join-Path $VenvDir 'Scripts\vezaprovisioner.exe'
+# Names the pool this script created, so that uninstall.ps1 removes that pool and no other.
+$PoolMarker = Join-Path $ConfigDir 'created-app-pool.txt'
+# Doctor checks that run as the pool's service account on the server; under the MSI this script
+# runs as LocalSystem and a new pool has no service account yet, so they cannot speak for it.
+$IdentityChecks = @('exchange', 'get-user')
+$Utf8 = New-Object System.Text.UTF8Encoding($false)
+$LogFile = ''
+$PendingIdentity = ''
+
+function Write-Line {
+    # The script's output: the console and, under the MSI, the transcript file (Windows
+    # Installer keeps none of a custom action's output).
+    param([string] $Text = '')
+    Write-Host $Text
+    if ($script:LogFile) {
+        [System.IO.File]::AppendAllText($script:LogFile, $Text + [Environment]::NewLine, $Utf8)
+    }
+}
+
+function Open-Transcript {
+    # Starts <InstallRoot>\logs\<Name> afresh; it holds what Write-Line writes, never a secret.
+    param([string] $Name)
+    $folder = Join-Path $InstallRoot 'logs'
+    [System.IO.Directory]::CreateDirectory($folder) | Out-Null
+    $script:LogFile = Join-Path $folder $Name
+    [System.IO.File]::WriteAllText($script:LogFile, '', $Utf8)
+}
 
 function Invoke-Step {
     # Runs one step; a failure stops the script with what failed and what to do about it.
     param([string] $Name, [string] $Fix, [scriptblock] $Action)
-    Write-Host "==> $Name"
+    Write-Line "==> $Name"
     try {
         & $Action
     }
@@ -87,8 +135,11 @@ function Invoke-Step {
 
 function Invoke-Native {
     # Runs an executable with an argument array (never a command string) and checks its exit code.
+    # Its output goes through Write-Line, so that it reaches the transcript; stderr lines too,
+    # which Windows PowerShell would otherwise turn into terminating errors under 'Stop'.
     param([string] $FilePath, [string[]] $Arguments)
-    & $FilePath @Arguments
+    $ErrorActionPreference = 'Continue'
+    & $FilePath @Arguments 2>&1 | ForEach-Object { Write-Line "$_" }
     if ($LASTEXITCODE -ne 0) {
         throw "$FilePath exited with code $LASTEXITCODE."
     }
@@ -142,7 +193,8 @@ function Get-AccountSid {
 }
 
 function Set-FolderAccess {
-    # Replaces the folder's ACL: Administrators and SYSTEM full control, the service account $Rights.
+    # Replaces the folder's ACL: Administrators and SYSTEM full control, the service account
+    # $Rights ($null: no service account yet, so Administrators and SYSTEM only).
     param([string] $Path, [System.Security.Principal.SecurityIdentifier] $Account, [string] $Rights)
     $inherit = [System.Security.AccessControl.InheritanceFlags] 'ContainerInherit, ObjectInherit'
     $propagate = [System.Security.AccessControl.PropagationFlags]::None
@@ -151,7 +203,11 @@ function Set-FolderAccess {
     $system = New-Object System.Security.Principal.SecurityIdentifier('S-1-5-18')
     $acl = New-Object System.Security.AccessControl.DirectorySecurity
     $acl.SetAccessRuleProtection($true, $false)
-    foreach ($grant in @(@($admins, 'FullControl'), @($system, 'FullControl'), @($Account, $Rights))) {
+    $grants = @(@($admins, 'FullControl'), @($system, 'FullControl'))
+    if ($null -ne $Account) {
+        $grants += , @($Account, $Rights)
+    }
+    foreach ($grant in $grants) {
         $rights = [System.Security.AccessControl.FileSystemRights] $grant[1]
         $rule = New-Object System.Security.AccessControl.FileSystemAccessRule(
             $grant[0], $rights, $inherit, $propagate, $allow)
@@ -160,17 +216,80 @@ function Set-FolderAccess {
     Set-Acl -LiteralPath $Path -AclObject $acl
 }
 
+function Get-PoolAccount {
+    # The account a pool runs as, when it is a service account (SpecificUser); '' otherwise.
+    param([string] $Pool)
+    $model = (Get-Item -LiteralPath "IIS:\AppPools\$Pool").processModel
+    if ([string] $model.identityType -eq 'SpecificUser' -and $model.userName) {
+        return [string] $model.userName
+    }
+    return ''
+}
+
+function Invoke-Doctor {
+    # Under the MSI, the checks that need the pool's service account only warn; every other
+    # failed check (configuration, paths, data folder, IIS settings) fails the installation.
+    param([string[]] $Arguments)
+    if (-not $FromMsi) {
+        Invoke-Native $Cli $Arguments
+        return
+    }
+    $ErrorActionPreference = 'Continue'
+    $jsonArguments = $Arguments + '--json'
+    $output = & $Cli @jsonArguments 2>&1 | ForEach-Object { "$_" }
+    $exitCode = $LASTEXITCODE
+    try {
+        $report = ($output -join [Environment]::NewLine) | ConvertFrom-Json
+    }
+    catch {
+        $output | ForEach-Object { Write-Line $_ }
+        throw "vezaprovisioner doctor exited with code $exitCode and printed no report."
+    }
+    $failed = @()
+    $warned = $false
+    foreach ($check in $report.checks) {
+        $line = '{0,-4}  {1,-14}  {2}' -f ([string] $check.status).ToUpper(), $check.name, $check.detail
+        if ($check.status -eq 'fail' -and $IdentityChecks -contains $check.name) {
+            $line = 'WARN' + $line.Substring(4)
+            $warned = $true
+        }
+        elseif ($check.status -eq 'fail') {
+            $failed += $check.name
+        }
+        Write-Line $line
+        if ($check.fix) {
+            Write-Line "                      fix: $($check.fix)"
+        }
+    }
+    if ($warned) {
+        Write-Line "    WARN lines: this runs as $([System.Security.Principal.WindowsIdentity]::GetCurrent().Name), not as the pool's service account; run doctor as that account (deploy\iis\README.md, Verify)."
+    }
+    if ($failed.Count -gt 0) {
+        throw ('vezaprovisioner doctor failed: ' + ($failed -join ', ') + '.')
+    }
+}
+
 try {
+    if ($FromMsi -and -not $WhatIfPreference) {
+        Open-Transcript 'install-msi.log'
+        $who = [System.Security.Principal.WindowsIdentity]::GetCurrent().Name
+        Write-Line "$(Get-Date -Format o) $PSCommandPath (parameter set $($PSCmdlet.ParameterSetName)), run by Windows Installer as $who"
+    }
     if ($PSCmdlet.ParameterSetName -eq 'Gmsa') {
         $AccountName = $GroupManagedServiceAccount
     }
-    else {
+    elseif ($PSCmdlet.ParameterSetName -eq 'Credential') {
         $AccountName = $Credential.UserName
+    }
+    else {
+        $AccountName = ''  # read from the pool once it is known
     }
     foreach ($pair in @(@('-InstallRoot', $InstallRoot), @('-SiteName', $SiteName),
             @('-AppPoolName', $AppPoolName), @('-AccountName', $AccountName))) {
         Assert-NoQuote $pair[0] $pair[1]
     }
+    $AllowedUsers = @($AllowedUsers | ForEach-Object { $_ -split ',' } |
+        ForEach-Object { $_.Trim() } | Where-Object { $_ })
     foreach ($user in $AllowedUsers) {
         Assert-NoQuote '-AllowedUsers' $user
     }
@@ -201,7 +320,7 @@ try {
                 throw "$needed is missing."
             }
         }
-        Write-Host "    VezaProvisioner $Version from $BundleRoot"
+        Write-Line "    VezaProvisioner $Version from $BundleRoot"
     }
 
     Invoke-Step 'Find Python' 'Install 64-bit Python 3.10-3.13 from python.org "for all users", or pass -PythonExe.' {
@@ -209,7 +328,7 @@ try {
             $script:PythonExe = Find-Python
         }
         Invoke-Native $PythonExe @('-c', 'import sys; assert sys.version_info[:2] >= (3, 10) and sys.maxsize > 2**32, sys.version')
-        Write-Host "    $PythonExe"
+        Write-Line "    $PythonExe"
     }
 
     Invoke-Step 'Find the Exchange Management Shell paths' 'Pass -PowerShellPath and -RemoteExchangePath: the two paths in the Target of the Exchange Management Shell shortcut.' {
@@ -225,13 +344,33 @@ try {
                 throw "$path does not exist."
             }
         }
-        Write-Host "    PowerShell: $PowerShellPath"
-        Write-Host "    RemoteExchange.ps1: $RemoteExchangePath"
+        Write-Line "    PowerShell: $PowerShellPath"
+        Write-Line "    RemoteExchange.ps1: $RemoteExchangePath"
     }
 
-    Invoke-Step 'Resolve the service account' 'Check the account name (DOMAIN\user) and that this server can reach a domain controller.' {
-        $script:AccountSid = Get-AccountSid $AccountName
-        Write-Host "    $AccountName ($AccountSid)"
+    if ($KeepPoolIdentity) {
+        Invoke-Step 'Find the application pool' "Check the pool of the application '$Location' in IIS Manager, or pass -AppPoolName." {
+            # Reuse what the admin built: an application that exists already keeps its pool,
+            # unless -AppPoolName names another pool that exists.
+            $existing = Get-WebApplication -Site $SiteName -Name $AppName
+            if ($existing -and $existing.applicationPool -ne $AppPoolName -and
+                -not (Test-Path -LiteralPath "IIS:\AppPools\$AppPoolName")) {
+                $script:AppPoolName = [string] $existing.applicationPool
+                Assert-NoQuote '-AppPoolName' $AppPoolName
+            }
+            if (Test-Path -LiteralPath "IIS:\AppPools\$AppPoolName") {
+                Write-Line "    reusing the application pool $AppPoolName and its identity"
+            }
+            else {
+                Write-Line "    the application pool $AppPoolName does not exist: it will be created without a service account"
+            }
+        }
+    }
+    else {
+        Invoke-Step 'Resolve the service account' 'Check the account name (DOMAIN\user) and that this server can reach a domain controller.' {
+            $script:AccountSid = Get-AccountSid $AccountName
+            Write-Line "    $AccountName ($AccountSid)"
+        }
     }
 
     Invoke-Step 'Create the folders' "Check that $InstallRoot is on a local NTFS disk you can write to." {
@@ -270,7 +409,7 @@ try {
 
     Invoke-Step 'Write the configuration' "Fix or delete $ConfigFile and run again." {
         if (Test-Path -LiteralPath $ConfigFile) {
-            Write-Host "    kept the existing $ConfigFile (delete it to have it written again)"
+            Write-Line "    kept the existing $ConfigFile (delete it to have it written again)"
         }
         elseif ($PSCmdlet.ShouldProcess($ConfigFile, 'Write configuration')) {
             # A template with literal placeholders (String.Replace, not a regex, not code).
@@ -342,8 +481,16 @@ try {
         $poolPath = "IIS:\AppPools\$AppPoolName"
         if (-not (Test-Path -LiteralPath $poolPath) -and $PSCmdlet.ShouldProcess($AppPoolName, 'Create application pool')) {
             New-WebAppPool -Name $AppPoolName | Out-Null
+            # uninstall.ps1 removes only a pool this file names: never one the admin built.
+            [System.IO.File]::WriteAllText($PoolMarker, $AppPoolName, $Utf8)
         }
-        if ($PSCmdlet.ShouldProcess($AppPoolName, "Run as $AccountName, No Managed Code, load user profile")) {
+        if ($KeepPoolIdentity -and $PSCmdlet.ShouldProcess($AppPoolName, 'No Managed Code, load user profile (identity unchanged)')) {
+            Set-ItemProperty -LiteralPath $poolPath -Name managedRuntimeVersion -Value ''
+            Set-ItemProperty -LiteralPath $poolPath -Name enable32BitAppOnWin64 -Value $false
+            Set-ItemProperty -LiteralPath $poolPath -Name processModel.loadUserProfile -Value $true
+            Set-ItemProperty -LiteralPath $poolPath -Name processModel.idleTimeout -Value ([TimeSpan]::Zero)
+        }
+        elseif ($PSCmdlet.ShouldProcess($AppPoolName, "Run as $AccountName, No Managed Code, load user profile")) {
             Set-ItemProperty -LiteralPath $poolPath -Name managedRuntimeVersion -Value ''
             Set-ItemProperty -LiteralPath $poolPath -Name enable32BitAppOnWin64 -Value $false
             # RemoteExchange.ps1 caches in the account's profile.
@@ -359,6 +506,26 @@ try {
                 Set-ItemProperty -LiteralPath $poolPath -Name processModel -Value @{
                     identityType = 'SpecificUser'; userName = $AccountName
                     password     = $Credential.GetNetworkCredential().Password }
+            }
+        }
+    }
+
+    if ($KeepPoolIdentity) {
+        Invoke-Step 'Read the application pool identity' "Check the identity of the pool $AppPoolName in IIS Manager (Advanced Settings, Identity): DOMAIN\user, and that this server can reach a domain controller." {
+            if (Test-Path -LiteralPath "IIS:\AppPools\$AppPoolName") {
+                $script:AccountName = Get-PoolAccount $AppPoolName
+            }
+            if ($AccountName) {
+                $script:AccountSid = Get-AccountSid $AccountName
+                Write-Line "    $AccountName ($AccountSid)"
+            }
+            else {
+                $script:AccountSid = $null
+                $script:PendingIdentity = "The application pool $AppPoolName has no service account yet, so the service cannot reach Exchange. " +
+                "Set it with: deploy\iis\install.ps1 -Credential (Get-Credential DOMAIN\svc-veza) -InstallRoot $InstallRoot -SiteName '$SiteName' -AppName $AppName -AppPoolName $AppPoolName " +
+                "(it also grants the account its folder permissions). Or set it in IIS Manager (Application Pools, $AppPoolName, Advanced Settings, Identity), " +
+                'then repair VezaProvisioner in Programs and Features (or run install.ps1 -KeepPoolIdentity again) so that the folder permissions follow it.'
+                Write-Line "    no service account yet: $PendingIdentity"
             }
         }
     }
@@ -400,7 +567,7 @@ try {
     }
 
     Invoke-Step 'Set least-privilege folder permissions' "Check that $InstallRoot is on NTFS and that you own it." {
-        if ($PSCmdlet.ShouldProcess($InstallRoot, "Read and execute for $AccountName; Modify on $DataDir")) {
+        if ($PSCmdlet.ShouldProcess($InstallRoot, "Read and execute for '$AccountName'; Modify on $DataDir")) {
             Set-FolderAccess -Path $InstallRoot -Account $AccountSid -Rights 'ReadAndExecute'
             Set-FolderAccess -Path $DataDir -Account $AccountSid -Rights 'Modify'
         }
@@ -423,19 +590,29 @@ try {
             if ($TestIdentity) {
                 $doctorArguments += @('--identity', $TestIdentity)
             }
-            Invoke-Native $Cli $doctorArguments
+            Invoke-Doctor $doctorArguments
         }
     }
 
     $hostName = [System.Net.Dns]::GetHostEntry('').HostName
-    Write-Host ''
-    Write-Host 'VezaProvisioner is installed. Enter these values in Veza (Exchange Server integration):'
-    Write-Host "    Instance URL:         https://$hostName/$AppName"
-    Write-Host "    PowerShell Path:      $PowerShellPath"
-    Write-Host "    Remote Exchange Path: $RemoteExchangePath"
+    Write-Line ''
+    Write-Line 'VezaProvisioner is installed. Enter these values in Veza (Exchange Server integration):'
+    Write-Line "    Instance URL:         https://$hostName/$AppName"
+    Write-Line "    PowerShell Path:      $PowerShellPath"
+    Write-Line "    Remote Exchange Path: $RemoteExchangePath"
+    if ($PendingIdentity) {
+        Write-Line ''
+        Write-Line "ACTION NEEDED: $PendingIdentity"
+    }
+    if ($LogFile) {
+        Write-Line "This transcript: $LogFile"
+    }
 }
 catch {
-    Write-Host ''
+    Write-Line ''
+    if ($LogFile) {
+        [System.IO.File]::AppendAllText($LogFile, "FAILED: $($_.Exception.Message)" + [Environment]::NewLine, $Utf8)
+    }
     Write-Error -Message $_.Exception.Message -ErrorAction Continue
     exit 1
 }

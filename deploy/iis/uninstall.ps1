@@ -1,12 +1,20 @@
 <#
 .SYNOPSIS
-    Removes VezaProvisioner from IIS: the application, its settings, the application pool, the
-    FastCGI registration and (with -RemoveFiles) the installed files.
+    Removes VezaProvisioner from IIS: the application, its settings, the application pool when
+    install.ps1 created it, the FastCGI registration and (with -RemoveFiles) the installed files.
 
 .DESCRIPTION
     Safe to re-run: whatever is already gone is skipped. -WhatIf shows what would be removed.
+    The application pool is removed only when install.ps1 created it (it names that pool in
+    config\created-app-pool.txt): a pool the admin built stays, with its identity.
     The configuration and data folders (journal, logs) are kept unless -RemoveData is given.
     It stops at the first failed step with a sentence saying what to do.
+
+    -FromMsi: run by VezaProvisioner.msi as LocalSystem before it deletes its files. Every line
+    also goes to <InstallRoot>\logs\uninstall-msi.log (Windows Installer keeps no output of a
+    custom action), and the files the MSI does not track go too: the venv, the app folder, the
+    written configuration and the install transcript. The data folder (journal, audit, service
+    logs) stays unless -RemoveData is given.
 
 .EXAMPLE
     .\uninstall.ps1 -WhatIf
@@ -18,11 +26,13 @@ param(
     [string] $SiteName = 'Default Web Site',
     [ValidatePattern('^[A-Za-z0-9._~-]+$')]
     [string] $AppName = 'VezaProvisioner',
-    [string] $AppPoolName = 'VezaProvisionerPool',
     # Also delete the program files (venv and app folders).
     [switch] $RemoveFiles,
     # Also delete the configuration and the data folder (journal and logs).
-    [switch] $RemoveData
+    [switch] $RemoveData,
+    # Run by VezaProvisioner.msi: a transcript file, and the venv, app folder and configuration go
+    # too (the MSI removes only the files it installed).
+    [switch] $FromMsi
 )
 
 Set-StrictMode -Version Latest
@@ -33,11 +43,26 @@ $Location = "$SiteName/$AppName"
 $VenvDir = Join-Path $InstallRoot 'venv'
 $VenvPython = Join-Path $VenvDir 'Scripts\python.exe'
 $WfastcgiPy = Join-Path $VenvDir 'Lib\site-packages\wfastcgi.py'
+$ConfigDir = Join-Path $InstallRoot 'config'
+$LogsDir = Join-Path $InstallRoot 'logs'
+# Written by install.ps1 when it created the pool; names the only pool this script may remove.
+$PoolMarker = Join-Path $ConfigDir 'created-app-pool.txt'
+$Utf8 = New-Object System.Text.UTF8Encoding($false)
+$LogFile = ''
+
+function Write-Line {
+    # The script's output: the console and, under the MSI, the transcript file.
+    param([string] $Text = '')
+    Write-Host $Text
+    if ($script:LogFile) {
+        [System.IO.File]::AppendAllText($script:LogFile, $Text + [Environment]::NewLine, $Utf8)
+    }
+}
 
 function Invoke-Step {
     # Runs one step; a failure stops the script with what failed and what to do about it.
     param([string] $Name, [string] $Fix, [scriptblock] $Action)
-    Write-Host "==> $Name"
+    Write-Line "==> $Name"
     try {
         & $Action
     }
@@ -49,6 +74,13 @@ function Invoke-Step {
 try {
     if ($InstallRoot -match "['`r`n]") {
         throw "-InstallRoot must not contain a quote or a line break: $InstallRoot"
+    }
+    if ($FromMsi -and -not $WhatIfPreference) {
+        [System.IO.Directory]::CreateDirectory($LogsDir) | Out-Null
+        $LogFile = Join-Path $LogsDir 'uninstall-msi.log'
+        [System.IO.File]::WriteAllText($LogFile, '', $Utf8)
+        $who = [System.Security.Principal.WindowsIdentity]::GetCurrent().Name
+        Write-Line "$(Get-Date -Format o) $PSCommandPath, run by Windows Installer as $who"
     }
 
     Invoke-Step 'Check administrator rights' 'Start PowerShell with "Run as administrator" and run this script again.' {
@@ -80,9 +112,19 @@ try {
         }
     }
 
-    Invoke-Step 'Remove the application pool' 'Stop the pool in IIS Manager and run again.' {
-        if ((Test-Path -LiteralPath "IIS:\AppPools\$AppPoolName") -and $PSCmdlet.ShouldProcess($AppPoolName, 'Remove application pool')) {
-            Remove-WebAppPool -Name $AppPoolName
+    Invoke-Step 'Remove the application pool install.ps1 created' 'Stop the pool in IIS Manager and run again.' {
+        $pool = ''
+        if (Test-Path -LiteralPath $PoolMarker) {
+            $pool = (Get-Content -LiteralPath $PoolMarker -TotalCount 1).Trim()
+        }
+        if (-not $pool) {
+            Write-Line '    install.ps1 created no application pool: the pool stays, with its identity'
+        }
+        elseif ($PSCmdlet.ShouldProcess($pool, 'Remove application pool')) {
+            if (Test-Path -LiteralPath "IIS:\AppPools\$pool") {
+                Remove-WebAppPool -Name $pool
+            }
+            Remove-Item -LiteralPath $PoolMarker -Force
         }
     }
 
@@ -99,31 +141,48 @@ try {
 
     Invoke-Step 'Remove the files' "Close whatever has files open under $InstallRoot and run again." {
         $folders = @()
-        if ($RemoveFiles) {
+        if ($RemoveFiles -or $FromMsi) {
             $folders += @($VenvDir, (Join-Path $InstallRoot 'app'))
         }
+        if ($RemoveData -or $FromMsi) {
+            $folders += @($ConfigDir)
+        }
         if ($RemoveData) {
-            $folders += @((Join-Path $InstallRoot 'config'), (Join-Path $InstallRoot 'data'))
+            $folders += @((Join-Path $InstallRoot 'data'))
         }
         foreach ($folder in $folders) {
             if ((Test-Path -LiteralPath $folder) -and $PSCmdlet.ShouldProcess($folder, 'Delete folder')) {
                 Remove-Item -LiteralPath $folder -Recurse -Force
             }
         }
+        # The install transcript goes; this uninstall's own stays, the record of what it did.
+        $installLog = Join-Path $LogsDir 'install-msi.log'
+        if ($FromMsi -and (Test-Path -LiteralPath $installLog) -and $PSCmdlet.ShouldProcess($installLog, 'Delete file')) {
+            Remove-Item -LiteralPath $installLog -Force
+        }
         if ($RemoveFiles -and $RemoveData -and (Test-Path -LiteralPath $InstallRoot) -and
             -not (Get-ChildItem -LiteralPath $InstallRoot -Force) -and
             $PSCmdlet.ShouldProcess($InstallRoot, 'Delete empty folder')) {
             Remove-Item -LiteralPath $InstallRoot -Force
         }
-        if (-not $RemoveData) {
-            Write-Host "    kept the configuration and data under $InstallRoot (-RemoveData deletes them)"
+        if ($FromMsi -and -not $RemoveData) {
+            Write-Line "    kept the journal, audit and service logs in $(Join-Path $InstallRoot 'data') (REMOVEDATA=1 deletes them)"
+        }
+        elseif (-not $RemoveData) {
+            Write-Line "    kept the configuration and data under $InstallRoot (-RemoveData deletes them)"
         }
     }
 
-    Write-Host 'VezaProvisioner is removed from IIS.'
+    Write-Line 'VezaProvisioner is removed from IIS.'
+    if ($LogFile) {
+        Write-Line "This transcript: $LogFile"
+    }
 }
 catch {
-    Write-Host ''
+    Write-Line ''
+    if ($LogFile) {
+        [System.IO.File]::AppendAllText($LogFile, "FAILED: $($_.Exception.Message)" + [Environment]::NewLine, $Utf8)
+    }
     Write-Error -Message $_.Exception.Message -ErrorAction Continue
     exit 1
 }
