@@ -171,13 +171,21 @@ def build(dist: Path, cache_dir: Path | None = None) -> Path:
         for top_level in ("pyproject.toml", "README.md"):
             shutil.copy2(REPO_ROOT / top_level, source / top_level)
         _run(
-            [*_pip(cache_dir), "wheel", "--no-deps", "-w", package_dir, source],
+            [*_pip(cache_dir), "wheel", "--use-pep517", "--no-deps", "-w", package_dir, source],
             "building the vezaprovisioner wheel",
         )
         (package_wheel,) = package_dir.glob("vezaprovisioner-*.whl")
         for requirement in _sdist_only_requirements():
             _run(
-                [*_pip(cache_dir), "wheel", "--no-deps", "-w", local_dir, requirement],
+                [
+                    *_pip(cache_dir),
+                    "wheel",
+                    "--use-pep517",
+                    "--no-deps",
+                    "-w",
+                    local_dir,
+                    requirement,
+                ],
                 f"building a wheel for {requirement}",
             )
 
