@@ -210,9 +210,10 @@ class Host:
         threading.Thread(
             target=self._read, args=(process.stdout,), name=f"host-{self.pid}-out", daemon=True
         ).start()
-        threading.Thread(
+        self._stderr_reader = threading.Thread(
             target=self._drain, args=(process.stderr,), name=f"host-{self.pid}-err", daemon=True
-        ).start()
+        )
+        self._stderr_reader.start()
         try:
             self._stdin.write(encode_hello(self.nonce, remote_exchange_path))
             self._stdin.flush()
@@ -316,6 +317,9 @@ class Host:
         self.kill()
 
     def _ended_text(self, when: str, end: _End) -> str:
+        # The host is dead (killed and reaped): its last stderr words (a stack overflow, say)
+        # may still be in the pipe; let the drain thread reach end-of-file, briefly.
+        self._stderr_reader.join(timeout=1.0)
         code = self._tree.process.poll()
         status = end.reason if code is None else f"{end.reason}, exit code {code}"
         stderr = self.stderr_tail()
