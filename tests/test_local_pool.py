@@ -314,6 +314,18 @@ def test_close_leaves_no_process_behind(fake_powershell: FakePowerShell) -> None
         exchange.get_user("plain")
 
 
+def test_shutdown_lets_every_warm_host_remove_its_session(fake_powershell: FakePowerShell) -> None:
+    # A host killed instead leaves its Exchange session counting against the account's
+    # PowerShell throttling until Exchange expires it.
+    _, pool = fake_powershell.exchange(pool_size=2)
+    pool.close()
+    started = fake_powershell.start_pids()
+    assert wait_gone(started) == []
+    assert sorted(row["pid"] for row in fake_powershell.records("session_removed")) == sorted(
+        started
+    )
+
+
 def test_the_fake_refuses_a_host_script_that_is_not_the_shipped_one(
     fake_powershell: FakePowerShell, tmp_path: Path
 ) -> None:

@@ -831,10 +831,15 @@ class HostPool:
                 reason = slot.reason
                 slot.graceful = False
                 self._changed_locked()
+            if closed:
+                # Like close() does for every host: the grace period to remove its Exchange
+                # session, then a kill. Done here too, because this thread must outlive its host:
+                # on Linux the host gets SIGKILL when the thread that started it ends.
+                host.close()
+                return
             if graceful:
                 self._events.host_recycled(host.name, reason, pid=host.pid, commands=host.commands)
                 threading.Thread(target=host.close, daemon=True).start()
             else:
-                host.kill(reason or "shutdown")
-                if not closed:  # shutdown stops hosts; it is not a failure to count
-                    self._events.host_killed(host.name, host.end_reason or reason, pid=host.pid)
+                host.kill(reason)
+                self._events.host_killed(host.name, host.end_reason or reason, pid=host.pid)

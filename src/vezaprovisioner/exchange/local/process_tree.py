@@ -6,9 +6,11 @@ The one OS-specific seam of the local backend:
   process group; killing sends SIGKILL to the group. If the service dies, an idle host reads EOF
   on stdin and exits (host.ps1 and the fake both do). On **Linux** the host is also started with
   PR_SET_PDEATHSIG = SIGKILL, so one stuck inside a command dies with the service too. Two
-  limits of that: the signal follows the *thread* that started the host (the pool's slot threads
-  live as long as the pool; a `pool_size = 0` host is started by the request's thread, which
-  outlives the command), and it covers the host only, not processes the host started itself.
+  limits of that: the signal follows the *thread* that started the host, not the process (the
+  pool's slot threads therefore stay until their host has stopped; a `pool_size = 0` host is
+  started by the request's thread, and is killed rather than closed should that thread end
+  while the host still has its grace period), and it covers the host only, not processes the
+  host started itself.
 * **Windows**: each host is assigned to its own Job Object with
   JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE. Killing terminates the job (the host and every child it
   started); when the service process dies for any reason Windows closes its handles and so kills
