@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,12 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from tests.conftest import TEST_DIRECTORY
+from tests.fakes.local_host import FakePowerShell
 from vezaprovisioner.auth import verify_password
-from vezaprovisioner.cli import parse_since
+from vezaprovisioner.cli import main, parse_since
+from vezaprovisioner.exchange.local.pool import HostPool
+from vezaprovisioner.exchange.local.process_tree import ProcessTree
+from vezaprovisioner.journal import JOURNAL_FILE
 
 EXECUTABLE = Path(sys.executable).with_name("vezaprovisioner")
 
@@ -170,3 +175,40 @@ def test_check_reports_an_unwritable_data_dir(tmp_path: Path, config: Path) -> N
     result = run("check", "--config", str(broken))
     assert result.returncode == 3
     assert "journal" in result.stderr
+
+
+def test_check_of_a_local_backend_starts_no_powershell(
+    fake_powershell: FakePowerShell,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # In process, so that a started pool is seen for sure: a host killed while the fake is
+    # still importing would never reach the fake's start log.
+    started: list[HostPool] = []
+    start = HostPool.start
+
+    def recording_start(pool: HostPool) -> None:
+        started.append(pool)
+        start(pool)
+
+    monkeypatch.setattr(HostPool, "start", recording_start)
+    monkeypatch.setattr(ProcessTree, "__init__", refuse_process)
+    config = tmp_path / "local.toml"
+    config.write_text(
+        f"backend = 'local'\ndata_dir = '{tmp_path / 'data'}'\n"
+        f"[exchange]\npowershell_path = '{fake_powershell.path}'\n"
+        f"remote_exchange_path = '{fake_powershell.remote_exchange}'\n"
+        "[local]\npool_size = 2\n[auth]\nmode = 'basic'\n[auth.users]\n"
+        'demo = "scrypt$16384$8$1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNo"\n',
+        encoding="utf-8",
+    )
+    assert main(["check", "--config", str(config)]) == 0
+    assert "configuration OK" in capsys.readouterr().err
+    assert started == []
+    assert fake_powershell.start_pids() == []
+    assert (tmp_path / "data" / JOURNAL_FILE).exists()  # the journal was checked
+
+
+def refuse_process(tree: ProcessTree, argv: Sequence[str]) -> None:
+    raise AssertionError(f"check started a process: {list(argv)}")

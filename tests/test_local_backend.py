@@ -14,7 +14,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import AUTH
-from tests.fakes.local_host import FakePowerShell, wait_gone
+from tests.fakes.local_host import FakePowerShell, wait_gone, wait_warm
+from tests.test_logs import log_lines
+from tests.test_metrics import samples, value
 from vezaprovisioner.api.app import create_app
 from vezaprovisioner.cli import main
 from vezaprovisioner.config import Settings
@@ -24,6 +26,7 @@ from vezaprovisioner.validation import InvalidValue, validate_alias, validate_id
 
 EMAILS = "/VezaProvisioner/api/v1/emails"
 READY = "/VezaProvisioner/health/ready"
+METRICS = "/VezaProvisioner/metrics"
 LocalClient = Callable[..., TestClient]
 
 
@@ -278,3 +281,64 @@ def test_app_shutdown_stops_every_host(
         assert client.post(EMAILS, json={"identity": "plain"}).status_code == 201
     assert exchange.pool.status().warm == 0
     assert wait_gone(fake_powershell.start_pids()) == []
+
+
+def test_host_lifecycle_reaches_metrics_and_the_log(
+    make_settings: Callable[..., Settings], fake_powershell: FakePowerShell, tmp_path: Path
+) -> None:
+    # One host; a CREATE_EMAIL of a new user makes 3 cmdlet calls, so max_commands = 3 recycles
+    # the host after it; a Get-User of "mailbox" crashes whichever host runs it.
+    fake_powershell.set(fault="crash", fault_identity="mailbox", fault_cmdlet="Get-User")
+    settings = make_settings(
+        not_found_retry_seconds=0,
+        logging={"file": "service.log"},
+        **fake_powershell.settings(max_commands=3),
+    )
+    app = create_app(settings)
+    pool = app.state.services.exchange.pool
+    with TestClient(app, headers=AUTH) as client:
+        assert wait_warm(pool).starts == 1
+        assert client.post(EMAILS, json={"identity": "plain"}).status_code == 201
+        assert pool.wait_for(lambda s: s.starts == 2 and s.warm - s.busy == 1, 20).starts == 2
+        assert client.post(EMAILS, json={"identity": "mailbox"}).status_code == 502
+        assert pool.wait_for(lambda s: s.starts == 3 and s.warm - s.busy == 1, 20).starts == 3
+        parsed = samples(client.get(METRICS).text)
+    events = "vezaprovisioner_backend_host_events_total"
+    assert value(parsed, events, backend="local", event="started") == 3
+    assert value(parsed, events, backend="local", event="recycled") == 1
+    assert value(parsed, events, backend="local", event="killed") == 1
+    hosts = "vezaprovisioner_backend_hosts"
+    assert {
+        state: value(parsed, hosts, backend="local", state=state)
+        for state in ("idle", "busy", "starting", "broken")
+    } == {"idle": 1, "busy": 0, "starting": 0, "broken": 0}
+    assert value(parsed, "vezaprovisioner_backend_queue_depth", backend="local") == 0
+
+    first, second, third = fake_powershell.start_pids()
+    lifecycle = [
+        (line["event"], line["host"], line.get("reason"))
+        for line in log_lines(tmp_path / "data" / "service.log")
+        if line.get("event", "").startswith("host_")
+    ]
+    assert lifecycle == [
+        ("host_started", f"ps-{first}", None),
+        ("host_recycled", f"ps-{first}", "max_commands"),
+        ("host_started", f"ps-{second}", None),
+        ("host_killed", f"ps-{second}", "crashed"),
+        ("host_started", f"ps-{third}", None),
+    ]
+
+
+def test_a_failed_start_is_reported_as_a_broken_host(
+    make_settings: Callable[..., Settings], fake_powershell: FakePowerShell
+) -> None:
+    fake_powershell.set(fault="rbac")
+    app = create_app(make_settings(**fake_powershell.settings(restart_backoff_seconds=30)))
+    pool = app.state.services.exchange.pool
+    with TestClient(app, headers=AUTH) as client:
+        pool.wait_for(lambda s: s.broken == 1, 20)
+        parsed = samples(client.get(METRICS).text)
+    events = "vezaprovisioner_backend_host_events_total"
+    assert value(parsed, events, backend="local", event="killed") == 1
+    assert value(parsed, events, backend="local", event="started") == 0
+    assert value(parsed, "vezaprovisioner_backend_hosts", backend="local", state="broken") == 1

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -314,6 +314,18 @@ def test_close_leaves_no_process_behind(fake_powershell: FakePowerShell) -> None
         exchange.get_user("plain")
 
 
+def test_shutdown_lets_every_warm_host_remove_its_session(fake_powershell: FakePowerShell) -> None:
+    # A host killed instead leaves its Exchange session counting against the account's
+    # PowerShell throttling until Exchange expires it.
+    _, pool = fake_powershell.exchange(pool_size=2)
+    pool.close()
+    started = fake_powershell.start_pids()
+    assert wait_gone(started) == []
+    assert sorted(row["pid"] for row in fake_powershell.records("session_removed")) == sorted(
+        started
+    )
+
+
 def test_the_fake_refuses_a_host_script_that_is_not_the_shipped_one(
     fake_powershell: FakePowerShell, tmp_path: Path
 ) -> None:
@@ -372,3 +384,71 @@ def test_a_wrong_powershell_path_is_a_startup_error(fake_powershell: FakePowerSh
     pool.start()
     status = pool.wait_for(lambda s: s.broken == 1, timeout=20)
     assert "check exchange.powershell_path" in (status.last_startup_error or "")
+
+
+class RecordedEvents:
+    """A PoolEvents hook that keeps what the pool reported."""
+
+    def __init__(self) -> None:
+        self.lifecycle: list[tuple[str, str, str | None]] = []
+        self.states: list[dict[str, int]] = []
+        self.queue: list[int] = []
+
+    def host_started(self, host: str, **fields: object) -> None:
+        self.lifecycle.append(("started", host, None))
+
+    def host_recycled(self, host: str, reason: str, **fields: object) -> None:
+        self.lifecycle.append(("recycled", host, reason))
+
+    def host_killed(self, host: str, reason: str, **fields: object) -> None:
+        self.lifecycle.append(("killed", host, reason))
+
+    def hosts(self, by_state: Mapping[str, int]) -> None:
+        self.states.append(dict(by_state))
+
+    def queue_depth(self, waiting: int) -> None:
+        self.queue.append(waiting)
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        ("hang", "timeout"),
+        ("crash", "crashed"),
+        ("huge", "protocol_error"),
+        ("session_broken", "session_lost"),
+    ],
+)
+def test_a_replaced_host_is_reported_killed_with_its_reason(
+    fake_powershell: FakePowerShell, fault: str, reason: str
+) -> None:
+    fake_powershell.set(fault=fault, fault_identity="mailbox")
+    events = RecordedEvents()
+    pool = fake_powershell.pool(events=events, command_timeout_seconds=1)
+    assert wait_warm(pool).warm == 1
+    with contextlib.suppress(ExchangeTimeout, UnexpectedExchangeError):
+        LocalExchange(pool).get_user("mailbox")
+    assert pool.wait_for(lambda s: s.starts == 2 and s.warm - s.busy == 1, 20).starts == 2
+    first, second = (f"ps-{pid}" for pid in fake_powershell.start_pids())
+    assert events.lifecycle == [
+        ("started", first, None),
+        ("killed", first, reason),
+        ("started", second, None),
+    ]
+    assert events.states[-1] == {"idle": 1, "busy": 0, "starting": 0, "broken": 0}
+    assert {"idle": 0, "busy": 1, "starting": 0, "broken": 0} in events.states
+
+
+def test_pool_size_0_reports_each_host_and_the_requests_waiting(
+    fake_powershell: FakePowerShell,
+) -> None:
+    events = RecordedEvents()
+    pool = fake_powershell.pool(events=events, pool_size=0, queue_size=1)
+    exchange = LocalExchange(pool)
+    assert exchange.get_user("plain").guid == PLAIN_GUID
+    (host,) = fake_powershell.start_pids()
+    assert events.lifecycle == [("started", f"ps-{host}", None)]  # then closed: no failure
+    assert {"idle": 0, "busy": 0, "starting": 1, "broken": 0} in events.states
+    assert {"idle": 0, "busy": 1, "starting": 0, "broken": 0} in events.states
+    assert events.states[-1] == {"idle": 0, "busy": 0, "starting": 0, "broken": 0}
+    assert events.queue == [1, 0]  # waiting for one of the queue_size host places, then not

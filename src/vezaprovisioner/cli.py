@@ -17,7 +17,9 @@ from . import __version__
 from .api.models import RequestRecordResponse
 from .api.problems import problem_for
 from .auth import hash_password
+from .clock import SystemClock
 from .config import ConfigError, Settings, load_settings
+from .exchange.backends import open_exchange
 from .exchange.errors import ExchangeError
 from .exchange.local.backend import LocalExchange
 from .journal import STATES, IdentityBusy, Journal, JournalUnavailable, RequestContext
@@ -54,17 +56,23 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    """Validates without starting a process or opening an Exchange session (unlike services:
+    backend = "local" would start PowerShell hosts); `doctor` and `probe` make the live checks."""
     settings = _settings(args)
-    services = build_services(settings)  # also loads the directory / starts nothing else
+    if settings.backend in ("simulated", "remote"):
+        # Built without side effects: simulated loads its directory file; remote checks its
+        # credentials in the environment and connects only on the first command.
+        open_exchange(settings, SystemClock()).close()
+    journal = Journal(settings.data_dir, settings.journal, code_of=problem_code)
     try:
-        journal = services.journal.check_writable() if services.journal else "no journal"
+        status = journal.check_writable()
     except JournalUnavailable as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     finally:
-        services.close()
+        journal.close()
     print(json.dumps(settings.masked(), indent=2))
-    print(f"configuration OK ({settings.source}); journal {journal}", file=sys.stderr)
+    print(f"configuration OK ({settings.source}); journal {status}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -114,7 +114,9 @@ def build_services(
     metrics = Metrics(
         use_multiprocess_dir(settings.data_dir / configured_dir if configured_dir else None)
     )
-    exchange = exchange or open_exchange(settings, clock)
+    exchange = exchange or open_exchange(
+        settings, clock, host_events=metrics.backend_events(settings.backend)
+    )
     journal = Journal(settings.data_dir, settings.journal, code_of=problem_code)
 
     def journal_failed(error: Exception) -> None:

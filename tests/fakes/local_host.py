@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from vezaprovisioner.exchange.local.backend import LocalExchange, host_argv
-from vezaprovisioner.exchange.local.pool import HostPool, PoolLimits, PoolStatus
+from vezaprovisioner.exchange.local.pool import HostPool, PoolEvents, PoolLimits, PoolStatus
 
 FAKE_POWERSHELL = Path(__file__).resolve().with_name("powershell.py")
 TEST_DIRECTORY = Path(__file__).resolve().with_name("directory.json")
@@ -98,6 +98,7 @@ class FakePowerShell:
         *,
         remote_exchange_path: str | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        events: PoolEvents | None = None,
         **limits: Any,
     ) -> HostPool:
         values: dict[str, Any] = {
@@ -114,6 +115,7 @@ class FakePowerShell:
             remote_exchange_path or str(self.remote_exchange),
             PoolLimits(**values),
             monotonic=monotonic,
+            events=events,
         )
         self.pools.append(pool)
         pool.start()

@@ -22,7 +22,8 @@ Environment (set by the test; user data never travels on the command line):
                               the directory, locked with flock); without it each host has its own
     VZP_FAKE_LOG              JSON lines: {"event": "start", "argv", "pid"} per process,
                               {"event": "call", "cmdlet", "parameters", "pid"} per request,
-                              {"event": "grandchild", "pid"} when a hang starts a child
+                              {"event": "grandchild", "pid"} when a hang starts a child,
+                              {"event": "session_removed", "pid"} on stdin end-of-file
     VZP_FAKE_CONNECT_SECONDS  how long connecting takes (slow start), default 0
     VZP_FAKE_LATENCY_MS       how long every cmdlet takes in all, default 0
     VZP_FAKE_FAULT            startup faults: never_ready, connect, rbac, exit;
@@ -212,7 +213,10 @@ class Host:
         while True:
             request = read_ascii_json_line()
             if request is None:
-                return  # stdin closed: the service is gone or recycles us
+                # stdin closed: the service is gone or recycles us. host.ps1 now removes its
+                # Exchange session (Get-PSSession | Remove-PSSession) before it exits.
+                log({"event": "session_removed"})
+                return
             self.handle(request)
 
     def handle(self, request: Any) -> None:

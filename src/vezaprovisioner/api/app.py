@@ -36,6 +36,7 @@ def create_app(
     settings: Settings, *, exchange: ExchangePort | None = None, clock: Clock | None = None
 ) -> FastAPI:
     """An app serving every route under `settings.base_path`; tests may inject port and clock."""
+    configure_logging(settings)  # before build_services: the local pool logs as its hosts start
     return create_app_from_services(build_services(settings, exchange=exchange, clock=clock))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from ..clock import Clock
 from ..config import ConfigError, Settings
@@ -10,9 +11,18 @@ from .port import ExchangePort
 from .remote import RemoteCredentials, RemoteExchange
 from .simulated import DirectoryError, SimulatedExchange, load_directory
 
+if TYPE_CHECKING:
+    from .local.pool import PoolEvents
 
-def open_exchange(settings: Settings, clock: Clock) -> ExchangePort:
-    """The configured backend, ready for use. Raises ConfigError when it cannot be built."""
+
+def open_exchange(
+    settings: Settings, clock: Clock, *, host_events: PoolEvents | None = None
+) -> ExchangePort:
+    """The configured backend, ready for use. Raises ConfigError when it cannot be built.
+
+    `host_events` receives the local pool's host lifecycle and counts (the service passes
+    `metrics.BackendEvents`); other backends have no hosts and ignore it.
+    """
     if settings.backend == "simulated":
         try:
             directory = load_directory(settings.simulated.directory)
@@ -32,14 +42,14 @@ def open_exchange(settings: Settings, clock: Clock) -> ExchangePort:
         except ValueError as exc:
             raise ConfigError(f"remote: {exc}") from exc
     if settings.backend == "local":
-        return _open_local(settings)
+        return _open_local(settings, host_events)
     raise ConfigError(
         f"backend {settings.backend!r} is not available in this version yet; "
         'use backend = "simulated"'
     )
 
 
-def _open_local(settings: Settings) -> ExchangePort:
+def _open_local(settings: Settings, host_events: PoolEvents | None) -> ExchangePort:
     """The pool of PowerShell hosts; it starts warming in the background before this returns."""
     from .local.backend import LocalExchange, host_argv
     from .local.pool import HostPool, PoolLimits
@@ -59,6 +69,7 @@ def _open_local(settings: Settings) -> ExchangePort:
             restart_backoff_seconds=local.restart_backoff_seconds,
             restart_backoff_max_seconds=local.restart_backoff_max_seconds,
         ),
+        events=host_events,
     )
     pool.start()
     return LocalExchange(pool)

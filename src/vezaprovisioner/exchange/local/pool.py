@@ -13,6 +13,11 @@ broken, with the last startup error, until a start succeeds. Requests wait for a
 bounded FIFO queue for at most `queue_wait_seconds`; beyond that, or when every slot is broken, they
 get BackendUnavailable.
 With `pool_size = 0` every command starts and stops its own host (the slow baseline).
+
+The pool reports what happens to an optional `PoolEvents` hook (the service passes
+`metrics.BackendEvents`, which fits it structurally): hosts started, recycled and killed (with
+the reason), the number of hosts in each state and the number of waiting requests whenever
+they change.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO, Literal
+from typing import IO, Literal, Protocol
 
 from ..errors import BackendUnavailable
 from .process_tree import ProcessTree
@@ -52,6 +57,44 @@ log = logging.getLogger(__name__)
 #: How long a recycled or shut-down host may take to release its session before it is killed.
 GRACE_SECONDS = 5.0
 _STDERR_TAIL_BYTES = 2048
+
+
+class PoolEvents(Protocol):
+    """What the pool reports as hosts come and go; `metrics.BackendEvents` satisfies it.
+
+    `host` names a host as ``ps-<pid>``. Killed reasons: startup_timeout, startup_failed,
+    timeout, crashed, protocol_error, session_lost, exited (died while idle). Recycled reasons:
+    max_commands, max_age. States in `hosts`: idle, busy, starting, broken.
+    """
+
+    def host_started(self, host: str, **fields: object) -> None: ...
+
+    def host_recycled(self, host: str, reason: str, **fields: object) -> None: ...
+
+    def host_killed(self, host: str, reason: str, **fields: object) -> None: ...
+
+    def hosts(self, by_state: Mapping[str, int]) -> None: ...
+
+    def queue_depth(self, waiting: int) -> None: ...
+
+
+class _NoEvents:
+    """The hook when nobody listens (tests of the pool alone, the probe)."""
+
+    def host_started(self, host: str, **fields: object) -> None:
+        pass
+
+    def host_recycled(self, host: str, reason: str, **fields: object) -> None:
+        pass
+
+    def host_killed(self, host: str, reason: str, **fields: object) -> None:
+        pass
+
+    def hosts(self, by_state: Mapping[str, int]) -> None:
+        pass
+
+    def queue_depth(self, waiting: int) -> None:
+        pass
 
 
 class HostError(Exception):
@@ -144,6 +187,9 @@ class Host:
         self.commands = 0
         self.ready: Ready | None = None
         self.ended = False
+        #: Why the host ended (see PoolEvents), set once: by the first kill, else by the reader.
+        self.end_reason: str | None = None
+        self._in_command = False
         self._on_end = on_end
         self._next_id = 0
         self._inbox: queue.Queue[Message | _End] = queue.Queue()
@@ -164,9 +210,10 @@ class Host:
         threading.Thread(
             target=self._read, args=(process.stdout,), name=f"host-{self.pid}-out", daemon=True
         ).start()
-        threading.Thread(
+        self._stderr_reader = threading.Thread(
             target=self._drain, args=(process.stderr,), name=f"host-{self.pid}-err", daemon=True
-        ).start()
+        )
+        self._stderr_reader.start()
         try:
             self._stdin.write(encode_hello(self.nonce, remote_exchange_path))
             self._stdin.flush()
@@ -176,6 +223,10 @@ class Host:
     @property
     def pid(self) -> int:
         return self._tree.pid
+
+    @property
+    def name(self) -> str:
+        return f"ps-{self.pid}"
 
     def age(self, now: float) -> float:
         return now - self.started_at
@@ -190,7 +241,7 @@ class Host:
         try:
             message = self._inbox.get(timeout=timeout)
         except queue.Empty:
-            self.kill()
+            self.kill("startup_timeout")
             raise HostStartupFailed(
                 f"the PowerShell host (pid {self.pid}) was not ready within {timeout:g} s "
                 "(local.startup_timeout_seconds); Connect-ExchangeServer may be hanging"
@@ -198,7 +249,7 @@ class Host:
         if isinstance(message, Ready):
             self.ready = message
             return message
-        self.kill()
+        self.kill("startup_failed")
         if isinstance(message, StartupFailure):
             raise HostStartupFailed(describe_startup_failure(message, self.remote_exchange_path))
         if isinstance(message, _End):
@@ -211,6 +262,15 @@ class Host:
         self, cmdlet: str, parameters: Mapping[str, str], timeout: float
     ) -> Result | ErrorRecord:
         """Run one allow-listed cmdlet; the host is killed on timeout, crash or protocol error."""
+        self._in_command = True
+        try:
+            return self._call(cmdlet, parameters, timeout)
+        finally:
+            self._in_command = False
+
+    def _call(
+        self, cmdlet: str, parameters: Mapping[str, str], timeout: float
+    ) -> Result | ErrorRecord:
         self._next_id += 1
         request = Request(id=self._next_id, cmdlet=cmdlet, parameters=parameters)
         line = encode_request(request)
@@ -218,12 +278,12 @@ class Host:
             self._stdin.write(line)
             self._stdin.flush()
         except OSError:
-            self.kill()
+            self.kill("crashed")
             raise HostCrashed(self._ended_text(f"before {cmdlet}", _End("stdin closed"))) from None
         try:
             message = self._inbox.get(timeout=timeout)
         except queue.Empty:
-            self.kill()
+            self.kill("timeout")
             raise HostTimeout(
                 f"{cmdlet} did not finish within {timeout:g} s "
                 f"(exchange.command_timeout_seconds); the PowerShell host (pid {self.pid}) and "
@@ -233,7 +293,7 @@ class Host:
             return message
         if isinstance(message, Refused):
             raise HostRefused(f"the PowerShell host refused {cmdlet}: {message.detail}")
-        self.kill()
+        self.kill("crashed" if isinstance(message, _End) else "protocol_error")
         if isinstance(message, _End):
             raise HostCrashed(self._ended_text(f"during {cmdlet}", message))
         raise HostCrashed(
@@ -241,9 +301,11 @@ class Host:
             f"{type(message).__name__}; it was killed and a replacement is starting"
         )
 
-    def kill(self) -> None:
+    def kill(self, reason: str = "killed") -> None:
         """Kill the process tree now. Safe to call from any thread, more than once."""
         with self._kill_lock:
+            if self.end_reason is None:
+                self.end_reason = reason
             self._tree.kill()
 
     def close(self, grace: float = GRACE_SECONDS) -> None:
@@ -255,6 +317,9 @@ class Host:
         self.kill()
 
     def _ended_text(self, when: str, end: _End) -> str:
+        # The host is dead (killed and reaped): its last stderr words (a stack overflow, say)
+        # may still be in the pipe; let the drain thread reach end-of-file, briefly.
+        self._stderr_reader.join(timeout=1.0)
         code = self._tree.process.poll()
         status = end.reason if code is None else f"{end.reason}, exit code {code}"
         stderr = self.stderr_tail()
@@ -278,6 +343,12 @@ class Host:
         if reason == "exited":
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._tree.process.wait(timeout=1.0)  # for the exit code in messages
+        with self._kill_lock:
+            if self.end_reason is None:  # nobody killed it: it ended on its own
+                if reason != "exited":
+                    self.end_reason = "protocol_error"
+                else:
+                    self.end_reason = "crashed" if self._in_command else "exited"
         self.ended = True
         self._inbox.put(_End(reason))
         if self._on_end is not None:
@@ -356,6 +427,7 @@ class _Slot:
         self.next_start = 0.0
         self.retire = threading.Event()
         self.graceful = False
+        self.reason = ""
 
 
 class HostPool:
@@ -368,6 +440,7 @@ class HostPool:
         limits: PoolLimits,
         *,
         monotonic: Callable[[], float] = time.monotonic,
+        events: PoolEvents | None = None,
     ) -> None:
         self._argv = tuple(argv)
         self._remote_exchange_path = remote_exchange_path
@@ -384,6 +457,9 @@ class HostPool:
         self._failed_starts = 0
         self._last_error: str | None = None
         self._fresh = threading.BoundedSemaphore(max(1, limits.queue_size))
+        self._fresh_waiting = 0
+        self._events: PoolEvents = events or _NoEvents()
+        self._reported: tuple[dict[str, int], int] | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -407,7 +483,7 @@ class HostPool:
             self._fail_waiters_locked(BackendUnavailable("the service is shutting down"))
             for slot in self._slots:
                 slot.retire.set()
-            self._cond.notify_all()
+            self._changed_locked()
         # A ready host gets the grace period to release its Exchange session; one still
         # connecting has nothing to release and is killed at once.
         closers = [
@@ -454,6 +530,29 @@ class HostPool:
                     return status
                 self._cond.wait(remaining)
 
+    def _changed_locked(self) -> None:
+        """The pool's state changed: wake `wait_for` and report new counts to the events hook."""
+        self._cond.notify_all()
+        if self._slots:
+            hosts = [s.host for s in self._slots if s.state == "warm" and s.host is not None]
+            idle = sum(1 for host in hosts if host in self._idle)
+            by_state = {
+                "idle": idle,
+                "busy": len(hosts) - idle,
+                "starting": sum(1 for s in self._slots if s.state == "starting"),
+                "broken": sum(1 for s in self._slots if s.state == "broken"),
+            }
+        else:
+            ready = sum(1 for host in self._live if host.ready is not None)
+            by_state = {"idle": 0, "busy": ready, "starting": len(self._live) - ready, "broken": 0}
+        waiting = len(self._waiters) + self._fresh_waiting
+        previous = self._reported
+        self._reported = (by_state, waiting)
+        if previous is None or previous[0] != by_state:
+            self._events.hosts(by_state)
+        if previous is None or previous[1] != waiting:
+            self._events.queue_depth(waiting)
+
     # ---- running commands -------------------------------------------------------------------
 
     def run(self, cmdlet: str, parameters: Mapping[str, str]) -> Result | ErrorRecord:
@@ -469,10 +568,10 @@ class HostPool:
             raise
         except HostError as exc:
             log.warning("%s", exc.message)
-            self._retire(host, graceful=False)
+            self._retire(host, graceful=False, reason="crashed")
             raise
         except BaseException:
-            self._retire(host, graceful=False)
+            self._retire(host, graceful=False, reason="killed")
             host.kill()
             raise
         if isinstance(result, ErrorRecord) and session_failed(result):
@@ -481,13 +580,22 @@ class HostPool:
                 host.pid,
                 result.message,
             )
-            self._retire(host, graceful=False)
+            self._retire(host, graceful=False, reason="session_lost")
         else:
             self._checkin(host)
         return result
 
     def _run_fresh(self, cmdlet: str, parameters: Mapping[str, str]) -> Result | ErrorRecord:
-        if not self._fresh.acquire(timeout=self.limits.queue_wait_seconds):
+        with self._cond:
+            self._fresh_waiting += 1
+            self._changed_locked()
+        try:
+            acquired = self._fresh.acquire(timeout=self.limits.queue_wait_seconds)
+        finally:
+            with self._cond:
+                self._fresh_waiting -= 1
+                self._changed_locked()
+        if not acquired:
             raise BackendUnavailable(
                 f"{self.limits.queue_size} PowerShell hosts are already starting or running "
                 "(local.queue_size)",
@@ -505,10 +613,13 @@ class HostPool:
                 return host.call(cmdlet, parameters, self.limits.command_timeout_seconds)
             except HostError as exc:
                 log.warning("%s", exc.message)
+                if host.end_reason is not None:  # refused: the host is fine and just closes
+                    self._events.host_killed(host.name, host.end_reason, pid=host.pid)
                 raise
             finally:
                 with self._cond:
                     self._live.discard(host)
+                    self._changed_locked()
                 threading.Thread(target=host.close, daemon=True).start()
         finally:
             self._fresh.release()
@@ -521,9 +632,9 @@ class HostPool:
             while self._idle:
                 host = self._idle.popleft()
                 if self._expired(host):
-                    self._retire_locked(host, graceful=True)
+                    self._retire_locked(host, graceful=True, reason="max_age")
                     continue
-                self._cond.notify_all()  # the status changed (one more busy host)
+                self._changed_locked()  # the status changed (one more busy host)
                 return host
             if all(slot.state == "broken" for slot in self._slots):
                 raise self._all_broken_locked()
@@ -535,13 +646,14 @@ class HostPool:
                 )
             waiter = _Waiter()
             self._waiters.append(waiter)
-            self._cond.notify_all()  # the status changed (one more waiting)
+            self._changed_locked()  # the status changed (one more waiting)
         waiter.event.wait(self.limits.queue_wait_seconds)
         with self._cond:
             if waiter.host is not None:
                 return waiter.host
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+                self._changed_locked()
             if waiter.error is not None:
                 raise waiter.error
             raise BackendUnavailable(
@@ -558,7 +670,7 @@ class HostPool:
             waiter.event.set()
         else:
             self._idle.append(host)
-        self._cond.notify_all()
+        self._changed_locked()
 
     def _fail_waiters_locked(self, error: BackendUnavailable) -> None:
         while self._waiters:
@@ -585,28 +697,33 @@ class HostPool:
                     host.commands,
                     host.age(self._monotonic()),
                 )
-                self._retire_locked(host, graceful=True)
+                expired = host.commands < self.limits.max_commands
+                self._retire_locked(
+                    host, graceful=True, reason="max_age" if expired else "max_commands"
+                )
                 return
             self._offer_locked(host)
 
     def _expired(self, host: Host) -> bool:
         return host.age(self._monotonic()) >= self.limits.max_age_seconds
 
-    def _retire(self, host: Host, *, graceful: bool) -> None:
+    def _retire(self, host: Host, *, graceful: bool, reason: str) -> None:
         with self._cond:
-            self._retire_locked(host, graceful=graceful)
+            self._retire_locked(host, graceful=graceful, reason=reason)
 
-    def _retire_locked(self, host: Host, *, graceful: bool) -> None:
+    def _retire_locked(self, host: Host, *, graceful: bool, reason: str) -> None:
+        """Have the host's slot replace it; `reason` is reported unless the host knows better."""
         if host in self._idle:
             self._idle.remove(host)
         for slot in self._slots:
             if slot.host is host:
                 slot.graceful = graceful
+                slot.reason = reason
                 slot.retire.set()
 
     def _host_ended(self, host: Host) -> None:
         """Reader thread: the host exited or broke the protocol (busy or idle)."""
-        self._retire(host, graceful=False)
+        self._retire(host, graceful=False, reason=host.end_reason or "exited")
 
     # ---- slots ------------------------------------------------------------------------------
 
@@ -627,6 +744,7 @@ class HostPool:
             )
             with self._cond:
                 self._live.add(host)
+                self._changed_locked()
             if self._closed.is_set():
                 host.kill()
                 raise HostStartupFailed("the service is shutting down")
@@ -638,15 +756,30 @@ class HostPool:
                 ready.user,
                 time.monotonic() - started,
             )
+            self._events.host_started(
+                host.name,
+                pid=host.pid,
+                server=ready.server,
+                user=ready.user,
+                seconds=round(time.monotonic() - started, 3),
+            )
+            with self._cond:
+                self._changed_locked()
             return host
         except HostStartupFailed as exc:
             with self._cond:
                 if host is not None:
                     self._live.discard(host)
-                if not self._closed.is_set():
-                    log.warning("PowerShell host did not start: %s", exc.message)
-                    self._failed_starts += 1
-                    self._last_error = exc.message
+                    self._changed_locked()
+                if self._closed.is_set():
+                    return None
+                log.warning("PowerShell host did not start: %s", exc.message)
+                self._failed_starts += 1
+                self._last_error = exc.message
+            if host is not None:
+                self._events.host_killed(
+                    host.name, host.end_reason or "startup_failed", pid=host.pid, error=exc.message
+                )
             return None
 
     def _slot_loop(self, slot: _Slot) -> None:
@@ -660,7 +793,7 @@ class HostPool:
                 return
             with self._cond:
                 slot.state = "starting"
-                self._cond.notify_all()
+                self._changed_locked()
             host = self._start_host()
             with self._cond:
                 if host is None:
@@ -673,7 +806,7 @@ class HostPool:
                     )
                     if all(other.state == "broken" for other in self._slots):
                         self._fail_waiters_locked(self._all_broken_locked())
-                    self._cond.notify_all()
+                    self._changed_locked()
                     continue
                 if self._closed.is_set():
                     self._live.discard(host)
@@ -685,7 +818,7 @@ class HostPool:
                 slot.retire.clear()
                 self._offer_locked(host)
             if host.ended:
-                self._retire(host, graceful=False)
+                self._retire(host, graceful=False, reason=host.end_reason or "exited")
             slot.retire.wait()
             with self._cond:
                 slot.host = None
@@ -693,10 +826,20 @@ class HostPool:
                 if host in self._idle:
                     self._idle.remove(host)
                 self._live.discard(host)
-                graceful = slot.graceful and not self._closed.is_set()
+                closed = self._closed.is_set()
+                graceful = slot.graceful and not closed
+                reason = slot.reason
                 slot.graceful = False
-                self._cond.notify_all()
+                self._changed_locked()
+            if closed:
+                # Like close() does for every host: the grace period to remove its Exchange
+                # session, then a kill. Done here too, because this thread must outlive its host:
+                # on Linux the host gets SIGKILL when the thread that started it ends.
+                host.close()
+                return
             if graceful:
+                self._events.host_recycled(host.name, reason, pid=host.pid, commands=host.commands)
                 threading.Thread(target=host.close, daemon=True).start()
             else:
-                host.kill()
+                host.kill(reason)
+                self._events.host_killed(host.name, host.end_reason or reason, pid=host.pid)

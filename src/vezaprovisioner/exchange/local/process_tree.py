@@ -3,9 +3,14 @@
 The one OS-specific seam of the local backend:
 
 * **POSIX** (tests and the benchmark; no Exchange runs there): the host leads a new session and
-  process group; killing sends SIGKILL to the group. If the service dies, the host reads EOF on
-  stdin and exits (host.ps1 and the fake both do); a host stuck inside a command is not reaped
-  until that command returns.
+  process group; killing sends SIGKILL to the group. If the service dies, an idle host reads EOF
+  on stdin and exits (host.ps1 and the fake both do). On **Linux** the host is also started with
+  PR_SET_PDEATHSIG = SIGKILL, so one stuck inside a command dies with the service too. Two
+  limits of that: the signal follows the *thread* that started the host, not the process (the
+  pool's slot threads therefore stay until their host has stopped; a `pool_size = 0` host is
+  started by the request's thread, and is killed rather than closed should that thread end
+  while the host still has its grace period), and it covers the host only, not processes the
+  host started itself.
 * **Windows**: each host is assigned to its own Job Object with
   JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE. Killing terminates the job (the host and every child it
   started); when the service process dies for any reason Windows closes its handles and so kills
@@ -20,8 +25,37 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+if sys.platform == "linux":
+    import ctypes
+
+    _PR_SET_PDEATHSIG = 1
+    _SIGKILL = int(signal.SIGKILL)
+    # Resolved in the parent, at import: the forked child then only makes this one call.
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    _prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+    _prctl.restype = ctypes.c_int
+
+    def _die_with_parent(parent: int) -> Callable[[], None]:
+        """A preexec_fn: SIGKILL this child when the thread that started it (the service) dies.
+
+        preexec_fn runs between fork and exec in a copy of a multi-threaded parent, where taking
+        a lock another thread held at fork time would deadlock. This one calls only the
+        prctl() foreign function prepared above and os.getppid/os._exit: no import, no logging,
+        no lock of ours. The attribute survives exec (it is cleared only for set-user-ID
+        programs). If the parent died before prctl took effect, the child exits at once. Should
+        prctl fail (it does not on Linux 2.1.57+), the host still exits on stdin end-of-file.
+        """
+
+        def preexec() -> None:
+            _prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+        return preexec
+
 
 if sys.platform == "win32":
     import ctypes
@@ -117,6 +151,10 @@ class ProcessTree:
                 _kernel32.CloseHandle(job)
                 raise ctypes.WinError(error)
             self._job = job
+        elif sys.platform == "linux":
+            self.process = _popen(
+                argv, start_new_session=True, preexec_fn=_die_with_parent(os.getpid())
+            )
         else:
             self.process = _popen(argv, start_new_session=True)
 
