@@ -3,7 +3,8 @@
 Starts `vezaprovisioner serve` on 127.0.0.1 with the simulated Exchange at zero latency, sends
 requests over real HTTP at concurrency 1 and 8, and prints throughput and p50/p99 latency. New
 users are created by a copy of the test directory with N plain users, so every request is a real
-"created" path (Get-User, Get-User, Enable-Mailbox).
+"created" path (Get-User, Get-User, Enable-Mailbox) with everything a production request
+does: the journal (synchronous=full), the audit line, the JSON log line (to a file) and metrics.
 
     .venv/bin/python bench/api_overhead.py [--requests 400]
 """
@@ -78,7 +79,8 @@ def main() -> None:
         folder = Path(tmp)
         (folder / "dir.json").write_text(json.dumps(directory(3 * args.requests)))
         (folder / "bench.toml").write_text(
-            '[simulated]\ndirectory = "dir.json"\n[auth]\nmode = "basic"\n'
+            '[simulated]\ndirectory = "dir.json"\n[logging]\nfile = "service.log"\n'
+            '[auth]\nmode = "basic"\n'
             f'[auth.users]\nbench = "{hash_password(PASSWORD)}"\n'
         )
         port = free_port()
