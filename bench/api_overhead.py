@@ -23,10 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from bench_directory import plain_users
 
 from vezaprovisioner.auth import hash_password
 
-PASSWORD = "bench-password"
+PASSWORD = "bench-password"  # noqa: S105 - a throwaway account of the bench
 
 
 def free_port() -> int:
@@ -35,33 +36,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def directory(users: int) -> dict[str, object]:
-    return {
-        "domain": "CONTOSO",
-        "upn_suffix": "contoso.com",
-        "smtp_domain": "contoso.com",
-        "users": [
-            {
-                "sam_account_name": f"u{i}",
-                "user_principal_name": f"u{i}@contoso.com",
-                "name": f"User {i}",
-                "display_name": f"User {i}",
-                "distinguished_name": f"CN=User {i},OU=Bench,DC=contoso,DC=com",
-                "guid": f"00000000-0000-0000-0000-{i:012d}",
-                "recipient_type_details": "User",
-            }
-            for i in range(users)
-        ],
-    }
-
-
 def run(requests: int, concurrency: int, base: str, offset: int) -> tuple[float, list[float]]:
     latencies: list[float] = []
     with httpx.Client(auth=("bench", PASSWORD), timeout=30) as client:
 
         def one(i: int) -> None:
             started = time.perf_counter()
-            response = client.post(f"{base}/api/v1/emails", json={"identity": f"u{offset + i}"})
+            response = client.post(f"{base}/api/v1/emails", json={"identity": f"bench{offset + i}"})
             latencies.append(time.perf_counter() - started)
             assert response.status_code == 201, response.text
 
@@ -77,16 +58,24 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        (folder / "dir.json").write_text(json.dumps(directory(3 * args.requests)))
+        (folder / "dir.json").write_text(json.dumps(plain_users(3 * args.requests)))
         (folder / "bench.toml").write_text(
             '[simulated]\ndirectory = "dir.json"\n[logging]\nfile = "service.log"\n'
             '[auth]\nmode = "basic"\n'
             f'[auth.users]\nbench = "{hash_password(PASSWORD)}"\n'
         )
         port = free_port()
-        server = subprocess.Popen(
-            [str(Path(sys.executable).with_name("vezaprovisioner")), "serve", "--config",
-             str(folder / "bench.toml"), "--port", str(port), "--log-level", "warning"],
+        server = subprocess.Popen(  # noqa: S603 - our own console script, fixed arguments
+            [
+                str(Path(sys.executable).with_name("vezaprovisioner")),
+                "serve",
+                "--config",
+                str(folder / "bench.toml"),
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
         )
         base = f"http://127.0.0.1:{port}/VezaProvisioner"
         try:

@@ -17,11 +17,11 @@ import argparse
 import statistics
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+
+from bench_directory import plain_users
 
 from vezaprovisioner.clock import SystemClock
 from vezaprovisioner.config import JournalSettings, Settings
@@ -31,33 +31,12 @@ from vezaprovisioner.provisioning import CreateEmail, InProcessIdentityGuard, Pr
 from vezaprovisioner.services import problem_code
 
 
-def directory(users: int) -> dict[str, Any]:
-    return {
-        "domain": "CONTOSO",
-        "upn_suffix": "contoso.com",
-        "smtp_domain": "contoso.com",
-        "domain_controller": "DC01.contoso.com",
-        "users": [
-            {
-                "sam_account_name": f"user{i}",
-                "user_principal_name": f"user{i}@contoso.com",
-                "name": f"User {i}",
-                "display_name": f"User {i}",
-                "distinguished_name": f"CN=User {i},CN=Users,DC=contoso,DC=com",
-                "guid": str(uuid.UUID(int=i + 1)),
-                "recipient_type_details": "User",
-            }
-            for i in range(users)
-        ],
-    }
-
-
 def build(
     variant: str, users: int, latency_ms: int, data_dir: Path
 ) -> tuple[Provisioner, Callable[[], None]]:
     clock = SystemClock()
     exchange = SimulatedExchange(
-        parse_directory(directory(users)), clock=clock, latency_ms=latency_ms
+        parse_directory(plain_users(users)), clock=clock, latency_ms=latency_ms
     )
     settings = Settings.model_validate({"data_dir": str(data_dir), "not_found_retry_seconds": 0})
     if variant == "without":
@@ -76,7 +55,7 @@ def run(variant: str, requests: int, concurrency: int, latency_ms: int) -> dict[
         def one(i: int) -> None:
             started = time.perf_counter()
             context = RequestContext(f"bench-{i}", "bench", "none", "127.0.0.1")
-            result = provisioner.create_email(CreateEmail(identity=f"CONTOSO\\user{i}"), context)
+            result = provisioner.create_email(CreateEmail(identity=f"CONTOSO\\bench{i}"), context)
             assert result.status == "created"
             latencies.append(time.perf_counter() - started)
 

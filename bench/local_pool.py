@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from bench_directory import plain_users
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = REPO / "tests" / "fakes" / "powershell.py"
@@ -59,26 +60,6 @@ class Row:
         return self.throughput * self.calls_per_request / (self.pool_size / cmdlet_seconds)
 
 
-def directory(users: int) -> dict[str, object]:
-    return {
-        "domain": "CONTOSO",
-        "upn_suffix": "contoso.com",
-        "smtp_domain": "contoso.com",
-        "users": [
-            {
-                "sam_account_name": f"bench{i:04d}",
-                "user_principal_name": f"bench{i:04d}@contoso.com",
-                "name": f"Bench User {i:04d}",
-                "display_name": f"Bench User {i:04d}",
-                "distinguished_name": f"CN=Bench User {i:04d},OU=Bench,DC=contoso,DC=com",
-                "guid": f"00000000-0000-0000-0000-{i:012d}",
-                "recipient_type_details": "User",
-            }
-            for i in range(users)
-        ],
-    }
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -100,7 +81,7 @@ def run_case(
     case = work / f"pool{pool_size}-c{concurrency}"
     case.mkdir()
     (case / "RemoteExchange.ps1").write_text("# stand-in\n")
-    (case / "directory.json").write_text(json.dumps(directory(requests)))
+    (case / "directory.json").write_text(json.dumps(plain_users(requests)))
     config = case / "config.toml"
     config.write_text(
         "backend = 'local'\n"
@@ -154,7 +135,7 @@ def run_case(
             if client is None:
                 client = local.client = httpx.Client(auth=(USER, PASSWORD), timeout=300)
             started = time.perf_counter()
-            response = client.post(f"{base}/api/v1/emails", json={"identity": f"bench{index:04d}"})
+            response = client.post(f"{base}/api/v1/emails", json={"identity": f"bench{index}"})
             elapsed = time.perf_counter() - started
             with lock:
                 latencies.append(elapsed)

@@ -28,6 +28,7 @@ import trustme
 # The fake endpoint lives in the test tree; run from anywhere.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_directory import plain_users
 from tests.fakes.clock import FakeClock
 from tests.fakes.psrp_server import FakeExchangeEndpoint
 
@@ -38,26 +39,6 @@ from vezaprovisioner.exchange.simulated import SimulatedExchange, parse_director
 from vezaprovisioner.provisioning import CreateEmail, Provisioner
 
 USER, PASSWORD = "svc-bench@contoso.com", "bench-password"
-
-
-def directory(users: int) -> dict[str, object]:
-    return {
-        "domain": "CONTOSO",
-        "upn_suffix": "contoso.com",
-        "smtp_domain": "contoso.com",
-        "users": [
-            {
-                "sam_account_name": f"bench{n}",
-                "user_principal_name": f"bench{n}@contoso.com",
-                "name": f"Bench User {n}",
-                "display_name": f"User {n}, Bench",
-                "distinguished_name": f"CN=Bench User {n},OU=Staff,DC=contoso,DC=com",
-                "guid": f"00000000-0000-0000-0000-{n:012d}",
-                "recipient_type_details": "User",
-            }
-            for n in range(users)
-        ],
-    }
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -76,7 +57,7 @@ def main() -> None:
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost").configure_cert(tls)
     simulated = SimulatedExchange(
-        parse_directory(directory(args.iterations + 1)), clock=FakeClock()
+        parse_directory(plain_users(args.iterations + 1)), clock=FakeClock()
     )
     with (
         tempfile.TemporaryDirectory() as scratch,
