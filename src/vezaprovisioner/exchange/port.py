@@ -43,6 +43,20 @@ class Recipient:
     database: str | None = None
 
 
+def bound_parameters(identity: str, **options: str | None) -> dict[str, str]:
+    """The parameters a cmdlet is called with: Identity always, an option only when it is set.
+
+    Every backend binds exactly these (as data, never as script text), so an unset option is
+    never passed as an empty value to Exchange.
+    """
+    return {"Identity": identity, **{name: value for name, value in options.items() if value}}
+
+
+def lookup_parameters(identity: str, domain_controller: str | None) -> dict[str, str]:
+    """Get-User / Get-Recipient parameters."""
+    return bound_parameters(identity, DomainController=domain_controller)
+
+
 @dataclass(frozen=True)
 class EnableMailbox:
     """Parameters for Enable-Mailbox (User parameter set). Empty options are not passed."""
@@ -54,6 +68,17 @@ class EnableMailbox:
     retention_policy: str | None = None
     domain_controller: str | None = None
 
+    def parameters(self) -> dict[str, str]:
+        """Enable-Mailbox's bound parameters."""
+        return bound_parameters(
+            self.identity,
+            Alias=self.alias,
+            Database=self.database,
+            AddressBookPolicy=self.address_book_policy,
+            RetentionPolicy=self.retention_policy,
+            DomainController=self.domain_controller,
+        )
+
 
 @dataclass(frozen=True)
 class EnableRemoteMailbox:
@@ -63,6 +88,15 @@ class EnableRemoteMailbox:
     alias: str | None = None
     remote_routing_address: str | None = None
     domain_controller: str | None = None
+
+    def parameters(self) -> dict[str, str]:
+        """Enable-RemoteMailbox's bound parameters."""
+        return bound_parameters(
+            self.identity,
+            Alias=self.alias,
+            RemoteRoutingAddress=self.remote_routing_address,
+            DomainController=self.domain_controller,
+        )
 
 
 class ExchangePort(Protocol):

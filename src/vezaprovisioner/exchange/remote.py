@@ -49,7 +49,13 @@ from .errors import (
     UnexpectedExchangeError,
     classify,
 )
-from .port import DirectoryUser, EnableMailbox, EnableRemoteMailbox, Recipient
+from .port import (
+    DirectoryUser,
+    EnableMailbox,
+    EnableRemoteMailbox,
+    Recipient,
+    lookup_parameters,
+)
 
 __all__ = ["CONFIGURATION_NAME", "PROBE_CMDLET", "RemoteCredentials", "RemoteExchange"]
 
@@ -132,7 +138,7 @@ class RemoteExchange:
     def get_user(self, identity: str, domain_controller: str | None = None) -> DirectoryUser:
         out = self._run(
             "Get-User",
-            {"Identity": identity, "DomainController": domain_controller},
+            lookup_parameters(identity, domain_controller),
             read_only=True,
         )
         obj = _single(out, identity, "Get-User")
@@ -149,7 +155,7 @@ class RemoteExchange:
     def get_recipient(self, identity: str, domain_controller: str | None = None) -> Recipient:
         out = self._run(
             "Get-Recipient",
-            {"Identity": identity, "DomainController": domain_controller},
+            lookup_parameters(identity, domain_controller),
             read_only=True,
         )
         return _recipient(_single(out, identity, "Get-Recipient"))
@@ -157,14 +163,7 @@ class RemoteExchange:
     def enable_mailbox(self, request: EnableMailbox) -> Recipient:
         out = self._run(
             "Enable-Mailbox",
-            {
-                "Identity": request.identity,
-                "Alias": request.alias,
-                "Database": request.database,
-                "AddressBookPolicy": request.address_book_policy,
-                "RetentionPolicy": request.retention_policy,
-                "DomainController": request.domain_controller,
-            },
+            request.parameters(),
             read_only=False,
         )
         return _recipient(_single(out, request.identity, "Enable-Mailbox"))
@@ -172,12 +171,7 @@ class RemoteExchange:
     def enable_remote_mailbox(self, request: EnableRemoteMailbox) -> Recipient:
         out = self._run(
             "Enable-RemoteMailbox",
-            {
-                "Identity": request.identity,
-                "Alias": request.alias,
-                "RemoteRoutingAddress": request.remote_routing_address,
-                "DomainController": request.domain_controller,
-            },
+            request.parameters(),
             read_only=False,
         )
         return _recipient(_single(out, request.identity, "Enable-RemoteMailbox"))
@@ -197,11 +191,6 @@ class RemoteExchange:
     def _run(self, cmdlet: str, parameters: Mapping[str, object], *, read_only: bool) -> list[Any]:
         """Run one cmdlet within the deadline; retry a read once after a transport failure."""
         deadline = self._clock.monotonic() + self._timeout
-        bound = {
-            key: value
-            for key, value in parameters.items()
-            if value is not None and (value != "" or key == "Identity")
-        }
         if not self._lock.acquire(timeout=max(0.0, self._timeout)):
             raise BackendUnavailable(
                 f"the Exchange session at {self.endpoint} stayed busy for "
@@ -214,7 +203,7 @@ class RemoteExchange:
             attempts = 2 if read_only else 1
             for attempt in range(1, attempts + 1):
                 try:
-                    return self._invoke(cmdlet, bound, deadline)
+                    return self._invoke(cmdlet, parameters, deadline)
                 except _TransportFailure as failure:
                     self._discard()
                     if _is_refusal(failure.cause):

@@ -100,6 +100,8 @@ from .port import (
     EnableMailbox,
     EnableRemoteMailbox,
     Recipient,
+    bound_parameters,
+    lookup_parameters,
 )
 
 __all__ = [
@@ -844,7 +846,7 @@ class SimulatedExchange:
 
     def get_user(self, identity: str, domain_controller: str | None = None) -> DirectoryUser:
         """Get-User: users, mailboxes and mail users alike."""
-        self._begin("Get-User", {"Identity": identity, "DomainController": domain_controller})
+        self._begin("Get-User", lookup_parameters(identity, domain_controller))
         self._pause("Get-User", self._latency)
         with self._lock:
             entry = self._resolve(identity, "GetUser", domain_controller, mail_enabled_only=False)
@@ -852,7 +854,7 @@ class SimulatedExchange:
 
     def get_recipient(self, identity: str, domain_controller: str | None = None) -> Recipient:
         """Get-Recipient: mail-enabled objects only."""
-        self._begin("Get-Recipient", {"Identity": identity, "DomainController": domain_controller})
+        self._begin("Get-Recipient", lookup_parameters(identity, domain_controller))
         self._pause("Get-Recipient", self._latency)
         with self._lock:
             entry = self._resolve(
@@ -863,17 +865,7 @@ class SimulatedExchange:
     def enable_mailbox(self, request: EnableMailbox) -> Recipient:
         """Enable-Mailbox (User parameter set)."""
         cmdlet, task = "Enable-Mailbox", "EnableMailbox"
-        self._begin(
-            cmdlet,
-            {
-                "Identity": request.identity,
-                "Alias": request.alias,
-                "Database": request.database,
-                "AddressBookPolicy": request.address_book_policy,
-                "RetentionPolicy": request.retention_policy,
-                "DomainController": request.domain_controller,
-            },
-        )
+        self._begin(cmdlet, request.parameters())
         slept = self._pause(cmdlet, self._latency + self._enable_latency)
         dc = request.domain_controller
         with self._lock:
@@ -902,15 +894,7 @@ class SimulatedExchange:
     def enable_remote_mailbox(self, request: EnableRemoteMailbox) -> Recipient:
         """Enable-RemoteMailbox (Default parameter set)."""
         cmdlet, task = "Enable-RemoteMailbox", "EnableRemoteMailbox"
-        self._begin(
-            cmdlet,
-            {
-                "Identity": request.identity,
-                "Alias": request.alias,
-                "RemoteRoutingAddress": request.remote_routing_address,
-                "DomainController": request.domain_controller,
-            },
-        )
+        self._begin(cmdlet, request.parameters())
         slept = self._pause(cmdlet, self._latency + self._enable_latency)
         dc = request.domain_controller
         with self._lock:
@@ -941,7 +925,7 @@ class SimulatedExchange:
 
     def probe(self) -> str:
         """A cheap read: how many users are visible now."""
-        self._begin("Get-ExchangeServer", {"Identity": self.server})
+        self._begin("Get-ExchangeServer", bound_parameters(self.server))
         self._pause("Get-ExchangeServer", self._latency)
         with self._lock:
             visible = len(self._visible())
@@ -995,14 +979,9 @@ class SimulatedExchange:
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _begin(self, cmdlet: str, parameters: Mapping[str, str | None]) -> None:
-        bound = {
-            key: value
-            for key, value in parameters.items()
-            if value is not None and (value != "" or key == "Identity")
-        }
+    def _begin(self, cmdlet: str, parameters: dict[str, str]) -> None:
         with self._lock:
-            self.calls.append((cmdlet, bound))
+            self.calls.append((cmdlet, parameters))
 
     def _pause(self, cmdlet: str, seconds: float) -> float:
         """Sleep the simulated latency (lock not held); time out like a stuck command."""

@@ -19,7 +19,13 @@ from ..errors import (
     UnexpectedExchangeError,
     classify,
 )
-from ..port import DirectoryUser, EnableMailbox, EnableRemoteMailbox, Recipient
+from ..port import (
+    DirectoryUser,
+    EnableMailbox,
+    EnableRemoteMailbox,
+    Recipient,
+    lookup_parameters,
+)
 from .pool import HostError, HostPool, HostTimeout
 from .protocol import ErrorRecord
 
@@ -42,11 +48,6 @@ def host_argv(powershell_path: str) -> list[str]:
     return [powershell_path, *HOST_SWITCHES, str(HOST_SCRIPT)]
 
 
-def _params(**values: str | None) -> dict[str, str]:
-    """Parameters to bind; empty options are not passed at all."""
-    return {name: value for name, value in values.items() if value}
-
-
 class LocalExchange:
     """Implements `ExchangePort` by running cmdlets on a `HostPool`."""
 
@@ -59,9 +60,7 @@ class LocalExchange:
         return self._pool
 
     def get_user(self, identity: str, domain_controller: str | None = None) -> DirectoryUser:
-        found = self._one(
-            "Get-User", {"Identity": identity, **_params(DomainController=domain_controller)}
-        )
+        found = self._one("Get-User", lookup_parameters(identity, domain_controller))
         return DirectoryUser(
             guid=self._required(found, "Guid", "Get-User"),
             distinguished_name=self._required(found, "DistinguishedName", "Get-User"),
@@ -75,35 +74,19 @@ class LocalExchange:
     def get_recipient(self, identity: str, domain_controller: str | None = None) -> Recipient:
         return self._recipient(
             "Get-Recipient",
-            {"Identity": identity, **_params(DomainController=domain_controller)},
+            lookup_parameters(identity, domain_controller),
         )
 
     def enable_mailbox(self, request: EnableMailbox) -> Recipient:
         return self._recipient(
             "Enable-Mailbox",
-            {
-                "Identity": request.identity,
-                **_params(
-                    Alias=request.alias,
-                    Database=request.database,
-                    AddressBookPolicy=request.address_book_policy,
-                    RetentionPolicy=request.retention_policy,
-                    DomainController=request.domain_controller,
-                ),
-            },
+            request.parameters(),
         )
 
     def enable_remote_mailbox(self, request: EnableRemoteMailbox) -> Recipient:
         return self._recipient(
             "Enable-RemoteMailbox",
-            {
-                "Identity": request.identity,
-                **_params(
-                    Alias=request.alias,
-                    RemoteRoutingAddress=request.remote_routing_address,
-                    DomainController=request.domain_controller,
-                ),
-            },
+            request.parameters(),
         )
 
     def probe(self) -> str:
