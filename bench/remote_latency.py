@@ -1,13 +1,19 @@
 """CREATE_EMAIL latency through the remote backend, against the fake /PowerShell endpoint.
 
 Runs the real flow (`Provisioner`) over `RemoteExchange` -> pypsrp -> WS-Man over TLS on loopback
--> the fake endpoint (psrpcore), where every cmdlet takes `--delay-ms` (150 ms by default, a
+-> the fake endpoint (psrpcore, in a process of its own so it does not share the client's GIL),
+where every cmdlet takes `--delay-ms` (150 ms by default, a
 plausible Exchange cmdlet time). Each iteration enables a fresh user, so every request runs
 Get-User, Get-User (by GUID, under the per-user guard) and Enable-Mailbox. The overhead is the
 end-to-end time minus the cmdlet time (cmdlets run x delay): what the warm pool, the is_alive
 check, PSRP (de)serialization, WS-Man and TLS add.
 
+Then the same flow in parallel: for each `--pool-sizes` value P, P callers at once on a backend
+with `remote.pool_size = P` (`--parallel-requests` each), printing throughput against the ideal
+P / (3 x delay) requests per second and p50/p99. Bounded: about 2 x 40 requests of 450 ms.
+
     .venv/bin/python bench/remote_latency.py [--iterations 100] [--delay-ms 150]
+        [--pool-sizes 2 4] [--parallel-requests 40]
 
 Numbers are for this machine and loopback; a real network adds its round trips (about five
 HTTP requests per cmdlet: is_alive, Command, Receive x2, Signal).
@@ -16,7 +22,10 @@ HTTP requests per cmdlet: is_alive, Command, Receive x2, Signal).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import ssl
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
 import statistics
 import sys
 import tempfile
@@ -41,6 +50,42 @@ from vezaprovisioner.provisioning import CreateEmail, Provisioner
 USER, PASSWORD = "svc-bench@contoso.com", "bench-password"
 
 
+class EndpointProcess:
+    """The fake endpoint in a child process (forked), answering "how many cmdlets so far"."""
+
+    def __init__(self, users: int, tls: ssl.SSLContext, delay_seconds: float) -> None:
+        self.delay_seconds = delay_seconds
+        context = multiprocessing.get_context("fork")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=_serve, args=(child, users, tls, delay_seconds), daemon=True
+        )
+
+    def __enter__(self) -> EndpointProcess:
+        self._process.start()
+        self.port = int(self._conn.recv())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._conn.send("stop")
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.kill()
+
+    def commands(self) -> int:
+        self._conn.send("count")
+        return int(self._conn.recv())
+
+
+def _serve(conn: Connection, users: int, tls: ssl.SSLContext, delay_seconds: float) -> None:
+    simulated = SimulatedExchange(parse_directory(plain_users(users)), clock=FakeClock())
+    with FakeExchangeEndpoint(simulated, username=USER, password=PASSWORD, tls=tls) as endpoint:
+        endpoint.delay_seconds = delay_seconds
+        conn.send(endpoint.port)
+        while conn.recv() == "count":
+            conn.send(len(endpoint.commands))
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
@@ -51,17 +96,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--delay-ms", type=float, default=150.0)
+    parser.add_argument("--pool-sizes", type=int, nargs="*", default=[2, 4])
+    parser.add_argument("--parallel-requests", type=int, default=40, help="per caller")
     args = parser.parse_args()
+    parallel_users = sum(p * args.parallel_requests + p for p in args.pool_sizes)
 
     ca = trustme.CA()
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost").configure_cert(tls)
-    simulated = SimulatedExchange(
-        parse_directory(plain_users(args.iterations + 1)), clock=FakeClock()
-    )
+    users = args.iterations + 1 + parallel_users
     with (
         tempfile.TemporaryDirectory() as scratch,
-        FakeExchangeEndpoint(simulated, username=USER, password=PASSWORD, tls=tls) as endpoint,
+        EndpointProcess(users, tls, args.delay_ms / 1000) as endpoint,
     ):
         bundle = Path(scratch) / "ca.pem"
         ca.cert_pem.write_to_path(str(bundle))
@@ -79,13 +125,12 @@ def main() -> None:
             }
         )
         remote = RemoteExchange(
-            settings.remote,
+            settings.remote.model_copy(update={"pool_size": 1}),
             settings.exchange,
             RemoteCredentials(USER, PASSWORD),
             clock=SystemClock(),
         )
         provisioner = Provisioner(settings, remote, SystemClock())
-        endpoint.delay_seconds = args.delay_ms / 1000
 
         started = time.perf_counter()
         provisioner.create_email(CreateEmail("CONTOSO\\bench0"))  # opens the pool: the cold call
@@ -94,15 +139,23 @@ def main() -> None:
         totals: list[float] = []
         overheads: list[float] = []
         for n in range(1, args.iterations + 1):
-            before = len(endpoint.commands)
+            before = endpoint.commands()
             started = time.perf_counter()
             result = provisioner.create_email(CreateEmail(f"CONTOSO\\bench{n}"))
             elapsed = time.perf_counter() - started
             assert result.status == "created", result
-            cmdlets = len(endpoint.commands) - before
+            cmdlets = endpoint.commands() - before
             totals.append(elapsed)
             overheads.append(elapsed - cmdlets * endpoint.delay_seconds)
         remote.close()
+
+        first_user = args.iterations + 1
+        parallel_rows = []
+        for pool_size in args.pool_sizes:
+            parallel_rows.append(
+                run_parallel(settings, endpoint, pool_size, first_user, args.parallel_requests)
+            )
+            first_user += pool_size * args.parallel_requests + pool_size
 
     cmdlets_per_request = cmdlets
     per_cmdlet = [o / cmdlets_per_request for o in overheads]
@@ -126,6 +179,64 @@ def main() -> None:
         )
     print()
     print(f"cold first request (opens the pool): {cold * 1000:.1f} ms")
+    if not parallel_rows:
+        return
+    print()
+    print(
+        f"In parallel: concurrency = remote.pool_size, {args.parallel_requests} requests per "
+        f"caller, pools warmed first; ideal = pool_size / ({cmdlets_per_request} x "
+        f"{args.delay_ms:g} ms)"
+    )
+    print()
+    print("| pool_size = concurrency | req/s | ideal | of ideal | p50 | p99 | p99/p50 |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for pool_size, rate, ideal, p50, p99 in parallel_rows:
+        print(
+            f"| {pool_size} | {rate:.2f} | {ideal:.2f} | {rate / ideal:.2f} "
+            f"| {p50 * 1000:.0f} ms | {p99 * 1000:.0f} ms | {p99 / p50:.2f} |"
+        )
+
+
+def run_parallel(
+    settings: Settings,
+    endpoint: EndpointProcess,
+    pool_size: int,
+    first_user: int,
+    per_caller: int,
+) -> tuple[int, float, float, float, float]:
+    """`pool_size` callers at once on a backend with that many sessions."""
+    remote = RemoteExchange(
+        settings.remote.model_copy(update={"pool_size": pool_size}),
+        settings.exchange,
+        RemoteCredentials(USER, PASSWORD),
+        clock=SystemClock(),
+    )
+    provisioner = Provisioner(settings, remote, SystemClock())
+
+    def one(n: int) -> float:
+        started = time.perf_counter()
+        result = provisioner.create_email(CreateEmail(f"CONTOSO\\bench{n}"))
+        assert result.status == "created", result
+        return time.perf_counter() - started
+
+    with ThreadPoolExecutor(max_workers=pool_size) as callers:
+        # Warm every session first (opening one is not what this measures).
+        list(callers.map(one, range(first_user, first_user + pool_size)))
+        first_user += pool_size
+        before = endpoint.commands()
+        started = time.perf_counter()
+        latencies = list(callers.map(one, range(first_user, first_user + pool_size * per_caller)))
+        elapsed = time.perf_counter() - started
+    cmdlets = (endpoint.commands() - before) / len(latencies)
+    remote.close()
+    ideal = pool_size / (cmdlets * endpoint.delay_seconds)
+    return (
+        pool_size,
+        len(latencies) / elapsed,
+        ideal,
+        percentile(latencies, 0.5),
+        percentile(latencies, 0.99),
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from tests.conftest import AUTH, TEST_DIRECTORY, deep_merge
 from tests.fakes.clock import FakeClock
 from tests.fakes.psrp_server import FakeExchangeEndpoint
 from vezaprovisioner.api.app import create_app
-from vezaprovisioner.clock import SystemClock
+from vezaprovisioner.clock import Clock, SystemClock
 from vezaprovisioner.config import ConfigError, Settings, load_settings
 from vezaprovisioner.exchange.backends import open_exchange
 from vezaprovisioner.exchange.errors import (
@@ -45,7 +45,7 @@ from vezaprovisioner.exchange.errors import (
     WrongRecipientType,
 )
 from vezaprovisioner.exchange.port import EnableMailbox, EnableRemoteMailbox
-from vezaprovisioner.exchange.remote import RemoteCredentials, RemoteExchange
+from vezaprovisioner.exchange.remote import IDLE_CHECK_SECONDS, RemoteCredentials, RemoteExchange
 from vezaprovisioner.exchange.simulated import SimulatedExchange, load_directory
 from vezaprovisioner.provisioning import CreateEmail, Provisioner
 
@@ -132,13 +132,13 @@ def make_remote(
 ) -> Iterator[Callable[..., RemoteExchange]]:
     made: list[RemoteExchange] = []
 
-    def make(**overrides: Any) -> RemoteExchange:
+    def make(clock: Clock | None = None, **overrides: Any) -> RemoteExchange:
         settings = remote_settings(**overrides)
         backend = RemoteExchange(
             settings.remote,
             settings.exchange,
             RemoteCredentials(USERNAME, PASSWORD),
-            clock=SystemClock(),
+            clock=clock or SystemClock(),
         )
         made.append(backend)
         return backend
@@ -469,26 +469,132 @@ def test_the_api_answers_504_when_exchange_hangs(
     assert response.json()["code"] == "EXCHANGE_TIMEOUT"
 
 
-def test_concurrent_callers_share_one_pool_one_at_a_time(
-    remote: RemoteExchange, endpoint: FakeExchangeEndpoint
-) -> None:
-    results: list[str] = []
+def _in_threads(calls: list[Callable[[], object]]) -> tuple[list[object], list[BaseException]]:
+    results: list[object] = []
     errors: list[BaseException] = []
 
-    def read(identity: str) -> None:
+    def run(call: Callable[[], object]) -> None:
         try:
-            results.append(remote.get_user(identity).sam_account_name)
-        except BaseException as exc:  # surfaced below
+            results.append(call())
+        except BaseException as exc:  # surfaced by the caller
             errors.append(exc)
 
-    threads = [threading.Thread(target=read, args=(name,)) for name in ["plain", "mailbox"] * 3]
+    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
+    return results, errors
+
+
+@pytest.mark.parametrize("pool_size", [1, 2])
+def test_concurrent_callers_use_at_most_pool_size_sessions(
+    make_remote: Callable[..., RemoteExchange], endpoint: FakeExchangeEndpoint, pool_size: int
+) -> None:
+    remote = make_remote(remote={"pool_size": pool_size})
+    calls: list[Callable[[], object]] = [
+        lambda name=name: remote.get_user(name).sam_account_name  # type: ignore[misc]
+        for name in ["plain", "mailbox"] * 4
+    ]
+    results, errors = _in_threads(calls)
     assert errors == []
-    assert sorted(results) == ["mailbox"] * 3 + ["plain"] * 3
+    assert sorted(map(str, results)) == ["mailbox"] * 4 + ["plain"] * 4
+    assert 1 <= remote.pools_opened <= pool_size
+    assert endpoint.shells_created == remote.pools_opened
+
+
+def test_two_sessions_run_two_commands_at_once(
+    make_remote: Callable[..., RemoteExchange],
+    endpoint: FakeExchangeEndpoint,
+    simulated: SimulatedExchange,
+) -> None:
+    remote = make_remote(remote={"pool_size": 2})
+    endpoint.hold_commands()
+    threads = [
+        threading.Thread(target=remote.get_user, args=("plain",)),
+        threading.Thread(target=remote.enable_mailbox, args=(EnableMailbox(PLAIN_GUID),)),
+    ]
+    for thread in threads:
+        thread.start()
+    # Both cmdlets are inside Exchange at the same time: neither waits for the other.
+    both_running = endpoint.wait_for_commands(2)
+    endpoint.release_commands()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert both_running
+    assert simulated.count("Enable-Mailbox") == 1
+    assert (remote.pools_opened, endpoint.open_shells) == (2, 2)
+
+
+def test_a_caller_finding_every_session_busy_gets_503(
+    make_remote: Callable[..., RemoteExchange], endpoint: FakeExchangeEndpoint
+) -> None:
+    remote = make_remote(remote={"pool_size": 1}, exchange={"command_timeout_seconds": 1})
+    taken = remote._take(deadline=float("inf"))  # another caller holds the only session
+    with pytest.raises(BackendUnavailable, match="all 1 Exchange session") as caught:
+        remote.get_user("plain")
+    assert caught.value.retry_after_seconds == 5
+    remote._give_back(taken)
+    assert remote.get_user("plain").sam_account_name == "plain"
+    assert [c.name for c in endpoint.commands] == ["Get-User"]
+
+
+def test_liveness_is_checked_only_after_an_idle_period(
+    make_remote: Callable[..., RemoteExchange], endpoint: FakeExchangeEndpoint
+) -> None:
+    clock = FakeClock()
+    remote = make_remote(clock=clock)
+    for name in ("plain", "mailbox", "plain"):
+        remote.get_user(name)
+    assert endpoint.actions["Get"] == 0  # no is_alive() round trip before a busy pool's commands
+    clock.advance(IDLE_CHECK_SECONDS)
+    remote.get_user("plain")
+    assert endpoint.actions["Get"] == 1
     assert remote.pools_opened == 1
+
+
+def test_an_idle_pool_dropped_by_the_server_is_noticed_before_enable(
+    make_remote: Callable[..., RemoteExchange],
+    endpoint: FakeExchangeEndpoint,
+    simulated: SimulatedExchange,
+) -> None:
+    clock = FakeClock()
+    remote = make_remote(clock=clock)
+    remote.get_user("plain")
+    endpoint.drop_idle_pools()
+    clock.advance(IDLE_CHECK_SECONDS + 1)
+    assert remote.enable_mailbox(EnableMailbox(PLAIN_GUID)).recipient_type_details == "UserMailbox"
+    assert (endpoint.actions["Get"], remote.pools_opened, endpoint.open_shells) == (1, 2, 1)
+    assert simulated.count("Enable-Mailbox") == 1
+
+
+def test_an_enable_refused_for_a_forgotten_shell_runs_on_a_new_pool(
+    remote: RemoteExchange, endpoint: FakeExchangeEndpoint, simulated: SimulatedExchange
+) -> None:
+    # Dropped before the idle check would look: the server's "no such shell" answer to the
+    # Command request proves the cmdlet never ran, so it is sent (once) on a new pool.
+    remote.get_user("plain")
+    endpoint.drop_idle_pools()
+    assert remote.enable_mailbox(EnableMailbox(PLAIN_GUID)).recipient_type_details == "UserMailbox"
+    assert simulated.count("Enable-Mailbox") == 1
+    assert (remote.pools_opened, endpoint.open_shells) == (2, 1)
+
+
+def test_close_waits_for_no_busy_session_and_closes_it_after_its_command(
+    make_remote: Callable[..., RemoteExchange], endpoint: FakeExchangeEndpoint
+) -> None:
+    remote = make_remote(remote={"pool_size": 2})
+    remote.get_user("plain")
+    endpoint.hold_commands()
+    reader = threading.Thread(target=remote.get_user, args=("mailbox",))
+    reader.start()
+    assert endpoint.wait_for_commands(2)
+    remote.close()  # returns at once; the busy session is closed when its command ends
+    endpoint.release_commands()
+    reader.join(timeout=30)
+    assert endpoint.open_shells == 0
+    with pytest.raises(BackendUnavailable, match="closed"):
+        remote.get_user("plain")
 
 
 # ---- the service through the configured backend --------------------------------------------

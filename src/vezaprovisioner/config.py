@@ -103,6 +103,10 @@ class RemoteSettings(_Section):
     password_env: str = "VEZA_EXCHANGE_PASSWORD"  # noqa: S105 - the variable's name, not a secret
     #: Bound on each HTTP request to the endpoint (connect, and read of one WS-Man answer).
     http_timeout_seconds: float = Field(default=30.0, ge=5, le=300)
+    #: Runspace pools (Exchange sessions) kept open, each running one command at a time. Each is
+    #: one of Exchange's concurrent PowerShell connections for the account: pool_size x IIS
+    #: FastCGI instances must stay below its limit of 18 per user.
+    pool_size: int = Field(default=2, ge=1, le=16)
 
     @field_validator("server")
     @classmethod

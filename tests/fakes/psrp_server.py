@@ -17,7 +17,8 @@ Like Exchange's ``Microsoft.Exchange`` endpoint it
 Authentication is Basic, accepted over TLS only (like WinRM with AllowUnencrypted=false).
 
 Fault modes for the tests: `delay_seconds` (every cmdlet takes that long), `hold_commands()`
-(cmdlets wait until released or stopped), `drop_idle_pools()` (the server forgets every shell,
+(cmdlets wait until released or stopped; `wait_for_commands(n)` waits until n arrived),
+`drop_idle_pools()` (the server forgets every shell,
 as Exchange does with idle sessions) and `drop_connection_on(action)` (the next such request is
 answered by closing the socket).
 
@@ -35,7 +36,7 @@ import ssl
 import threading
 import uuid
 import xml.etree.ElementTree as ET
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -176,6 +177,8 @@ class FakeExchangeEndpoint:
         self.signals: list[str] = []
         #: How many runspace pools (WS-Man shells) were created.
         self.shells_created = 0
+        #: How many requests of each WS-Man action arrived (Get is pypsrp's is_alive()).
+        self.actions: Counter[str] = Counter()
         #: Seconds every cmdlet takes (the stop signal cuts it short).
         self.delay_seconds = 0.0
         self._cond = threading.Condition()
@@ -231,6 +234,11 @@ class FakeExchangeEndpoint:
                 self._gate = None
             self._cond.notify_all()
 
+    def wait_for_commands(self, count: int, timeout: float = 10.0) -> bool:
+        """Block until `count` cmdlets have arrived (True), or the timeout passed (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self.commands) >= count, timeout)
+
     def drop_idle_pools(self) -> None:
         """Forget every shell, as Exchange does with sessions idle for about two minutes."""
         with self._cond:
@@ -260,6 +268,7 @@ class FakeExchangeEndpoint:
         action = action_uri.rsplit("/", 1)[-1]
         message_id = _text(header, "wsa:MessageID")
         with self._cond:
+            self.actions[action] += 1
             if self._drop[action] > 0:
                 self._drop[action] -= 1
                 return None
@@ -454,6 +463,7 @@ class FakeExchangeEndpoint:
                 self.commands.append(
                     ReceivedCommand(str(command.command_text), parameters, bool(command.is_script))
                 )
+                self._cond.notify_all()
         if gate is not None:
             with self._cond:
                 self._cond.wait_for(

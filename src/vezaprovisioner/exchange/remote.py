@@ -6,15 +6,22 @@ cmdlet with bound, typed parameters (`add_cmdlet`/`add_parameter`); no script te
 caller data can never become PowerShell source.
 
 Session handling (pypsrp has no locks, no keep-alive and no overall deadline):
-* one warm RunspacePool per process, used under a lock by one command at a time;
-* before each command the pool is checked with `is_alive()` and rebuilt when dead (Exchange drops
-  idle sessions after about two minutes);
+* `remote.pool_size` warm RunspacePools per process (each one Exchange session with one
+  runspace), each used by one command at a time; a caller takes a free one (the most recently
+  used first) or waits for one up to the command timeout, then gets `BackendUnavailable` (503);
+* a pool is checked with `is_alive()` only when it sat idle for `IDLE_CHECK_SECONDS` (Exchange
+  and IIS drop idle sessions and connections after about two minutes) and rebuilt when dead;
+  after a transport error it is discarded and a new one opened;
+* a command is never sent on a new HTTP connection of a message-encrypted pool (its security
+  context belongs to the old connection): the pool is rebuilt and the command, not yet sent,
+  runs on the new one; a command refused because the server forgot the shell is not sent either;
 * every command has an overall deadline (`exchange.command_timeout_seconds`), enforced by polling
-  the pipeline with short WS-Man receives; past it the pipeline is stopped, the pool discarded
+  the pipeline with short WS-Man receives; past it the pipeline is stopped, its pool discarded
   and `ExchangeTimeout` raised (HTTP 504);
 * after a transport failure a read-only cmdlet (Get-User, Get-Recipient) is retried once on a new
-  pool; Enable-* never is: a failure after it was sent is reported as `ExchangeTimeout` (outcome
-  unknown), so the provisioning flow re-reads the state instead of running it again.
+  pool; Enable-* only when it was certainly not sent: a failure after it may have been sent is
+  reported as `ExchangeTimeout` (outcome unknown), so the provisioning flow re-reads the state
+  instead of running it again.
 
 Errors: a pipeline failed when it ended FAILED (`had_errors`) or wrote to the error stream; the
 first error record goes through `errors.classify()` with its exception message, CategoryInfo
@@ -24,6 +31,7 @@ or `PermissionDenied` here, with the endpoint's own words.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -33,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Final, cast
 
 import requests
+from pypsrp._pool_manager import DisableNewConnectionsContext, NewConnectionDisabled
 from pypsrp.complex_objects import PSInvocationState, RunspacePoolState
 from pypsrp.exceptions import AuthenticationError, WinRMError, WinRMTransportError, WSManFaultError
 from pypsrp.powershell import PowerShell, RunspacePool
@@ -57,7 +66,13 @@ from .port import (
     lookup_parameters,
 )
 
-__all__ = ["CONFIGURATION_NAME", "PROBE_CMDLET", "RemoteCredentials", "RemoteExchange"]
+__all__ = [
+    "CONFIGURATION_NAME",
+    "IDLE_CHECK_SECONDS",
+    "PROBE_CMDLET",
+    "RemoteCredentials",
+    "RemoteExchange",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +85,13 @@ PROBE_CMDLET: Final = "Get-User"
 # command can run, and keeps each HTTP request well under proxies' idle limits.
 _MAX_POLL_SECONDS: Final = 5
 _ALIVE_CHECK_SECONDS: Final = 5
+#: A pool idle this long is checked with `is_alive()` before its next command. Below IIS's
+#: default connection idle timeout (120 s) and Exchange's idle session drop (about two minutes).
+IDLE_CHECK_SECONDS: Final = 30.0
 _RESOURCE_NOT_FOUND: Final = 0x80338000
+#: ERROR_WSMAN_SHELL_NOT_FOUND (pypsrp's is_alive() treats it as a dead pool): the server refused
+#: the request because it no longer has the shell, so a command it answers with this never ran.
+_SHELL_NOT_FOUND: Final = 0x8033805B
 _TRANSPORT_ERRORS: Final = (WinRMError, requests.exceptions.RequestException, OSError)
 
 
@@ -102,8 +123,18 @@ class _TransportFailure(Exception):
         self.sent = sent
 
 
+class _Session:
+    """One warm RunspacePool (or none yet) and when it last finished a command."""
+
+    __slots__ = ("last_used", "pool")
+
+    def __init__(self) -> None:
+        self.pool: RunspacePool | None = None
+        self.last_used = 0.0
+
+
 class RemoteExchange:
-    """`ExchangePort` over one warm pypsrp RunspacePool to Exchange's /PowerShell endpoint."""
+    """`ExchangePort` over `remote.pool_size` warm pypsrp RunspacePools to /PowerShell."""
 
     def __init__(
         self,
@@ -125,13 +156,25 @@ class RemoteExchange:
         self._credentials = credentials
         self._clock = clock
         self._timeout = exchange.command_timeout_seconds
-        self._lock = threading.Lock()
-        self._pool: RunspacePool | None = None
+        self._free_changed = threading.Condition()
+        # Free sessions, the most recently used last (taken first, so rarely needed ones idle).
+        self._free: list[_Session] = [_Session() for _ in range(remote.pool_size)]
         self._closed = False
+        self._pools_opened = 0
         scheme = "https" if remote.ssl else "http"
         self.endpoint = f"{scheme}://{remote.server}:{remote.effective_port}/{remote.path}"
-        #: How many runspace pools this backend has opened (for diagnostics and tests).
-        self.pools_opened = 0
+        #: How many sessions run commands at once.
+        self.pool_size = remote.pool_size
+
+    @property
+    def pools_opened(self) -> int:
+        """How many runspace pools this backend has opened (for diagnostics and tests)."""
+        with self._free_changed:
+            return self._pools_opened
+
+    def capacity(self) -> int:
+        """Commands that can run at once; more callers wait for a session."""
+        return self.pool_size
 
     # ---- ExchangePort -----------------------------------------------------------------------
 
@@ -177,35 +220,34 @@ class RemoteExchange:
         return _recipient(_single(out, request.identity, "Enable-RemoteMailbox"))
 
     def probe(self) -> str:
-        """Open (or check) the session and run `Get-User -ResultSize 1`."""
+        """Open (or check) a session and run `Get-User -ResultSize 1`."""
         self._run(PROBE_CMDLET, {"ResultSize": 1}, read_only=True)
-        return f"Exchange remote PowerShell {self.endpoint}: session open, {PROBE_CMDLET} answered"
+        return (
+            f"Exchange remote PowerShell {self.endpoint}: session open, {PROBE_CMDLET} answered "
+            f"({self.pool_size} session(s) at most)"
+        )
 
     def close(self) -> None:
-        with self._lock:
+        """Close the idle sessions now; a session busy with a command closes when it ends."""
+        with self._free_changed:
             self._closed = True
-            self._discard()
+            idle, self._free = self._free, []
+            self._free_changed.notify_all()
+        for session in idle:
+            self._discard(session)
 
     # ---- one command ------------------------------------------------------------------------
 
     def _run(self, cmdlet: str, parameters: Mapping[str, object], *, read_only: bool) -> list[Any]:
-        """Run one cmdlet within the deadline; retry a read once after a transport failure."""
+        """Run one cmdlet on a free session within the deadline; retry when that is safe."""
         deadline = self._clock.monotonic() + self._timeout
-        if not self._lock.acquire(timeout=max(0.0, self._timeout)):
-            raise BackendUnavailable(
-                f"the Exchange session at {self.endpoint} stayed busy for "
-                f"{self._timeout:g} seconds; retry later",
-                retry_after_seconds=5,
-            )
+        session = self._take(deadline)
         try:
-            if self._closed:
-                raise BackendUnavailable("the remote Exchange backend is closed")
-            attempts = 2 if read_only else 1
-            for attempt in range(1, attempts + 1):
+            for attempt in (1, 2):
                 try:
-                    return self._invoke(cmdlet, parameters, deadline)
+                    return self._invoke(session, cmdlet, parameters, deadline)
                 except _TransportFailure as failure:
-                    self._discard()
+                    self._discard(session)
                     if _is_refusal(failure.cause):
                         # Credentials or the endpoint's address: another attempt cannot help.
                         raise _transport_error(failure.cause, self.endpoint) from failure.cause
@@ -214,36 +256,79 @@ class RemoteExchange:
                             f"the connection to {self.endpoint} failed while {cmdlet} was "
                             f"running ({failure.cause}); its outcome is unknown"
                         ) from failure.cause
-                    if attempt == attempts or self._clock.monotonic() >= deadline:
+                    if attempt == 2 or self._clock.monotonic() >= deadline:
                         raise _transport_error(failure.cause, self.endpoint) from failure.cause
                     log.warning(
-                        "transport failure during %s (%s); retrying once on a new session",
+                        "transport failure before or during %s (%s); %s on a new session",
                         cmdlet,
                         failure.cause,
+                        "retrying once" if failure.sent else "sending it",
                     )
             raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
         except Exception as exc:
             if not isinstance(exc, ExchangeError):
                 # An unexpected pypsrp error: never reuse a pool left in an unknown state.
-                self._discard()
+                self._discard(session)
             raise
         finally:
-            self._lock.release()
+            self._give_back(session)
 
-    def _invoke(self, cmdlet: str, parameters: Mapping[str, object], deadline: float) -> list[Any]:
-        pool = self._live_pool(deadline)
+    def _take(self, deadline: float) -> _Session:
+        """A free session, waiting until the deadline for one."""
+        with self._free_changed:
+            while not self._free and not self._closed:
+                remaining = deadline - self._clock.monotonic()
+                if remaining <= 0 or not self._free_changed.wait(remaining):
+                    if self._free or self._closed:
+                        break
+                    raise BackendUnavailable(
+                        f"all {self.pool_size} Exchange session(s) at {self.endpoint} stayed "
+                        f"busy for {self._timeout:g} seconds; retry later",
+                        retry_after_seconds=5,
+                    )
+            if self._closed:
+                raise BackendUnavailable("the remote Exchange backend is closed")
+            return self._free.pop()
+
+    def _give_back(self, session: _Session) -> None:
+        with self._free_changed:
+            if not self._closed:
+                session.last_used = self._clock.monotonic()
+                self._free.append(session)
+                self._free_changed.notify()
+                return
+        self._discard(session)
+
+    def _invoke(
+        self,
+        session: _Session,
+        cmdlet: str,
+        parameters: Mapping[str, object],
+        deadline: float,
+    ) -> list[Any]:
+        pool = self._live_pool(session, deadline)
         ps = PowerShell(pool)
         ps.add_cmdlet(cmdlet)
         for name, value in parameters.items():
             ps.add_parameter(name, value)
         try:
+            with _no_new_connection_if(pool.connection.transport.wrap_required):
+                ps.begin_invoke()
+        except NewConnectionDisabled as exc:
+            # The pool's connection is gone; nothing went on the wire.
+            raise _TransportFailure(exc, sent=False) from exc
+        except WSManFaultError as exc:
+            # The server answered the Command request: with "no such shell" the cmdlet never ran.
+            raise _TransportFailure(exc, sent=exc.code != _SHELL_NOT_FOUND) from exc
+        except _TRANSPORT_ERRORS as exc:
             # From here a failure may come after Exchange started the cmdlet: the outcome of a
             # write is unknown (the Command request carries the pipeline).
-            ps.begin_invoke()
+            raise _TransportFailure(exc, sent=True) from exc
+        try:
             while ps.state == PSInvocationState.RUNNING:
                 remaining = deadline - self._clock.monotonic()
                 if remaining <= 0:
-                    self._abandon(ps)
+                    self._abandon(session, ps)
                     raise ExchangeTimeout(
                         f"{cmdlet} did not finish within the command timeout of "
                         f"{self._timeout:g} seconds on {self.endpoint}; its outcome is unknown"
@@ -262,18 +347,21 @@ class RemoteExchange:
             raise UnexpectedExchangeError(f"{cmdlet} failed on {self.endpoint} without an error")
         return list(ps.output)
 
-    def _abandon(self, ps: PowerShell) -> None:
-        """Stop a pipeline past its deadline, then drop the pool it occupied (lock held)."""
+    def _abandon(self, session: _Session, ps: PowerShell) -> None:
+        """Stop a pipeline past its deadline, then drop the pool it occupied."""
         with suppress(*_TRANSPORT_ERRORS):
             ps.stop()
-        self._discard()
+        self._discard(session)
 
-    # ---- the pool ---------------------------------------------------------------------------
+    # ---- the pools --------------------------------------------------------------------------
 
-    def _live_pool(self, deadline: float) -> RunspacePool:
-        """The warm pool if the server still has it, else a new one (lock held)."""
-        pool = self._pool
+    def _live_pool(self, session: _Session, deadline: float) -> RunspacePool:
+        """The session's warm pool, checked when it sat idle, else a new one."""
+        pool = session.pool
         if pool is not None:
+            idle = self._clock.monotonic() - session.last_used
+            if pool.state == RunspacePoolState.OPENED and idle < IDLE_CHECK_SECONDS:
+                return pool
             try:
                 check = min(
                     _ALIVE_CHECK_SECONDS, max(1, math.ceil(deadline - self._clock.monotonic()))
@@ -281,22 +369,24 @@ class RemoteExchange:
                 if pool.state == RunspacePoolState.OPENED and pool.is_alive(timeout=check):
                     return pool
             except _TRANSPORT_ERRORS as exc:
-                log.info("the Exchange session is unusable (%s); opening a new one", exc)
+                log.info("an Exchange session is unusable (%s); opening a new one", exc)
             else:
-                log.info("the Exchange session at %s was dropped; opening a new one", self.endpoint)
-            self._discard()
+                log.info("an Exchange session at %s was dropped; opening a new one", self.endpoint)
+            self._discard(session)
         try:
             # Held before open() so a half-opened shell is deleted by _discard() on failure.
-            self._pool = pool = self._new_pool()
+            session.pool = pool = self._new_pool()
             pool.open()
         except _TRANSPORT_ERRORS as exc:
             raise _TransportFailure(exc, sent=False) from exc
-        self.pools_opened += 1
+        with self._free_changed:
+            self._pools_opened += 1
         return pool
 
-    def _discard(self) -> None:
-        """Close the pool best-effort, freeing its server-side session (lock held)."""
-        pool, self._pool = self._pool, None
+    @staticmethod
+    def _discard(session: _Session) -> None:
+        """Close the session's pool best-effort, freeing its server-side session."""
+        pool, session.pool = session.pool, None
         if pool is None:
             return
         with suppress(*_TRANSPORT_ERRORS):
@@ -402,6 +492,11 @@ def _classify_record(record: Any) -> ExchangeError:
 
 def _text_or_none(value: object) -> str | None:
     return str(value) if value else None
+
+
+def _no_new_connection_if(condition: bool) -> contextlib.AbstractContextManager[object]:
+    """pypsrp's guard that refuses to open a connection, where a new one cannot carry on."""
+    return DisableNewConnectionsContext() if condition else contextlib.nullcontext()
 
 
 def _is_refusal(exc: BaseException) -> bool:
