@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import re
 import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -777,3 +779,15 @@ def _raw_wsman(endpoint: FakeExchangeEndpoint, ca_bundle: Path) -> WSMan:
 
 def _raw_pool(endpoint: FakeExchangeEndpoint, ca_bundle: Path) -> RunspacePool:
     return RunspacePool(_raw_wsman(endpoint, ca_bundle), configuration_name="Microsoft.Exchange")
+
+
+def test_the_service_imports_without_pypsrp_unless_remote_is_configured() -> None:
+    # IIS starts a worker per FastCGI instance: the remote backend's client stack is not paid for
+    # by the other backends (measured in bench/import_time.py).
+    probe = (
+        "import sys, vezaprovisioner.iis_entry, vezaprovisioner.cli; "
+        "assert 'pypsrp' not in sys.modules and 'requests' not in sys.modules, 'pypsrp loaded'; "
+        "from vezaprovisioner.exchange.remote import RemoteExchange; "
+        "assert 'pypsrp' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=60)

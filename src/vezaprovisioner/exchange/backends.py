@@ -8,8 +8,6 @@ from typing import TYPE_CHECKING
 from ..clock import Clock
 from ..config import ConfigError, Settings
 from .port import ExchangePort
-from .remote import RemoteCredentials, RemoteExchange
-from .simulated import DirectoryError, SimulatedExchange, load_directory
 
 if TYPE_CHECKING:
     from .local.pool import PoolEvents
@@ -23,7 +21,11 @@ def open_exchange(
     `host_events` receives the local pool's host lifecycle and counts (the service passes
     `metrics.BackendEvents`); other backends have no hosts and ignore it.
     """
+    # Each backend's modules load only when it is configured (pypsrp alone is a sixth of the
+    # service's import time); see bench/import_time.py.
     if settings.backend == "simulated":
+        from .simulated import DirectoryError, SimulatedExchange, load_directory
+
         try:
             directory = load_directory(settings.simulated.directory)
         except DirectoryError as exc:
@@ -36,6 +38,8 @@ def open_exchange(
             command_timeout_seconds=settings.exchange.command_timeout_seconds,
         )
     if settings.backend == "remote":
+        from .remote import RemoteCredentials, RemoteExchange
+
         credentials = RemoteCredentials.from_environment(settings.remote, os.environ)
         try:
             return RemoteExchange(settings.remote, settings.exchange, credentials, clock=clock)

@@ -1,0 +1,64 @@
+"""How long importing the service takes in a fresh interpreter (what IIS pays per worker start).
+
+Each measurement is a new Python process that times `import <module>` with perf_counter and
+reports whether pypsrp (the remote backend's client) was loaded. The modules: the app factory
+(`vezaprovisioner.api.app`) and the IIS entry point wfastcgi loads
+(`vezaprovisioner.iis_entry`). Runs are interleaved; the median and the fastest are printed.
+
+    .venv/bin/python bench/import_time.py [--runs 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+MODULES = ("vezaprovisioner.api.app", "vezaprovisioner.iis_entry")
+_CHILD = """
+import json, sys, time
+started = time.perf_counter()
+__import__(sys.argv[1])
+elapsed = time.perf_counter() - started
+print(json.dumps({"seconds": elapsed, "pypsrp": "pypsrp" in sys.modules}))
+"""
+
+
+def measure(module: str) -> tuple[float, bool]:
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, module],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    result = json.loads(out)
+    return float(result["seconds"]), bool(result["pypsrp"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=7)
+    args = parser.parse_args()
+    times: dict[str, list[float]] = {module: [] for module in MODULES}
+    loaded: dict[str, bool] = {}
+    for _ in range(args.runs):
+        for module in MODULES:
+            seconds, pypsrp = measure(module)
+            times[module].append(seconds)
+            loaded[module] = pypsrp
+    print(f"import time in a fresh interpreter, {args.runs} interleaved runs each")
+    print()
+    print("| module | median | fastest | pypsrp loaded |")
+    print("|---|---:|---:|---|")
+    for module in MODULES:
+        print(
+            f"| `{module}` | {statistics.median(times[module]) * 1000:.0f} ms "
+            f"| {min(times[module]) * 1000:.0f} ms | {'yes' if loaded[module] else 'no'} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
