@@ -27,7 +27,7 @@ print(json.dumps({"seconds": elapsed, "pypsrp": "pypsrp" in sys.modules}))
 
 
 def measure(module: str) -> tuple[float, bool]:
-    out = subprocess.run(
+    out = subprocess.run(  # noqa: S603 - this interpreter, constant arguments
         [sys.executable, "-c", _CHILD, module],
         check=True,
         capture_output=True,

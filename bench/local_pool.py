@@ -8,6 +8,7 @@ efficiency = measured cmdlet throughput / (pool_size / cmdlet time).
 
     .venv/bin/python bench/local_pool.py                  # the README's table (about 25 minutes)
     .venv/bin/python bench/local_pool.py --requests 40 --baseline-requests 8   # a quick look
+    .venv/bin/python bench/local_pool.py --cases 16:16 --requests 320  # pool 16, 16 callers
 
 Each CREATE_EMAIL of a new user makes three cmdlet calls (Get-User, Get-User by GUID inside the
 per-user guard, Enable-Mailbox), so with pool_size 0 every request starts three hosts and pays
@@ -99,7 +100,7 @@ def run_case(
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "VZP_FAKE_DIRECTORY": str(case / "directory.json"),
-        "VZP_FAKE_STATE": str(case / "forest.json"),
+        "VZP_FAKE_STATE": str(case / "forest.sqlite3"),
         "VZP_FAKE_LOG": str(case / "fake-log.jsonl"),
         "VZP_FAKE_CONNECT_SECONDS": str(connect_seconds),
         "VZP_FAKE_LATENCY_MS": str(cmdlet_ms),
@@ -189,23 +190,32 @@ def main() -> None:
     parser.add_argument("--connect-seconds", type=float, default=5.0)
     parser.add_argument("--cmdlet-ms", type=int, default=150)
     parser.add_argument("--pool-size", type=int, default=4)
+    parser.add_argument(
+        "--cases",
+        nargs="*",
+        metavar="POOL:CONCURRENCY",
+        help="run only these cases (default: pool_size 0 and --pool-size, each at 4 and 8)",
+    )
     args = parser.parse_args()
     cmdlet_seconds = args.cmdlet_ms / 1000
+    if args.cases:
+        cases = [tuple(int(n) for n in case.split(":", 1)) for case in args.cases]
+    else:
+        cases = [(p, c) for p in (0, args.pool_size) for c in (4, 8)]
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="vzp-bench-") as tmp:
-        for pool_size in (0, args.pool_size):
-            for concurrency in (4, 8):
-                count = args.requests if pool_size else args.baseline_requests
-                row = run_case(
-                    Path(tmp),
-                    pool_size=pool_size,
-                    concurrency=concurrency,
-                    requests=count,
-                    connect_seconds=args.connect_seconds,
-                    cmdlet_ms=args.cmdlet_ms,
-                )
-                rows.append(row)
-                print(f"done: pool_size {pool_size}, concurrency {concurrency}", file=sys.stderr)
+        for pool_size, concurrency in cases:
+            count = args.requests if pool_size else args.baseline_requests
+            row = run_case(
+                Path(tmp),
+                pool_size=pool_size,
+                concurrency=concurrency,
+                requests=count,
+                connect_seconds=args.connect_seconds,
+                cmdlet_ms=args.cmdlet_ms,
+            )
+            rows.append(row)
+            print(f"done: pool_size {pool_size}, concurrency {concurrency}", file=sys.stderr)
     print(
         f"connect {args.connect_seconds:g} s, cmdlet {args.cmdlet_ms} ms; "
         f"efficiency = cmdlet calls/s / (pool_size / {cmdlet_seconds:g} s)\n"

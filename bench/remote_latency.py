@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import ssl
-from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.connection import Connection
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import trustme

@@ -51,7 +51,7 @@ class FakePowerShell:
         self.remote_exchange = self.tmp / "RemoteExchange.ps1"
         self.remote_exchange.write_text("# stands in for Exchange's script\n")
         self.log = self.tmp / "fake-log.jsonl"
-        self.state = self.tmp / "forest.json"
+        self.state = self.tmp / "forest.sqlite3"
         # The fake's `#!/usr/bin/env python3` must find this interpreter (it imports the package).
         self.monkeypatch.setenv(
             "PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"

@@ -18,8 +18,9 @@ Its own framing and JSON are written here independently of `protocol.py`, on pur
 Environment (set by the test; user data never travels on the command line):
 
     VZP_FAKE_DIRECTORY        the simulated directory (JSON file), required
-    VZP_FAKE_STATE            a file holding the forest every fake host shares (created from
-                              the directory, locked with flock); without it each host has its own
+    VZP_FAKE_STATE            a SQLite file logging the changes to the forest every fake host
+                              shares (shared_exchange.SharedForest); without it each host has
+                              its own
     VZP_FAKE_LOG              JSON lines: {"event": "start", "argv", "pid"} per process,
                               {"event": "call", "cmdlet", "parameters", "pid"} per request,
                               {"event": "grandchild", "pid"} when a hang starts a child,
@@ -44,16 +45,19 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import vezaprovisioner.exchange.local as local_package
 from vezaprovisioner.exchange.errors import BackendUnavailable, ExchangeError, ExchangeTimeout
 from vezaprovisioner.exchange.port import DirectoryUser, EnableMailbox, EnableRemoteMailbox
 from vezaprovisioner.exchange.port import Recipient as PortRecipient
 from vezaprovisioner.exchange.simulated import SimulatedExchange, parse_directory
+
+if TYPE_CHECKING:
+    from tests.fakes.shared_exchange import SharedForest
 
 SHIPPED_HOST = Path(local_package.__file__).with_name("host.ps1")
 SWITCHES = ["-NoLogo", "-NoProfile", "-NonInteractive", "-ExecutionPolicy", "Bypass", "-File"]
@@ -112,6 +116,18 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def shared_forest(
+    path: Path,
+    build: Callable[[], SimulatedExchange],
+    call: Callable[[SimulatedExchange, str, dict[str, str]], dict[str, str | None]],
+) -> SharedForest[dict[str, str | None]]:
+    """The forest every host shares (a SQLite change log: tests/fakes/shared_exchange.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: find tests/
+    from tests.fakes.shared_exchange import SharedForest
+
+    return SharedForest(path, build, call)
+
+
 def log(record: dict[str, Any]) -> None:
     target = os.environ.get("VZP_FAKE_LOG")
     if not target:
@@ -149,6 +165,7 @@ class Host:
         state = os.environ.get("VZP_FAKE_STATE")
         self.state = Path(state) if state else None
         self.private: SimulatedExchange | None = None
+        self.shared: SharedForest[dict[str, str | None]] | None = None
 
     def frame(self, message: dict[str, Any]) -> bytes:
         return self.prefix + json.dumps(message, ensure_ascii=True, separators=(",", ":")).encode()
@@ -272,14 +289,10 @@ class Host:
             if self.private is None:
                 self.private = self.exchange(self.directory)
             return self.call(self.private, cmdlet, p)
-        with locked(self.state):
-            if not self.state.exists():
-                self.state.write_text(self.directory.read_text(encoding="utf-8"), "utf-8")
-            exchange = self.exchange(self.state)
-            result = self.call(exchange, cmdlet, p)
-            if cmdlet.startswith("Enable-"):
-                self.state.write_text(json.dumps(exchange.snapshot()), encoding="utf-8")
-            return result
+        if self.shared is None:
+            directory = self.directory
+            self.shared = shared_forest(self.state, lambda: self.exchange(directory), self.call)
+        return self.shared.run(cmdlet, p, changes=cmdlet.startswith("Enable-"))
 
     @staticmethod
     def exchange(path: Path) -> SimulatedExchange:

@@ -16,6 +16,13 @@ user both get recorded in calls.jsonl. Only the service's journal claim prevents
 `land` says when a slow Enable-* takes effect: `after_delay` (the usual: nothing changed until
 the command finishes) or `before_reply` (the change is made, then the answer is slow — what a
 crash after Exchange acted but before the service heard back looks like).
+
+`SharedForest` is the same idea for the local backend's fake PowerShell hosts
+(`tests/fakes/powershell.py`, VZP_FAKE_STATE), where many hosts run cmdlets at once: the change
+log is a SQLite table (WAL), so a read-only cmdlet replays only the changes it has not seen
+(an indexed read that never waits for a writer) and an Enable-* holds SQLite's write lock only
+while it runs in memory. Nothing re-reads the whole forest per cmdlet, so a benchmark with many
+hosts measures the pool, not the fake.
 """
 
 from __future__ import annotations
@@ -23,11 +30,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from vezaprovisioner.clock import SystemClock
 from vezaprovisioner.exchange.port import (
@@ -37,6 +45,14 @@ from vezaprovisioner.exchange.port import (
     Recipient,
 )
 from vezaprovisioner.exchange.simulated import SimulatedExchange, load_directory
+
+_SHARED_FOREST_SCHEMA = """
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    cmdlet TEXT NOT NULL,
+    parameters TEXT NOT NULL
+)
+"""
 
 Land = Literal["after_delay", "before_reply"]
 _T = TypeVar("_T")
@@ -143,6 +159,81 @@ class SharedSimulatedExchange:
                 self.inner.enable_remote_mailbox(
                     EnableRemoteMailbox(identity=result["guid"], alias=result["alias"])
                 )
+
+
+class SharedForest(Generic[_T]):
+    """One simulated forest for many processes: a SQLite log of the cmdlets that changed it.
+
+    Each process builds its `SimulatedExchange` once and keeps it in memory. A change is logged
+    with the cmdlet and parameters that made it, inside the write transaction in which it ran on
+    a state that had every earlier change replayed, so replaying the log in order rebuilds the
+    same state in every process (the simulation is deterministic for a given state).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        build: Callable[[], SimulatedExchange],
+        run: Callable[[SimulatedExchange, str, dict[str, str]], _T],
+    ) -> None:
+        self._path = path
+        self._build = build
+        self._run = run
+        self._db: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None
+        self._seen = 0
+        self.exchange = build()
+
+    def _open(self) -> sqlite3.Connection:
+        """The log's connection; a deleted or replaced file starts a fresh forest (tests do)."""
+        try:
+            st = os.stat(self._path)
+            identity: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            identity = None
+        if self._db is not None and identity == self._identity:
+            return self._db
+        if self._db is not None:
+            self._db.close()
+            self.exchange = self._build()
+            self._seen = 0
+        # A fake: durability is not the point, concurrency is. Each process its own connection.
+        db = sqlite3.connect(self._path, timeout=60, isolation_level=None)
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = OFF")
+        db.execute(_SHARED_FOREST_SCHEMA)
+        st = os.stat(self._path)
+        self._db, self._identity = db, (st.st_dev, st.st_ino)
+        return db
+
+    def run(self, cmdlet: str, parameters: dict[str, str], *, changes: bool) -> _T:
+        """Run the cmdlet on the shared state; `changes` for Enable-* (logged when it succeeds)."""
+        db = self._open()
+        if not changes:
+            self._replay(db)
+            return self._run(self.exchange, cmdlet, parameters)
+        db.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes
+        try:
+            self._replay(db)
+            result = self._run(self.exchange, cmdlet, parameters)
+            cursor = db.execute(
+                "INSERT INTO changes (cmdlet, parameters) VALUES (?, ?)",
+                (cmdlet, json.dumps(parameters)),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._seen = int(cursor.lastrowid or self._seen)
+        return result
+
+    def _replay(self, db: sqlite3.Connection) -> None:
+        rows = db.execute(
+            "SELECT seq, cmdlet, parameters FROM changes WHERE seq > ? ORDER BY seq", (self._seen,)
+        ).fetchall()
+        for seq, cmdlet, parameters in rows:
+            self._run(self.exchange, cmdlet, json.loads(parameters))
+            self._seen = seq
 
 
 def read_calls(state_dir: Path) -> list[dict[str, object]]:
