@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from tests.fakes.clock import FakeClock
 from vezaprovisioner.config import JournalSettings, Settings
 from vezaprovisioner.exchange.port import DirectoryUser, EnableMailbox, Recipient
-from vezaprovisioner.exchange.simulated import SimulatedExchange
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 from vezaprovisioner.journal import (
     JOURNAL_FILE,
     MIGRATIONS,

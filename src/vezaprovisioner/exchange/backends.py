@@ -9,7 +9,8 @@ from ..clock import Clock
 from ..config import ConfigError, Settings
 from .port import ExchangePort
 from .remote import RemoteCredentials, RemoteExchange
-from .simulated import DirectoryError, SimulatedExchange, load_directory
+from .simulated.directory import DirectoryError, load_directory
+from .simulated.engine import SimulatedExchange
 
 if TYPE_CHECKING:
     from .local.pool import PoolEvents
