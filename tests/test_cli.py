@@ -20,7 +20,7 @@ from vezaprovisioner.auth import verify_password
 from vezaprovisioner.cli import main, parse_since
 from vezaprovisioner.exchange.local.process_tree import ProcessTree
 from vezaprovisioner.exchange.local.warm_pool import HostPool
-from vezaprovisioner.journal import JOURNAL_FILE
+from vezaprovisioner.journal.records import JOURNAL_FILE
 
 EXECUTABLE = Path(sys.executable).with_name("vezaprovisioner")
 

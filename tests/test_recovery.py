@@ -17,7 +17,7 @@ from vezaprovisioner.config import Settings
 from vezaprovisioner.exchange.errors import BackendUnavailable
 from vezaprovisioner.exchange.port import DirectoryUser, EnableMailbox
 from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
-from vezaprovisioner.journal import Journal, RequestContext
+from vezaprovisioner.journal.records import Journal, RequestContext
 from vezaprovisioner.recovery import recover
 from vezaprovisioner.services import Services, build_services
 

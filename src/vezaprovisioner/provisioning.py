@@ -31,7 +31,7 @@ from .exchange.port import (
     ExchangePort,
     Recipient,
 )
-from .journal import Journal, JournalUnavailable, RequestContext
+from .journal.records import Journal, JournalUnavailable, RequestContext
 from .validation import InvalidValue, validate_alias
 
 log = logging.getLogger(__name__)
