@@ -54,7 +54,8 @@ import vezaprovisioner.exchange.local as local_package
 from vezaprovisioner.exchange.errors import BackendUnavailable, ExchangeError, ExchangeTimeout
 from vezaprovisioner.exchange.port import DirectoryUser, EnableMailbox, EnableRemoteMailbox
 from vezaprovisioner.exchange.port import Recipient as PortRecipient
-from vezaprovisioner.exchange.simulated import SimulatedExchange, parse_directory
+from vezaprovisioner.exchange.simulated.directory import parse_directory
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 
 if TYPE_CHECKING:
     from tests.fakes.shared_exchange import SharedForest

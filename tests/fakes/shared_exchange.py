@@ -44,7 +44,8 @@ from vezaprovisioner.exchange.port import (
     EnableRemoteMailbox,
     Recipient,
 )
-from vezaprovisioner.exchange.simulated import SimulatedExchange, load_directory
+from vezaprovisioner.exchange.simulated.directory import load_directory
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 
 _SHARED_FOREST_SCHEMA = """
 CREATE TABLE IF NOT EXISTS changes (

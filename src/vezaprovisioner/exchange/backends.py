@@ -10,7 +10,7 @@ from ..config import ConfigError, Settings
 from .port import ExchangePort
 
 if TYPE_CHECKING:
-    from .local.pool import PoolEvents
+    from .local.supply import PoolEvents
 
 
 def open_exchange(
@@ -24,7 +24,8 @@ def open_exchange(
     # Each backend's modules load only when it is configured (pypsrp alone is a sixth of the
     # service's import time); see bench/import_time.py.
     if settings.backend == "simulated":
-        from .simulated import DirectoryError, SimulatedExchange, load_directory
+        from .simulated.directory import DirectoryError, load_directory
+        from .simulated.engine import SimulatedExchange
 
         try:
             directory = load_directory(settings.simulated.directory)
@@ -55,11 +56,11 @@ def open_exchange(
 
 def _open_local(settings: Settings, host_events: PoolEvents | None) -> ExchangePort:
     """The pool of PowerShell hosts; it starts warming in the background before this returns."""
-    from .local.backend import LocalExchange, host_argv
-    from .local.pool import HostPool, PoolLimits
+    from .local.backend import LocalExchange, host_argv, open_hosts
+    from .local.supply import PoolLimits
 
     local = settings.local
-    pool = HostPool(
+    pool = open_hosts(
         host_argv(settings.exchange.powershell_path),
         settings.exchange.remote_exchange_path,
         PoolLimits(
