@@ -157,6 +157,136 @@ def test_a_reused_request_id_shows_the_latest_record(client: TestClient) -> None
     assert record(client, "r-twice")["state"] == "already_exists"
 
 
+# ---- three commits per CREATE_EMAIL -------------------------------------------------------------
+
+
+@pytest.fixture
+def commits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every COMMIT any journal connection opened from now on executes (SQLite's trace hook)."""
+    seen: list[str] = []
+    connect = sqlite3.connect
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        connection: sqlite3.Connection = connect(*args, **kwargs)
+        connection.set_trace_callback(
+            lambda sql: seen.append(sql) if sql.strip().upper() == "COMMIT" else None
+        )
+        return connection
+
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("identity", "status", "most"),
+    [
+        # received; claim + running + enable_sent_at; outcome + release
+        ("CONTOSO\\plain", 201, 3),
+        # received; outcome (no Enable-*, so no claim)
+        ("mailbox", 200, 2),
+        ("mailuser", 409, 2),
+    ],
+)
+def test_a_create_email_costs_at_most_three_commits(
+    commits: list[str], client: TestClient, identity: str, status: int, most: int
+) -> None:
+    assert client.get("/VezaProvisioner/health/ready").status_code == 200  # the file exists
+    assert client.app.state.services.maintenance_done.wait(10)  # type: ignore[attr-defined]
+    commits.clear()
+    assert post(client, "r-count", identity=identity).status_code == status
+    assert len(commits) == most
+    if status == 201:
+        rec = record(client, "r-count")
+        assert rec["state"] == "created"
+        assert rec["enable_sent_at"] is not None
+
+
+def test_concurrent_writes_share_a_commit(make_journal: Callable[..., Journal]) -> None:
+    journal = make_journal()
+    journal.receive(CONTEXT, "CREATE_EMAIL", "warm", None)  # opens the file
+    release = threading.Event()
+    entered = threading.Event()
+
+    def slow_write(db: sqlite3.Connection) -> None:
+        entered.set()
+        release.wait(10)  # the leader's batch is open; the others queue behind it
+
+    leader = threading.Thread(target=journal.write, args=("slow", slow_write))
+    leader.start()
+    assert entered.wait(10)
+    rows: list[int] = []
+    followers = [
+        threading.Thread(
+            target=lambda n=n: rows.append(journal.receive(CONTEXT, "CREATE_EMAIL", f"u{n}", None))
+        )
+        for n in range(5)
+    ]
+    for follower in followers:
+        follower.start()
+    all_queued = journal.wait_queued(5, timeout=10)
+    release.set()
+    for thread in [leader, *followers]:
+        thread.join(10)
+    assert all_queued
+    assert sorted(rows) == list(range(2, 7))
+    # The five writes that queued while a commit ran were committed together, in one more.
+    assert journal.commits == 3
+
+
+# ---- a journal deleted or replaced under the running service -----------------------------------
+
+
+def _delete(path: Path) -> None:
+    path.unlink()
+
+
+def _replace(path: Path) -> None:
+    copy = path.with_name(path.name + ".copy")
+    copy.write_bytes(path.read_bytes())
+    os.replace(copy, path)  # same name, another file
+
+
+@pytest.mark.parametrize(
+    ("suffix", "change"),
+    [("", _delete), ("-wal", _delete), ("", _replace), ("-wal", _replace)],
+    ids=["journal deleted", "wal deleted", "journal replaced", "wal replaced"],
+)
+def test_a_journal_deleted_or_replaced_under_the_server_is_503_and_not_ready(
+    client: TestClient,
+    exchange: SimulatedExchange,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    suffix: str,
+    change: Callable[[Path], None],
+) -> None:
+    assert post(client, "r-before", identity="mailbox").status_code == 200
+    change(tmp_path / "data" / f"{JOURNAL_FILE}{suffix}")
+    calls_before = len(exchange.calls)
+
+    response = post(client, "r-after", identity="CONTOSO\\plain")
+    assert response.status_code == 503
+    assert response.json()["code"] == "JOURNAL_UNAVAILABLE"
+    assert len(exchange.calls) == calls_before  # nothing reached Exchange
+    ready = client.get("/VezaProvisioner/health/ready")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["journal"]["ok"] is False
+    assert any(
+        r.levelname == "CRITICAL" and "REQUEST JOURNAL IS GONE" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_a_journal_put_back_is_used_again(client: TestClient, tmp_path: Path) -> None:
+    assert post(client, "r-before", identity="mailbox").status_code == 200
+    path = tmp_path / "data" / JOURNAL_FILE
+    aside = path.with_name("aside.sqlite3")
+    os.rename(path, aside)
+    assert post(client, "r-gone", identity="mailbox").status_code == 503
+    os.rename(aside, path)  # the admin puts the very file back
+    assert post(client, "r-back", identity="mailbox").status_code == 200
+    assert record(client, "r-back")["state"] == "already_exists"
+
+
 # ---- journal unavailable → 503 and no Exchange call -------------------------------------------
 
 

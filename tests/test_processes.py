@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from tests.conftest import AUTH, REPO_ROOT, TEST_DIRECTORY
-from tests.fakes.shared_exchange import read_calls, read_changes
+from tests.fakes.shared_exchange import read_calls, read_changes, read_queued
 from vezaprovisioner.journal.records import JOURNAL_FILE
 
 BASE = "/VezaProvisioner"
@@ -47,8 +47,11 @@ def until(what: str, check: Callable[[], Any]) -> Any:
 class Server:
     """One `python -m tests.fakes.server` process."""
 
-    def __init__(self, config: Path, state_dir: Path, log: Path, land: str) -> None:
+    def __init__(
+        self, config: Path, state_dir: Path, log: Path, land: str, enable_slots: int | None = None
+    ) -> None:
         self.log = log.open("ab")
+        slots = ["--enable-slots", str(enable_slots)] if enable_slots else []
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -60,6 +63,7 @@ class Server:
                 str(state_dir),
                 "--land",
                 land,
+                *slots,
             ],
             cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
@@ -102,8 +106,8 @@ class Server:
 def servers(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     started: list[Server] = []
 
-    def start(config: Path, land: str = "after_delay") -> Server:
-        server = Server(config, tmp_path / "exchange", tmp_path / "servers.log", land)
+    def start(config: Path, land: str = "after_delay", enable_slots: int | None = None) -> Server:
+        server = Server(config, tmp_path / "exchange", tmp_path / "servers.log", land, enable_slots)
         started.append(server)
         return server
 
@@ -218,7 +222,55 @@ def crash_mid_enable(
     assert journal_rows(
         tmp_path, "SELECT state FROM requests WHERE request_id = ?", request_id
     ) == [("running",)]
+    assert_sent_marks_match_the_calls(tmp_path)
     return servers(write_config(tmp_path, password_hash, enable_latency_ms=0)), request_id
+
+
+def assert_sent_marks_match_the_calls(tmp_path: Path) -> None:
+    """The journal says "Enable-* sent" only for users whose Enable-* reached Exchange."""
+    sent = journal_rows(tmp_path, "SELECT guid FROM requests WHERE enable_sent_at IS NOT NULL")
+    calls = read_calls(tmp_path / "exchange")
+    reached = {c["identity"] for c in calls if str(c["cmdlet"]).startswith("Enable-")}
+    assert {guid for (guid,) in sent} <= reached
+
+
+@pytest.mark.slow
+def test_a_crash_with_enables_queued_for_a_host_marks_only_the_sent_one(
+    tmp_path: Path, password_hash: str, servers: Callable[..., Server]
+) -> None:
+    # One "host" for Enable-*, busy for a minute with the first; the others wait for it.
+    doomed = servers(
+        write_config(tmp_path, password_hash, enable_latency_ms=60_000), enable_slots=1
+    )
+    users = ["CONTOSO\\plain", "CONTOSO\\disabled", "CONTOSO\\taken", "CONTOSO\\jose"]
+    for n, user in enumerate(users):
+        threading.Thread(
+            target=lambda u=user, n=n: suppress_transport(post, doomed.url, u, f"queued-{n}"),
+            daemon=True,
+        ).start()
+    exchange = tmp_path / "exchange"
+    until(
+        "one Enable-Mailbox sent and three queued",
+        lambda: (
+            [c["cmdlet"] for c in read_calls(exchange)].count("Enable-Mailbox") == 1
+            and len(read_queued(exchange)) == 3
+        ),
+    )
+    doomed.kill()
+    assert_sent_marks_match_the_calls(tmp_path)
+    states = journal_rows(
+        tmp_path, "SELECT state, enable_sent_at IS NOT NULL FROM requests ORDER BY state"
+    )
+    assert states == [("received", 0)] * 3 + [("running", 1)]
+
+    restarted = servers(write_config(tmp_path, password_hash, enable_latency_ms=0))
+    details = [recovered_record(restarted, f"queued-{n}")["detail"] for n in range(len(users))]
+    assert sorted(d.split(":")[0] for d in details) == ["queued, never sent"] * 3 + ["sent"]
+
+
+def suppress_transport(call: Callable[..., object], *args: object) -> None:
+    with suppress(httpx.TransportError):  # the server dies under it
+        call(*args)
 
 
 def recovered_record(server: Server, request_id: str) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from .exchange.port import (
     ExchangePort,
     Recipient,
 )
+from .journal.claims import ClaimGate, ClaimLost, Claims
 from .journal.records import Journal, JournalUnavailable, RequestContext
 from .validation import InvalidValue, validate_alias
 
@@ -112,9 +113,16 @@ class RecipientState:
 
 
 class IdentityGuard(Protocol):
-    """Lets at most one request at a time act on one user (keyed by the user's GUID)."""
+    """Lets at most one request at a time act on one user (keyed by the user's GUID).
+
+    `hold` is exclusive for the whole block (crash recovery). `gate` is the request flow's: in
+    one process it is the same lock; across processes it waits until no other process holds the
+    user's claim, and yields the `ClaimGate` the journal takes the claim with (None without one).
+    """
 
     def hold(self, key: str) -> AbstractContextManager[None]: ...
+
+    def gate(self, key: str) -> AbstractContextManager[ClaimGate | None]: ...
 
 
 class InProcessIdentityGuard:
@@ -140,6 +148,46 @@ class InProcessIdentityGuard:
                     del self._locks[key]
                 else:
                     self._locks[key] = (lock, users - 1)
+
+    @contextmanager
+    def gate(self, key: str) -> Iterator[None]:
+        with self.hold(key):
+            yield None
+
+
+class _Entry:
+    """One request's journal record, and the claim it took when Enable-* was sent."""
+
+    def __init__(self, journal: Journal, row: int) -> None:
+        self._journal = journal
+        self._row = row
+        self._gate: ClaimGate | None = None
+        #: The user's GUID once resolved (recorded with a failure too).
+        self.guid: str | None = None
+
+    def sending(self, guid: str, gate: ClaimGate | None) -> None:
+        """(b): claim + running + enable_sent_at in one commit, as Enable-* is handed over."""
+        if gate is None:  # no cross-process guard: only the sent mark
+            self._journal.mark_sent(self._row, guid)
+            return
+        Claims(self._journal).send(self._row, guid, gate)
+        self._gate = gate
+
+    def finish(self, result: MailboxResult) -> None:
+        """(c): the outcome, and the claim released, in one commit."""
+        self._journal.finish(
+            self._row,
+            result.status,
+            guid=result.guid,
+            alias=result.alias,
+            primary_smtp_address=result.primary_smtp_address,
+            claim=self._gate.claim if self._gate else None,
+        )
+
+    def fail(self, error: Exception) -> None:
+        self._journal.fail(
+            self._row, error, claim=self._gate.claim if self._gate else None, guid=self.guid
+        )
 
 
 def _same_windows_path(a: str, b: str) -> bool:
@@ -193,25 +241,16 @@ class Provisioner:
     def _journalled(self, request: CreateEmail, context: RequestContext) -> MailboxResult:
         journal = self._journal
         if journal is None:
-            return self._create_email(request, lambda: None, lambda guid: None)
-        row = journal.receive(context, "CREATE_EMAIL", request.identity, request.alias)
-        try:
-            result = self._create_email(
-                request, lambda: journal.enable_sent(row), lambda guid: journal.running(row, guid)
-            )
-        except Exception as exc:
-            _best_effort(partial(journal.fail, row, exc))
-            raise
-        _best_effort(
-            partial(
-                journal.finish,
-                row,
-                result.status,
-                guid=result.guid,
-                alias=result.alias,
-                primary_smtp_address=result.primary_smtp_address,
-            )
+            return self._create_email(request, None)
+        entry = _Entry(
+            journal, journal.receive(context, "CREATE_EMAIL", request.identity, request.alias)
         )
+        try:
+            result = self._create_email(request, entry)
+        except Exception as exc:
+            _best_effort(partial(entry.fail, exc))
+            raise
+        _best_effort(partial(entry.finish, result))
         return result
 
     def _audited(
@@ -246,36 +285,43 @@ class Provisioner:
             )
         )
 
-    def _create_email(
-        self,
-        request: CreateEmail,
-        before_enable: Callable[[], None],
-        claimed: Callable[[str], None],
-    ) -> MailboxResult:
+    def _create_email(self, request: CreateEmail, entry: _Entry | None) -> MailboxResult:
         self._check_declared_paths(request)
         user = self._resolve_waiting_for_replication(request.identity)
-        with self._guard.hold(user.guid):
-            claimed(user.guid)
-            # Re-read inside the guard: a request that held it before us may have enabled the user.
-            user = self._exchange.get_user(user.guid, self._dc)
-            kind = user.recipient_type_details
-            if kind == self._mailbox_type:
-                return self._existing(request, user.guid)
-            if kind not in ENABLEABLE_USER_TYPES:
-                raise self._refuse(request.identity, kind)
-            try:
-                before_enable()
-                recipient = self._enable(user, request.alias)
-            except WrongRecipientType as exc:
-                if exc.recipient_type != self._mailbox_type:
-                    raise
-                # Another provisioner (another server) enabled the user between our read and our
-                # Enable-*: Exchange itself is the arbiter, so answer as for an existing mailbox.
-                return self._existing(request, user.guid)
-            except ExchangeTimeout:
-                if not self._now_has_mailbox(user.guid):
-                    raise
-                recipient = self._exchange.get_recipient(user.guid, self._dc)
+        if entry is not None:
+            entry.guid = user.guid
+        while True:
+            with self._guard.gate(user.guid) as gate:
+                try:
+                    return self._decide_and_enable(request, user.guid, entry, gate)
+                except ClaimLost as lost:
+                    # Another process took the user between our read and our Enable-*: nothing
+                    # was sent; wait for it at the gate and read the user again.
+                    log.info("%s; reading user %s again", lost, user.guid)
+
+    def _decide_and_enable(
+        self, request: CreateEmail, guid: str, entry: _Entry | None, gate: ClaimGate | None
+    ) -> MailboxResult:
+        # Re-read inside the guard: a request that held it before us may have enabled the user.
+        user = self._exchange.get_user(guid, self._dc)
+        kind = user.recipient_type_details
+        if kind == self._mailbox_type:
+            return self._existing(request, user.guid)
+        if kind not in ENABLEABLE_USER_TYPES:
+            raise self._refuse(request.identity, kind)
+        before_send = None if entry is None else partial(entry.sending, user.guid, gate)
+        try:
+            recipient = self._enable(user, request.alias, before_send)
+        except WrongRecipientType as exc:
+            if exc.recipient_type != self._mailbox_type:
+                raise
+            # Another provisioner (another server) enabled the user between our read and our
+            # Enable-*: Exchange itself is the arbiter, so answer as for an existing mailbox.
+            return self._existing(request, user.guid)
+        except ExchangeTimeout:
+            if not self._now_has_mailbox(user.guid):
+                raise
+            recipient = self._exchange.get_recipient(user.guid, self._dc)
         return _result("created", request.identity, recipient)
 
     def read_state(self, identity: str) -> RecipientState:
@@ -343,7 +389,9 @@ class Provisioner:
             recipient_type=kind,
         )
 
-    def _enable(self, user: DirectoryUser, alias: str | None) -> Recipient:
+    def _enable(
+        self, user: DirectoryUser, alias: str | None, before_send: Callable[[], None] | None
+    ) -> Recipient:
         options = self._settings.exchange
         if self._mailbox_type == LOCAL_MAILBOX_TYPE:
             return self._exchange.enable_mailbox(
@@ -354,6 +402,7 @@ class Provisioner:
                     address_book_policy=options.address_book_policy or None,
                     retention_policy=options.retention_policy or None,
                     domain_controller=self._dc,
+                    before_send=before_send,
                 )
             )
         routing_address = None
@@ -366,6 +415,7 @@ class Provisioner:
                 alias=alias,
                 remote_routing_address=routing_address,
                 domain_controller=self._dc,
+                before_send=before_send,
             )
         )
 

@@ -3,10 +3,13 @@
 The final state comes from what the journal proves and what Exchange reports now (Get-User,
 Get-Recipient), never from a guess:
 
-* `received`: the process died before it claimed the user, so it sent Exchange nothing that
-  changes anything → `not_created`.
-* `running` without `enable_sent_at`: it died before sending Enable-* → `not_created`.
-* `running` with `enable_sent_at`: Enable-* may or may not have landed, so Exchange is asked:
+* `received`: the process died before Enable-* was handed to a PowerShell host or remote
+  session (it was reading the user, or queued waiting for a host): nothing that changes Exchange
+  was sent → `not_created`.
+* `running` without `enable_sent_at` (written by versions before the claim and the sent mark
+  became one commit): it died before sending Enable-* → `not_created`.
+* `running` with `enable_sent_at`: Enable-* was handed to a host or session and sent, and may or
+  may not have landed, so Exchange is asked:
   a mailbox of the configured kind with the requested alias → `created` (recovered); still a
   plain user → `not_created`; anything else (another type, another alias, the user gone, or a
   later request of this service created the mailbox) → `unknown`, with what was seen. When
@@ -80,15 +83,17 @@ def _reconcile(
             journal,
             record,
             "not_created",
-            "the process stopped before it claimed the user; this request sent nothing that "
-            "changes Exchange",
+            "queued, never sent: the process stopped before Enable-* was handed to a PowerShell "
+            "host or remote session (it was reading the user or waiting for a host); this "
+            "request sent nothing that changes Exchange",
         )
     if record.enable_sent_at is None:
         return _decide(
             journal,
             record,
             "not_created",
-            "the process stopped after reading the user but before Enable-* was sent",
+            "queued, never sent: the process stopped after claiming the user but before Enable-* "
+            "was sent",
         )
     with guard.hold(record.guid):
         state, reason = _read_outcome(record, record.guid, journal, exchange, settings)
@@ -102,7 +107,10 @@ def _read_outcome(
     mailbox_type = REMOTE_MAILBOX_TYPE if remote else LOCAL_MAILBOX_TYPE
     cmdlet = "Enable-RemoteMailbox" if remote else "Enable-Mailbox"
     dc = settings.exchange.domain_controller or None
-    sent = f"{cmdlet} was sent at {_iso(record.enable_sent_at)} and the process stopped"
+    sent = (
+        f"sent: {cmdlet} was handed to Exchange at {_iso(record.enable_sent_at)} and the "
+        "process stopped"
+    )
     try:
         kind = exchange.get_user(guid, dc).recipient_type_details
     except IdentityNotFound:

@@ -2,6 +2,7 @@
 over the `SharedSimulatedExchange`, so several processes act on one simulated Exchange.
 
     python -m tests.fakes.server --config FILE --state-dir DIR [--land after_delay|before_reply]
+        [--enable-slots N]
 
 It binds 127.0.0.1 on a free port and prints `port <n>` on stdout before serving. The slow
 Enable-* delay is the configuration's `simulated.enable_latency_ms`.
@@ -26,6 +27,7 @@ def main() -> int:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--land", choices=("after_delay", "before_reply"), default="after_delay")
+    parser.add_argument("--enable-slots", type=int, default=None)
     args = parser.parse_args()
     settings = load_settings(args.config)
     exchange = SharedSimulatedExchange(
@@ -33,6 +35,7 @@ def main() -> int:
         args.state_dir,
         enable_delay_seconds=settings.simulated.enable_latency_ms / 1000,
         land=args.land,
+        enable_slots=args.enable_slots,
     )
     app = create_app(settings, exchange=exchange)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -13,6 +13,10 @@ texts), and all of them share a folder:
 The fake guarantees nothing about concurrency: two processes that both send Enable-* for one
 user both get recorded in calls.jsonl. Only the service's journal claim prevents that.
 
+`enable_slots` models a backend whose Enable-* waits for one of a few PowerShell hosts: an
+Enable-* first waits for a slot (written to `queued.jsonl` while it waits), and only with the
+slot is it handed over (`request.announce()`, where the journal marks it sent) and recorded.
+
 `land` says when a slow Enable-* takes effect: `after_delay` (the usual: nothing changed until
 the command finishes) or `before_reply` (the change is made, then the answer is slow — what a
 crash after Exchange acted but before the service heard back looks like).
@@ -31,9 +35,11 @@ import fcntl
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Generic, Literal, TypeVar
 
@@ -63,7 +69,13 @@ class SharedSimulatedExchange:
     """Implements ExchangePort over a per-process simulation synchronised through files."""
 
     def __init__(
-        self, directory: Path, state_dir: Path, *, enable_delay_seconds: float, land: Land
+        self,
+        directory: Path,
+        state_dir: Path,
+        *,
+        enable_delay_seconds: float,
+        land: Land,
+        enable_slots: int | None = None,
     ) -> None:
         self.inner = SimulatedExchange(load_directory(directory), clock=SystemClock())
         self.state_dir = state_dir
@@ -74,6 +86,7 @@ class SharedSimulatedExchange:
         self._seen = 0  # bytes of changes.jsonl already replayed
         self._delay = enable_delay_seconds
         self._land = land
+        self._slots = threading.Semaphore(enable_slots) if enable_slots else None
 
     # ---- ExchangePort -----------------------------------------------------------------------
 
@@ -84,16 +97,38 @@ class SharedSimulatedExchange:
         return self._run("Get-Recipient", identity, lambda: self.inner.get_recipient(identity))
 
     def enable_mailbox(self, request: EnableMailbox) -> Recipient:
-        return self._enable(
-            "Enable-Mailbox", request.identity, lambda: self.inner.enable_mailbox(request)
-        )
+        with self._slot(request.identity):
+            request.announce()
+            return self._enable(
+                "Enable-Mailbox",
+                request.identity,
+                lambda: self.inner.enable_mailbox(replace(request, before_send=None)),
+            )
 
     def enable_remote_mailbox(self, request: EnableRemoteMailbox) -> Recipient:
-        return self._enable(
-            "Enable-RemoteMailbox",
-            request.identity,
-            lambda: self.inner.enable_remote_mailbox(request),
-        )
+        with self._slot(request.identity):
+            request.announce()
+            return self._enable(
+                "Enable-RemoteMailbox",
+                request.identity,
+                lambda: self.inner.enable_remote_mailbox(replace(request, before_send=None)),
+            )
+
+    @contextmanager
+    def _slot(self, identity: str) -> Iterator[None]:
+        """A "host" for an Enable-*, waited for in arrival order (no limit without slots)."""
+        if self._slots is None:
+            yield
+            return
+        if not self._slots.acquire(blocking=False):
+            line = json.dumps({"identity": identity, "pid": os.getpid()}) + "\n"
+            with self._locked(), (self.state_dir / "queued.jsonl").open("a") as queued:
+                queued.write(line)
+            self._slots.acquire()
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     def probe(self) -> str:
         with self._locked():
@@ -240,6 +275,14 @@ class SharedForest(Generic[_T]):
 def read_calls(state_dir: Path) -> list[dict[str, object]]:
     """Every cmdlet any process started, in order."""
     path = state_dir / "calls.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def read_queued(state_dir: Path) -> list[dict[str, object]]:
+    """Every Enable-* that had to wait for a slot (see `enable_slots`)."""
+    path = state_dir / "queued.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]

@@ -3,11 +3,17 @@
 Every backend (simulated, local PowerShell, remote pypsrp) implements `ExchangePort`. Each method
 corresponds to one allow-listed cmdlet; parameters travel as typed values, never as script text.
 Failures are raised as the classes in `vezaprovisioner.exchange.errors`.
+
+An Enable-* request may carry `before_send`: every backend calls it (through `announce()`) once
+the command has its PowerShell host or remote session and is about to be sent, never while it
+still waits for one. The journal commits "Enable-* sent" there; if it raises, the backend sends
+nothing, frees the host and lets the exception through.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 #: RecipientTypeDetails of a user that has an AD account but no mail attributes yet.
@@ -67,6 +73,12 @@ class EnableMailbox:
     address_book_policy: str | None = None
     retention_policy: str | None = None
     domain_controller: str | None = None
+    before_send: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+
+    def announce(self) -> None:
+        """Call `before_send` (the backend has a host or session for this command)."""
+        if self.before_send is not None:
+            self.before_send()
 
     def parameters(self) -> dict[str, str]:
         """Enable-Mailbox's bound parameters."""
@@ -88,6 +100,12 @@ class EnableRemoteMailbox:
     alias: str | None = None
     remote_routing_address: str | None = None
     domain_controller: str | None = None
+    before_send: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+
+    def announce(self) -> None:
+        """Call `before_send` (the backend has a host or session for this command)."""
+        if self.before_send is not None:
+            self.before_send()
 
     def parameters(self) -> dict[str, str]:
         """Enable-RemoteMailbox's bound parameters."""

@@ -35,7 +35,7 @@ import contextlib
 import logging
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -208,6 +208,7 @@ class RemoteExchange:
             "Enable-Mailbox",
             request.parameters(),
             read_only=False,
+            before_send=request.announce,
         )
         return _recipient(_single(out, request.identity, "Enable-Mailbox"))
 
@@ -216,6 +217,7 @@ class RemoteExchange:
             "Enable-RemoteMailbox",
             request.parameters(),
             read_only=False,
+            before_send=request.announce,
         )
         return _recipient(_single(out, request.identity, "Enable-RemoteMailbox"))
 
@@ -238,10 +240,23 @@ class RemoteExchange:
 
     # ---- one command ------------------------------------------------------------------------
 
-    def _run(self, cmdlet: str, parameters: Mapping[str, object], *, read_only: bool) -> list[Any]:
+    def _run(
+        self,
+        cmdlet: str,
+        parameters: Mapping[str, object],
+        *,
+        read_only: bool,
+        before_send: Callable[[], None] | None = None,
+    ) -> list[Any]:
         """Run one cmdlet on a free session within the deadline; retry when that is safe."""
         deadline = self._clock.monotonic() + self._timeout
         session = self._take(deadline)
+        if before_send is not None:
+            try:
+                before_send()  # the command has its session: the journal marks it sent
+            except BaseException:
+                self._give_back(session)
+                raise
         try:
             for attempt in (1, 2):
                 try:

@@ -5,15 +5,24 @@ SQLite transaction and released when the request ends; a claim whose owner proce
 `liveness`) or whose age exceeds `journal.stale_claim_seconds` may be taken over.
 `JournalIdentityGuard` puts an in-process lock in front of it, so threads of one process queue
 without polling and only processes meet at the row.
+
+A CREATE_EMAIL does not commit a claim to read the user: `gate()` waits (reading only) until no
+other process holds the user's claim and notes how many Enable-* the journal records as sent for
+the user; the claim is then taken in the commit that marks Enable-* sent (`Claims.send`), which
+refuses with `ClaimLost` if another process claimed the user or sent an Enable-* for it since
+(the flow then waits and reads the user again). So two processes never both send Enable-* for a
+user, and a request costs three commits: received, claim + sent, outcome + release.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from typing import Protocol
 
 from ..clock import Clock
@@ -32,11 +41,93 @@ class IdentityBusy(Exception):
         self.retry_after_seconds = retry_after_seconds
 
 
+class ClaimLost(Exception):
+    """Another process claimed the user, or sent Enable-* for it, after the gate opened."""
+
+
+@dataclass
+class ClaimGate:
+    """What a request saw when it passed the gate to a user, and the claim it took later."""
+
+    key: str
+    #: Records of this user with `enable_sent_at`, when the gate opened.
+    sent_before: int
+    #: The claim's token once `Claims.send` took it (released with the outcome).
+    token: str | None = None
+
+    @property
+    def claim(self) -> tuple[str, str] | None:
+        return (self.key, self.token) if self.token else None
+
+
 class Claims:
     """The claims table of one journal."""
 
     def __init__(self, journal: Journal) -> None:
         self._journal = journal
+
+    def look(self, key: str) -> tuple[bool, int]:
+        """(held by a live owner, Enable-* sent for the user so far), in one read; no commit."""
+        rows = self._journal.read(
+            "SELECT c.owner_host, c.owner_pid, c.owner_token, c.expires_at,"
+            " (SELECT count(*) FROM requests WHERE guid = ? COLLATE NOCASE"
+            "  AND enable_sent_at IS NOT NULL)"
+            " FROM (SELECT 1) LEFT JOIN claims c ON c.identity_key = ?",
+            (key, key),
+        )
+        host, pid, token, expires_at, sent = rows[0]
+        held = host is not None and not self._stale(host, pid, token, expires_at, self._now())
+        return held, int(sent)
+
+    def send(self, row_id: int, guid: str, gate: ClaimGate) -> None:
+        """One commit: take the claim, and mark the record running with Enable-* sent.
+
+        Raises ClaimLost (nothing written) when another owner holds the claim or an Enable-* for
+        the user was marked sent since the gate opened.
+        """
+        token = uuid.uuid4().hex
+
+        def claim_and_mark(db: sqlite3.Connection) -> None:
+            now = self._journal.now()
+            held = db.execute(
+                "SELECT owner_host, owner_pid, owner_token, expires_at FROM claims"
+                " WHERE identity_key = ?",
+                (gate.key,),
+            ).fetchone()
+            if held is not None and not self._stale(held[0], held[1], held[2], held[3], now):
+                raise ClaimLost(f"another request claimed user {gate.key}")
+            sent = db.execute(
+                "SELECT count(*) FROM requests WHERE guid = ? COLLATE NOCASE"
+                " AND enable_sent_at IS NOT NULL",
+                (gate.key,),
+            ).fetchone()[0]
+            if sent != gate.sent_before:
+                raise ClaimLost(f"another request sent Enable-* for user {gate.key}")
+            self._insert(db, gate.key, token, now)
+            self._journal.move_in(
+                db, row_id, ("received", "running"), "running", guid=guid, enable_sent_at=now
+            )
+
+        self._journal.write("claim and mark Enable-* sent", claim_and_mark)
+        gate.token = token
+
+    def _now(self) -> float:
+        return self._journal.now()
+
+    def _insert(self, db: sqlite3.Connection, key: str, token: str, now: float) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO claims (identity_key, token, owner_host, owner_pid,"
+            " owner_token, claimed_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                key,
+                token,
+                self._journal.host,
+                os.getpid(),
+                process_token(),
+                now,
+                now + self._journal.settings.stale_claim_seconds,
+            ),
+        )
 
     def try_claim(self, key: str) -> str | None:
         """Takes the claim on `key` in one transaction; returns its token, or None if held."""
@@ -50,19 +141,7 @@ class Claims:
             ).fetchone()
             if held is not None and not self._stale(held[0], held[1], held[2], held[3], now):
                 return None
-            db.execute(
-                "INSERT OR REPLACE INTO claims (identity_key, token, owner_host, owner_pid,"
-                " owner_token, claimed_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    key,
-                    token,
-                    self._journal.host,
-                    os.getpid(),
-                    process_token(),
-                    now,
-                    now + self._journal.settings.stale_claim_seconds,
-                ),
-            )
+            self._insert(db, key, token, now)
         return token
 
     def release(self, key: str, token: str) -> None:
@@ -115,7 +194,38 @@ class JournalIdentityGuard:
         self._local = local
 
     @contextmanager
+    def gate(self, key: str) -> Iterator[ClaimGate]:
+        """The request flow's guard: the in-process lock, then wait (reading only) until no other
+        process holds the user's claim. The claim itself is taken by `Claims.send`."""
+        key = key.casefold()
+        with self._local.hold(key):
+            yield self._wait_until_free(key)
+
+    def _wait_until_free(self, key: str) -> ClaimGate:
+        deadline = self._clock.monotonic() + self._settings.claim_wait_seconds
+        delay = 0.01
+        while True:
+            held, sent = self._claims.look(key)
+            if not held:
+                return ClaimGate(key, sent)
+            remaining = deadline - self._clock.monotonic()
+            if remaining <= 0:
+                raise self._busy(key)
+            self._clock.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.25)
+
+    def _busy(self, key: str) -> IdentityBusy:
+        return IdentityBusy(
+            f"another request for user {key} has been running for more than "
+            f"{self._settings.claim_wait_seconds:g} s (journal.claim_wait_seconds); "
+            "retry later, or look it up with `vezaprovisioner journal --identity "
+            f"{key}`.",
+            retry_after_seconds=5,
+        )
+
+    @contextmanager
     def hold(self, key: str) -> Iterator[None]:
+        """Exclusive: the lock and the claim for the whole block (crash recovery uses it)."""
         key = key.casefold()
         with self._local.hold(key):
             token = self._wait_for_claim(key)
@@ -138,12 +248,6 @@ class JournalIdentityGuard:
                 return token
             remaining = deadline - self._clock.monotonic()
             if remaining <= 0:
-                raise IdentityBusy(
-                    f"another request for user {key} has been running for more than "
-                    f"{self._settings.claim_wait_seconds:g} s (journal.claim_wait_seconds); "
-                    "retry later, or look it up with `vezaprovisioner journal --identity "
-                    f"{key}`.",
-                    retry_after_seconds=5,
-                )
+                raise self._busy(key)
             self._clock.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.25)

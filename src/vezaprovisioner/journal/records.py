@@ -7,9 +7,20 @@ moves through these states, each change committed before the step it describes:
         │           │
         └───────────┴──────► created (recovered) | not_created | unknown   (crash recovery)
 
-`received` is written before any Exchange call; `running` once the request holds the claim on
-the user (see `claims`, which shares this file); `enable_sent_at` just before Enable-* is sent.
-A record whose owner process is gone (see `liveness`) is an orphan for crash recovery.
+`received` is written before any Exchange call. `running`, the claim on the user (see
+`claims`, which shares this file) and `enable_sent_at` are one commit, made when Enable-* has
+been handed to a PowerShell host or a remote session and is about to be sent; the outcome and
+the claim's release are the third. A record whose owner process is gone (see `liveness`) is an
+orphan for crash recovery.
+
+Writes are group-committed: concurrent requests' writes queue, and whichever thread finds no
+commit in progress runs everything queued in one transaction (one fsync); no Python lock is held
+while SQLite waits for another process's writer. Reads use a connection per thread.
+
+Before every write transaction (and in readiness) the journal checks that its path still names
+the file it holds open, and that the WAL does too (device and inode on POSIX, volume serial and
+file index on Windows): a journal deleted or replaced under a running server would otherwise
+swallow every record until the restart.
 
 If the journal cannot be written the request stops with `JournalUnavailable` before any Exchange
 change (the API answers 503 JOURNAL_UNAVAILABLE).
@@ -24,16 +35,18 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from ..config import JournalSettings
 from ..exchange.errors import ExchangeError
 from .liveness import owner_gone, process_token
 
 JOURNAL_FILE = "journal.sqlite3"
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +109,10 @@ MIGRATIONS: tuple[str, ...] = (
         expires_at REAL NOT NULL
     );
     """,
+    # The claim transaction counts the Enable-* already sent for a user (claims.ClaimGate).
+    """
+    CREATE INDEX requests_guid ON requests (guid COLLATE NOCASE);
+    """,
 )
 
 
@@ -148,6 +165,18 @@ class Record:
 _COLUMNS = ", ".join(Record.__dataclass_fields__)
 
 
+class _Write(Generic[_T]):
+    """One queued write: its statements, then its result or error once its batch committed."""
+
+    __slots__ = ("done", "error", "op", "result")
+
+    def __init__(self, op: Callable[[sqlite3.Connection], _T]) -> None:
+        self.op = op
+        self.done = False
+        self.result: _T | None = None
+        self.error: BaseException | None = None
+
+
 class Journal:
     """The journal file and its records. Thread-safe; one instance per process."""
 
@@ -165,23 +194,30 @@ class Journal:
         self._wall = wall
         #: This machine, as claims and records name it (pids are only checked here).
         self.host = socket.gethostname().casefold()
-        self._lock = threading.Lock()
-        self._connection: sqlite3.Connection | None = None
+        # Group commit: writes queue here; the thread that finds no leader commits them all.
+        self._queue_changed = threading.Condition()
+        self._queued: list[_Write[Any]] = []
+        self._leading = False
+        #: Write transactions committed by this instance (each may carry many writes).
+        self.commits = 0
+        self._writer: sqlite3.Connection | None = None  # used by the leader only
+        self._identity: tuple[tuple[int, int], tuple[int, int]] | None = None
+        self._lost: str | None = None  # why the path no longer names our file
+        self._readers = threading.local()
+        self._all_readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()  # only around the list, never around SQLite
         #: Called with the exception whenever a journal operation fails (metrics, logs).
         self.on_error: Callable[[Exception], None] = lambda exc: None
 
-    # ---- connection ---------------------------------------------------------------------------
+    # ---- connections --------------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        """Opens (and migrates) the file on first use, so a broken disk never stops the start."""
-        if self._connection is not None:
-            return self._connection
+    def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(
             self.path,
             timeout=self._settings.busy_timeout_ms / 1000,
             isolation_level=None,  # explicit BEGIN/COMMIT only
-            check_same_thread=False,  # guarded by self._lock
+            check_same_thread=False,  # the writer passes from leader to leader
         )
         try:
             mode = _enter_wal_mode(connection, self._settings.busy_timeout_ms / 1000)
@@ -192,53 +228,205 @@ class Journal:
                 )
             connection.execute(f"PRAGMA synchronous={self._settings.synchronous.upper()}")
             connection.execute(f"PRAGMA busy_timeout={self._settings.busy_timeout_ms}")
-            _migrate(connection)
         except BaseException:
             connection.close()
             raise
-        self._connection = connection
         return connection
+
+    def _connect(self) -> sqlite3.Connection:
+        """The writer; opens (and migrates) the file on first use, so a broken disk never stops
+        the start. Called by the commit leader only."""
+        if self._writer is not None:
+            return self._writer
+        connection = self._open()
+        try:
+            _migrate(connection)
+            self._identity = self._file_identity()
+        except BaseException:
+            connection.close()
+            raise
+        self._writer = connection
+        return connection
+
+    def _file_identity(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(device, inode) of the database and of its WAL; on Windows os.stat gives the volume
+        serial number and the file index."""
+        main = os.stat(self.path)
+        wal = os.stat(f"{self.path}-wal")
+        return (main.st_dev, main.st_ino), (wal.st_dev, wal.st_ino)
+
+    def _check_identity(self) -> None:
+        """Raises sqlite3.DatabaseError when the path no longer names the file we hold open."""
+        assert self._identity is not None
+        try:
+            now = self._file_identity()
+        except FileNotFoundError as exc:
+            what = "its WAL" if str(exc.filename).endswith("-wal") else "the journal file"
+            problem = f"{what} ({exc.filename}) was deleted while the service held it open"
+        else:
+            if now == self._identity:
+                if self._lost is not None:
+                    log.warning("the request journal %s is its own file again", self.path)
+                    self._lost = None
+                return
+            what = "the journal file" if now[0] != self._identity[0] else "its WAL"
+            problem = f"{what} at {self.path} was replaced by another file"
+        if self._lost is None:
+            log.critical(
+                "THE REQUEST JOURNAL IS GONE: %s; requests answer 503 until the file is put "
+                "back or the service restarts (records written since are in the old file only)",
+                problem,
+            )
+        self._lost = problem
+        raise sqlite3.DatabaseError(problem)
+
+    def _reader(self) -> sqlite3.Connection:
+        reader: sqlite3.Connection | None = getattr(self._readers, "connection", None)
+        if reader is None:
+            reader = self._open()
+            self._readers.connection = reader
+            with self._readers_lock:
+                self._all_readers.append(reader)
+        return reader
+
+    def _drop_reader(self) -> None:
+        reader: sqlite3.Connection | None = getattr(self._readers, "connection", None)
+        if reader is not None:
+            self._readers.connection = None
+            with self._readers_lock:
+                if reader in self._all_readers:
+                    self._all_readers.remove(reader)
+            reader.close()
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    def write(self, what: str, op: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Runs `op` in a write transaction, group-committed with concurrent writes.
+
+        `op` runs under a savepoint: its exception undoes its statements only and is raised
+        here; a failure of the transaction itself becomes JournalUnavailable.
+        """
+        item: _Write[_T] = _Write(op)
+        with self._queue_changed:
+            self._queued.append(item)
+            self._queue_changed.notify_all()
+            while self._leading and not item.done:
+                self._queue_changed.wait()
+            lead = not item.done
+            if lead:
+                self._leading = True
+                batch, self._queued = self._queued, []
+        if lead:
+            try:
+                self._commit(batch, what)
+            finally:
+                with self._queue_changed:
+                    self._leading = False
+                    self._queue_changed.notify_all()
+        if item.error is not None:
+            raise item.error
+        return item.result  # type: ignore[return-value] # set when done without an error
+
+    def _commit(self, batch: list[_Write[Any]], what: str) -> None:
+        """One transaction for the whole batch (called by the leader, no lock held)."""
+        try:
+            db = self._connect()
+            self._check_identity()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for item in batch:
+                    db.execute("SAVEPOINT one_write")
+                    try:
+                        item.result = item.op(db)
+                    except BaseException as exc:
+                        db.execute("ROLLBACK TO one_write")
+                        item.error = exc
+                    db.execute("RELEASE one_write")
+                db.execute("COMMIT")
+                self.commits += 1
+            except BaseException:
+                if db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise
+        except (sqlite3.Error, OSError) as exc:
+            error = self._unavailable(what, exc)
+            for item in batch:
+                item.error = error
+        finally:
+            with self._queue_changed:
+                for item in batch:
+                    item.done = True
+
+    def wait_queued(self, count: int, timeout: float) -> bool:
+        """Blocks until `count` writes wait for the next commit (diagnostics and tests)."""
+        with self._queue_changed:
+            return self._queue_changed.wait_for(lambda: len(self._queued) >= count, timeout)
 
     @contextmanager
     def transaction(self, what: str) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE); any failure becomes JournalUnavailable."""
-        with self._lock:
+        """One write transaction of its own, not grouped (claims of recovery, maintenance)."""
+        with self._queue_changed:  # take the leader's role: no batch runs meanwhile
+            while self._leading:
+                self._queue_changed.wait()
+            self._leading = True
+        try:
             try:
-                connection = self._connect()
-                connection.execute("BEGIN IMMEDIATE")
+                db = self._connect()
+                self._check_identity()
+                db.execute("BEGIN IMMEDIATE")
                 try:
-                    yield connection
+                    yield db
                 except BaseException:
-                    connection.execute("ROLLBACK")
+                    db.execute("ROLLBACK")
                     raise
-                connection.execute("COMMIT")
+                db.execute("COMMIT")
             except (sqlite3.Error, OSError) as exc:
-                self._drop_connection()
-                error = JournalUnavailable(
-                    f"The request journal {self.path} could not be written ({what}: {exc}). "
-                    "Check the disk, the data_dir permissions and journal.busy_timeout_ms."
-                )
-                self.on_error(error)
-                raise error from exc
+                raise self._unavailable(what, exc) from exc
+        finally:
+            with self._queue_changed:
+                self._leading = False
+                self._queue_changed.notify_all()
+
+    def _unavailable(self, what: str, exc: BaseException) -> JournalUnavailable:
+        if self._lost is None:
+            self._drop_writer()
+        error = JournalUnavailable(
+            f"The request journal {self.path} could not be written ({what}: {exc}). "
+            "Check the disk, the data_dir permissions and journal.busy_timeout_ms."
+        )
+        self.on_error(error)
+        return error
+
+    def read(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """One read on this thread's connection (no lock, no write transaction)."""
+        return self._read(sql, parameters)
 
     def _read(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            try:
-                return self._connect().execute(sql, parameters).fetchall()
-            except (sqlite3.Error, OSError) as exc:
-                self._drop_connection()
-                error = JournalUnavailable(f"The request journal {self.path} is unreadable: {exc}.")
-                self.on_error(error)
-                raise error from exc
+        try:
+            return self._reader().execute(sql, parameters).fetchall()
+        except (sqlite3.Error, OSError) as exc:
+            self._drop_reader()
+            error = JournalUnavailable(f"The request journal {self.path} is unreadable: {exc}.")
+            self.on_error(error)
+            raise error from exc
 
-    def _drop_connection(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+    def _drop_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self._identity = None
 
     def close(self) -> None:
-        with self._lock:
-            self._drop_connection()
+        with self._queue_changed:
+            while self._leading:
+                self._queue_changed.wait()
+            self._drop_writer()
+        with self._readers_lock:
+            readers, self._all_readers = self._all_readers, []
+        for reader in readers:
+            reader.close()
+        self._readers = threading.local()
 
     @property
     def settings(self) -> JournalSettings:
@@ -255,7 +443,8 @@ class Journal:
     ) -> int:
         """Writes the `received` record; returns its row id."""
         now = self._wall()
-        with self.transaction("receive") as db:
+
+        def insert(db: sqlite3.Connection) -> int:
             cursor = db.execute(
                 "INSERT INTO requests (request_id, action, identity, alias, caller, caller_method,"
                 " client_address, state, received_at, updated_at, owner_host, owner_pid,"
@@ -275,9 +464,10 @@ class Journal:
                     process_token(),
                 ),
             )
-            row_id = cursor.lastrowid
-        assert row_id is not None
-        return row_id
+            assert cursor.lastrowid is not None
+            return cursor.lastrowid
+
+        return self.write("receive", insert)
 
     def running(self, row_id: int, guid: str) -> None:
         """received → running: this request now holds the claim on the user `guid`."""
@@ -287,6 +477,10 @@ class Journal:
         """Marks that Enable-* is about to be sent (committed before it is)."""
         self._move(row_id, ("running",), "running", enable_sent_at=self._wall())
 
+    def mark_sent(self, row_id: int, guid: str) -> None:
+        """received → running with `enable_sent_at`, in one commit (without a claim)."""
+        self._move(row_id, UNFINISHED, "running", guid=guid, enable_sent_at=self._wall())
+
     def finish(
         self,
         row_id: int,
@@ -295,28 +489,41 @@ class Journal:
         guid: str,
         alias: str,
         primary_smtp_address: str,
+        claim: tuple[str, str] | None = None,
     ) -> None:
-        """running → created / already_exists."""
+        """received / running → created / already_exists; with `claim` (key, token) the claim
+        is released in the same commit."""
         self._move(
             row_id,
-            ("running",),
+            UNFINISHED,
             state,
             guid=guid,
             result_alias=alias,
             primary_smtp_address=primary_smtp_address,
             finished=True,
+            release=claim,
         )
 
-    def fail(self, row_id: int, error: Exception) -> None:
-        """received / running → failed, with the code and what Exchange said."""
+    def fail(
+        self,
+        row_id: int,
+        error: Exception,
+        claim: tuple[str, str] | None = None,
+        *,
+        guid: str | None = None,
+    ) -> None:
+        """received / running → failed, with the code and what Exchange said (and the claim
+        released in the same commit; `guid` when the user was resolved)."""
         fields: dict[str, Any] = {"code": self._code_of(error), "detail": str(error)[:2000]}
+        if guid is not None:
+            fields["guid"] = guid
         if isinstance(error, ExchangeError) and error.from_exchange:
             fields.update(
                 exchange_reason=error.reason,
                 exchange_error_id=error.error_id,
                 exchange_message=error.message[:2000],
             )
-        self._move(row_id, UNFINISHED, "failed", finished=True, **fields)
+        self._move(row_id, UNFINISHED, "failed", finished=True, release=claim, **fields)
 
     def reconcile(self, row_id: int, state: State, reason: str, *, code: str | None = None) -> bool:
         """Crash recovery: an unfinished record gets its final state; False if it had one."""
@@ -331,8 +538,28 @@ class Journal:
         state: State,
         *,
         finished: bool = False,
+        release: tuple[str, str] | None = None,
         **fields: Any,
     ) -> bool:
+        def move(db: sqlite3.Connection) -> bool:
+            moved = self.move_in(db, row_id, allowed_from, state, finished=finished, **fields)
+            if release is not None:
+                db.execute("DELETE FROM claims WHERE identity_key = ? AND token = ?", release)
+            return moved
+
+        return self.write(f"mark {state}", move)
+
+    def move_in(
+        self,
+        db: sqlite3.Connection,
+        row_id: int,
+        allowed_from: Sequence[State],
+        state: State,
+        *,
+        finished: bool = False,
+        **fields: Any,
+    ) -> bool:
+        """The record's state change, inside a write transaction; False if it was elsewhere."""
         now = self._wall()
         fields["state"] = state
         fields["updated_at"] = now
@@ -342,12 +569,11 @@ class Journal:
             assignments += ", finished_at = ?, duration_ms = CAST((? - received_at) * 1000 AS INT)"
             values += [now, now]
         marks = ", ".join("?" for _ in allowed_from)
-        with self.transaction(f"mark {state}") as db:
-            cursor = db.execute(
-                f"UPDATE requests SET {assignments} WHERE id = ? AND state IN ({marks})",  # noqa: S608 - names are ours
-                (*values, row_id, *allowed_from),
-            )
-            return cursor.rowcount == 1
+        cursor = db.execute(
+            f"UPDATE requests SET {assignments} WHERE id = ? AND state IN ({marks})",  # noqa: S608 - names are ours
+            (*values, row_id, *allowed_from),
+        )
+        return cursor.rowcount == 1
 
     # ---- reading ------------------------------------------------------------------------------
 
@@ -416,9 +642,13 @@ class Journal:
 
     def check_writable(self) -> str:
         """For readiness: a real write transaction (the schema version is rewritten as is)."""
-        with self.transaction("readiness check") as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            db.execute(f"PRAGMA user_version = {int(version)}")
+
+        def rewrite(db: sqlite3.Connection) -> int:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            db.execute(f"PRAGMA user_version = {version}")
+            return version
+
+        version = self.write("readiness check", rewrite)
         return f"writable: {self.path} (schema {version})"
 
 

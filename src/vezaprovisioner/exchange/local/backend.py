@@ -95,16 +95,10 @@ class LocalExchange:
         )
 
     def enable_mailbox(self, request: EnableMailbox) -> Recipient:
-        return self._recipient(
-            "Enable-Mailbox",
-            request.parameters(),
-        )
+        return self._recipient("Enable-Mailbox", request.parameters(), request.announce)
 
     def enable_remote_mailbox(self, request: EnableRemoteMailbox) -> Recipient:
-        return self._recipient(
-            "Enable-RemoteMailbox",
-            request.parameters(),
-        )
+        return self._recipient("Enable-RemoteMailbox", request.parameters(), request.announce)
 
     def probe(self) -> str:
         """The pool's state; BackendUnavailable when no host is warm (pool_size > 0)."""
@@ -119,10 +113,13 @@ class LocalExchange:
     # ---- internals --------------------------------------------------------------------------
 
     def _run(
-        self, cmdlet: str, parameters: Mapping[str, str]
+        self,
+        cmdlet: str,
+        parameters: Mapping[str, str],
+        before_send: Callable[[], None] | None = None,
     ) -> tuple[Mapping[str, str | None], ...]:
         try:
-            outcome = self._pool.run(cmdlet, parameters)
+            outcome = self._pool.run(cmdlet, parameters, before_send)
         except HostTimeout as exc:
             raise ExchangeTimeout(exc.message) from None
         except HostError as exc:
@@ -136,16 +133,26 @@ class LocalExchange:
             )
         return outcome.objects
 
-    def _one(self, cmdlet: str, parameters: Mapping[str, str]) -> Mapping[str, str | None]:
-        objects = self._run(cmdlet, parameters)
+    def _one(
+        self,
+        cmdlet: str,
+        parameters: Mapping[str, str],
+        before_send: Callable[[], None] | None = None,
+    ) -> Mapping[str, str | None]:
+        objects = self._run(cmdlet, parameters, before_send)
         if len(objects) != 1:
             raise UnexpectedExchangeError(
                 f"{cmdlet} returned {len(objects)} objects where Exchange returns exactly one"
             )
         return objects[0]
 
-    def _recipient(self, cmdlet: str, parameters: Mapping[str, str]) -> Recipient:
-        found = self._one(cmdlet, parameters)
+    def _recipient(
+        self,
+        cmdlet: str,
+        parameters: Mapping[str, str],
+        before_send: Callable[[], None] | None = None,
+    ) -> Recipient:
+        found = self._one(cmdlet, parameters, before_send)
         return Recipient(
             guid=self._required(found, "Guid", cmdlet),
             distinguished_name=self._required(found, "DistinguishedName", cmdlet),

@@ -55,7 +55,12 @@ class HostPerCommand(HostSupply):
         by_state = {"idle": 0, "busy": ready, "starting": len(self._live) - ready, "broken": 0}
         return by_state, self._waiting
 
-    def run(self, cmdlet: str, parameters: Mapping[str, str]) -> Result | ErrorRecord:
+    def run(
+        self,
+        cmdlet: str,
+        parameters: Mapping[str, str],
+        before_send: Callable[[], None] | None = None,
+    ) -> Result | ErrorRecord:
         """Start a host, run one cmdlet on it, close it. Raises BackendUnavailable or HostError."""
         with self._cond:
             self._waiting += 1
@@ -81,6 +86,8 @@ class HostPerCommand(HostSupply):
                     f"no PowerShell host could start: {self._last_error}", retry_after_seconds=5
                 )
             try:
+                if before_send is not None:
+                    before_send()
                 return host.call(cmdlet, parameters, self.limits.command_timeout_seconds)
             except HostError as exc:
                 log.warning("%s", exc.message)

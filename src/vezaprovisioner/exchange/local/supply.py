@@ -134,8 +134,16 @@ class HostSupply:
     def start(self) -> None:
         """Begin whatever background work keeps hosts ready (none by default)."""
 
-    def run(self, cmdlet: str, parameters: Mapping[str, str]) -> Result | ErrorRecord:
-        """Run one cmdlet on a host. Raises BackendUnavailable or a HostError."""
+    def run(
+        self,
+        cmdlet: str,
+        parameters: Mapping[str, str],
+        before_send: Callable[[], None] | None = None,
+    ) -> Result | ErrorRecord:
+        """Run one cmdlet on a host. Raises BackendUnavailable or a HostError.
+
+        `before_send` is called once the command has its host, just before it is sent; if it
+        raises, nothing is sent and the exception passes through."""
         raise NotImplementedError
 
     def status(self) -> PoolStatus:

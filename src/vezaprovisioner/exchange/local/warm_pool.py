@@ -128,9 +128,20 @@ class HostPool(HostSupply):
 
     # ---- running commands -------------------------------------------------------------------
 
-    def run(self, cmdlet: str, parameters: Mapping[str, str]) -> Result | ErrorRecord:
+    def run(
+        self,
+        cmdlet: str,
+        parameters: Mapping[str, str],
+        before_send: Callable[[], None] | None = None,
+    ) -> Result | ErrorRecord:
         """Run one cmdlet on a free host. Raises BackendUnavailable or a HostError."""
         host = self._checkout()
+        if before_send is not None:
+            try:
+                before_send()
+            except BaseException:
+                self._checkin(host)
+                raise
         try:
             result = host.call(cmdlet, parameters, self.limits.command_timeout_seconds)
         except HostRefused as exc:

@@ -197,6 +197,7 @@ class SimulatedExchange:
     def enable_mailbox(self, request: EnableMailbox) -> Recipient:
         """Enable-Mailbox (User parameter set)."""
         cmdlet, task = "Enable-Mailbox", "EnableMailbox"
+        request.announce()
         self._begin(cmdlet, request.parameters())
         slept = self._pause(cmdlet, self._latency + self._enable_latency)
         dc = request.domain_controller
@@ -226,6 +227,7 @@ class SimulatedExchange:
     def enable_remote_mailbox(self, request: EnableRemoteMailbox) -> Recipient:
         """Enable-RemoteMailbox (Default parameter set)."""
         cmdlet, task = "Enable-RemoteMailbox", "EnableRemoteMailbox"
+        request.announce()
         self._begin(cmdlet, request.parameters())
         slept = self._pause(cmdlet, self._latency + self._enable_latency)
         dc = request.domain_controller
