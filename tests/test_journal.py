@@ -29,7 +29,6 @@ from vezaprovisioner.journal.records import (
     RequestContext,
 )
 from vezaprovisioner.provisioning import InProcessIdentityGuard
-from vezaprovisioner.services import problem_code
 
 EMAILS = "/VezaProvisioner/api/v1/emails"
 REQUESTS = "/VezaProvisioner/api/v1/requests"
@@ -56,9 +55,7 @@ def make_journal(tmp_path: Path, wall: Wall) -> Iterator[Callable[..., Journal]]
     opened: list[Journal] = []
 
     def make(**settings: Any) -> Journal:
-        journal = Journal(
-            tmp_path / "data", JournalSettings(**settings), code_of=problem_code, wall=wall
-        )
+        journal = Journal(tmp_path / "data", JournalSettings(**settings), wall=wall)
         opened.append(journal)
         return journal
 
@@ -475,7 +472,7 @@ def test_workers_opening_a_fresh_journal_together_all_succeed(tmp_path: Path) ->
             start: threading.Barrier = start,
             failures: list[JournalUnavailable] = failures,
         ) -> None:
-            journal = Journal(folder, JournalSettings(), code_of=problem_code)
+            journal = Journal(folder, JournalSettings())
             start.wait()
             try:
                 journal.check_writable()

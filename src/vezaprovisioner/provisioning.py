@@ -32,6 +32,7 @@ from .exchange.port import (
     ExchangePort,
     Recipient,
 )
+from .failures import Failure, as_failure
 from .journal.records import Journal, JournalUnavailable, RequestContext
 from .validation import InvalidValue, validate_alias
 
@@ -41,12 +42,16 @@ _FIRST_RETRY_DELAY_SECONDS = 0.5
 _MAX_RETRY_DELAY_SECONDS = 5.0
 
 
-class ProvisioningError(Exception):
+class ProvisioningError(Failure):
     """The flow refuses a request for a reason of its own (not an Exchange error)."""
 
 
 class PathMismatch(ProvisioningError):
     """The caller named a PowerShell or RemoteExchange.ps1 path other than the configured one."""
+
+    code = "PATH_MISMATCH"
+    status = 400
+    title = "Path differs from the configured one"
 
     def __init__(self, field: str, given: str, configured: str) -> None:
         super().__init__(
@@ -59,6 +64,10 @@ class PathMismatch(ProvisioningError):
 class AliasMismatch(ProvisioningError):
     """The user already has a mailbox, with an alias other than the one requested."""
 
+    code = "ALIAS_MISMATCH"
+    status = 409
+    title = "Mailbox exists with another alias"
+
     def __init__(self, identity: str, existing: Recipient, requested_alias: str) -> None:
         super().__init__(
             f"{identity!r} already has a mailbox with alias {existing.alias!r}, not the requested "
@@ -69,6 +78,10 @@ class AliasMismatch(ProvisioningError):
 
 class AliasRequired(ProvisioningError):
     """Hybrid mode needs an alias for the remote routing address and none could be derived."""
+
+    code = "ALIAS_REQUIRED"
+    status = 422
+    title = "An alias is required"
 
 
 @dataclass(frozen=True)
@@ -237,7 +250,7 @@ class Provisioner:
                 identity=request.identity,
                 alias=request.alias,
                 outcome=result.status if result else "failed",
-                code=self._audit.code_of(error) if error else None,
+                code=as_failure(error).code if error else None,
                 guid=result.guid if result else None,
                 primary_smtp_address=result.primary_smtp_address if result else None,
                 exchange_reason=exchange.reason if exchange else None,

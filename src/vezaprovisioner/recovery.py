@@ -23,15 +23,16 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from .config import Settings
-from .exchange.errors import ExchangeError, IdentityNotFound
+from .exchange.errors import IdentityNotFound
 from .exchange.port import (
     ENABLEABLE_USER_TYPES,
     LOCAL_MAILBOX_TYPE,
     REMOTE_MAILBOX_TYPE,
     ExchangePort,
 )
-from .journal.claims import Claims, IdentityBusy
-from .journal.records import Journal, JournalUnavailable, Record, State
+from .failures import Failure
+from .journal.claims import Claims
+from .journal.records import Journal, Record, State
 from .provisioning import IdentityGuard
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def recover(
     for record in journal.orphans():
         try:
             outcome = _reconcile(record, journal, exchange, settings, guard)
-        except (ExchangeError, IdentityBusy, JournalUnavailable) as exc:
+        except Failure as exc:
             log.warning(
                 "recovery of request %s postponed to the next start: %s", record.request_id, exc
             )

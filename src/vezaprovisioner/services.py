@@ -6,7 +6,6 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from .api.problems import problem_for
 from .audit import AuditEvent, AuditTrail
 from .auth import Authenticator
 from .clock import Clock, SystemClock
@@ -20,11 +19,6 @@ from .provisioning import InProcessIdentityGuard, Provisioner
 from .recovery import recover
 
 log = logging.getLogger(__name__)
-
-
-def problem_code(exc: Exception) -> str:
-    """The stable `code` of a failure, from the one table in api/problems.py."""
-    return problem_for(exc).kind.code
 
 
 @dataclass
@@ -118,7 +112,7 @@ def build_services(
     exchange = exchange or open_exchange(
         settings, clock, host_events=metrics.backend_events(settings.backend)
     )
-    journal = Journal(settings.data_dir, settings.journal, code_of=problem_code)
+    journal = Journal(settings.data_dir, settings.journal)
 
     def journal_failed(error: Exception) -> None:
         metrics.journal_errors.inc()
@@ -126,11 +120,7 @@ def build_services(
 
     journal.on_error = journal_failed
     guard = JournalIdentityGuard(journal, settings.journal, clock, InProcessIdentityGuard())
-    audit = (
-        AuditTrail(settings.data_dir, settings.audit, code_of=problem_code)
-        if settings.audit.enabled
-        else None
-    )
+    audit = AuditTrail(settings.data_dir, settings.audit) if settings.audit.enabled else None
     return Services(
         settings=settings,
         exchange=exchange,

@@ -18,14 +18,20 @@ from typing import Protocol
 
 from ..clock import Clock
 from ..config import JournalSettings
+from ..failures import Failure
 from .liveness import owner_gone, process_token
 from .records import Journal, JournalUnavailable
 
 log = logging.getLogger(__name__)
 
 
-class IdentityBusy(Exception):
+class IdentityBusy(Failure):
     """Another request (maybe in another worker process) holds the claim on this user too long."""
+
+    code = "IDENTITY_BUSY"
+    status = 503
+    title = "Another request for this user is running"
+    retry_after_seconds: int
 
     def __init__(self, message: str, *, retry_after_seconds: int) -> None:
         super().__init__(message)
