@@ -44,7 +44,7 @@ def client_address(scope: Scope) -> str | None:
 class AccessLogMiddleware:
     """Logs `request finished` with request id, caller, route, status, code and duration."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics | None, base_path: str) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, base_path: str) -> None:
         self.app = app
         self.metrics = metrics
         self.base_path = base_path
@@ -72,9 +72,8 @@ class AccessLogMiddleware:
         code = state.get(FAILURE_CODE_STATE)
         caller = state.get("caller")
         route = _route_of(scope, self.base_path)
-        if self.metrics is not None:
-            self.metrics.requests.labels(route, scope["method"], str(status), code or "").inc()
-            self.metrics.request_seconds.labels(route).observe(seconds)
+        self.metrics.requests.labels(route, scope["method"], str(status), code or "").inc()
+        self.metrics.request_seconds.labels(route).observe(seconds)
         event(
             log,
             "request finished",

@@ -79,7 +79,7 @@ def create_app_from_services(services: Services) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(AccessLogMiddleware, metrics=services.metrics, base_path=base)
     configure_logging(services.settings)
-    services.start_maintenance()
+    services.maintenance.start()
 
     async def send_failure(request: Request, exc: Exception) -> Response:
         return problem_for_request(exc, request.scope)

@@ -111,8 +111,6 @@ def _probe(services: Services) -> ReadinessCheck:
 
 
 def _journal_writable(services: Services) -> ReadinessCheck:
-    if services.journal is None:
-        return ReadinessCheck(ok=True, detail="no journal configured")
     try:
         return ReadinessCheck(ok=True, detail=services.journal.check_writable())
     except JournalUnavailable as exc:
@@ -218,7 +216,7 @@ def read_request(
     services: ServicesDep,
 ) -> RequestRecordResponse:
     """The journal record of a request: who asked, what, its state and what Exchange said."""
-    record = services.journal.get(request_id) if services.journal else None
+    record = services.journal.get(request_id)
     if record is None:
         raise NotFound(
             f"No journal record has request id {request_id!r}; records older than "
@@ -230,6 +228,6 @@ def read_request(
 @router.get("/metrics", tags=["metrics"], response_class=Response)
 def metrics(services: ServicesDep) -> Response:
     """Prometheus text format."""
-    if services.metrics is None or not services.settings.metrics.enabled:
+    if not services.settings.metrics.enabled:
         raise NotFound("Metrics are disabled (metrics.enabled = false).")
     return Response(services.metrics.exposition(), media_type=CONTENT_TYPE)
