@@ -1,4 +1,7 @@
-"""The `vezaprovisioner` command: serve, check, create-email, journal, hash-password, doctor."""
+"""The `vezaprovisioner` command.
+
+Subcommands: serve, check, create-email, journal, probe, hash-password, doctor.
+"""
 
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ class DailyFileHandler(logging.FileHandler):
         super().emit(record)
 
 
-def configure_logging(data_dir: Path) -> Path:
+def log_to_daily_file(data_dir: Path) -> Path:
     """Send the process's log records to the daily file under `data_dir`; returns its folder."""
     directory = data_dir / LOG_DIR
     directory.mkdir(parents=True, exist_ok=True)
@@ -159,7 +159,7 @@ class IisApplication:
         with self._lock:
             if self._started is None:
                 settings = load_settings(None, self._environ)
-                log_dir = configure_logging(settings.data_dir)
+                log_dir = log_to_daily_file(settings.data_dir)
                 app = self._build(settings)
                 # a2wsgi starts its event loop thread here, on the first request, not at import.
                 middleware = ASGIMiddleware(cast(Any, app), wait_time=_ASGI_WAIT_SECONDS)
