@@ -77,6 +77,7 @@ def problem_for_request(
     exc: BaseException, scope: Scope, *, basic_realm: str | None = None
 ) -> JSONResponse:
     """`problem_response` for a request of the app; leaves the code for the access log."""
+    failure = as_failure(exc)
     state = scope.setdefault("state", {})
-    state[FAILURE_CODE_STATE] = as_failure(exc).code
-    return problem_response(exc, str(state["request_id"]), basic_realm=basic_realm)
+    state[FAILURE_CODE_STATE] = failure.code
+    return problem_response(failure, str(state["request_id"]), basic_realm=basic_realm)
