@@ -30,7 +30,6 @@ from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 from vezaprovisioner.journal.claims import InProcessClaims, JournalClaims
 from vezaprovisioner.journal.records import Journal, RequestContext
 from vezaprovisioner.provisioning import CreateEmail, Provisioner
-from vezaprovisioner.services import problem_code
 
 
 def build(
@@ -44,7 +43,7 @@ def build(
     if variant == "without":
         return Provisioner(settings, exchange, clock), lambda: None
     journal_settings = JournalSettings(synchronous=variant.removeprefix("with/"))  # type: ignore[arg-type]
-    journal = Journal(data_dir, journal_settings, code_of=problem_code)
+    journal = Journal(data_dir, journal_settings)
     claims = JournalClaims(journal, journal_settings, clock, InProcessClaims())
     return Provisioner(settings, exchange, clock, claims=claims, journal=journal), journal.close
 
