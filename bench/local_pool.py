@@ -11,7 +11,7 @@ efficiency = measured cmdlet throughput / (pool_size / cmdlet time).
     .venv/bin/python bench/local_pool.py --cases 16:16 --requests 320  # pool 16, 16 callers
 
 Each CREATE_EMAIL of a new user makes three cmdlet calls (Get-User, Get-User by GUID inside the
-per-user guard, Enable-Mailbox), so with pool_size 0 every request starts three hosts and pays
+per-user claim, Enable-Mailbox), so with pool_size 0 every request starts three hosts and pays
 the connect time three times (about 16 s a request): the 200-request baseline is most of the
 run's time. `--baseline-requests` runs fewer for a quick look.
 """

@@ -3,15 +3,17 @@
 The claim (table `claims` of the journal file, one row per user GUID) is taken in one atomic
 SQLite transaction and released when the request ends; a claim whose owner process is gone (see
 `liveness`) or whose age exceeds `journal.stale_claim_seconds` may be taken over.
-`JournalIdentityGuard` puts an in-process lock in front of it, so threads of one process queue
-without polling and only processes meet at the row.
+`JournalClaims` puts `InProcessClaims` (a lock per user) in front of it, so threads of one process
+queue without polling and only processes meet at the row. Whatever holds claims for the flow is a
+`UserClaims`: the flow, crash recovery and the service all say "claim" for this one idea.
 
 A CREATE_EMAIL does not commit a claim to read the user: `gate()` waits (reading only) until no
 other process holds the user's claim and notes how many Enable-* the journal records as sent for
-the user; the claim is then taken in the commit that marks Enable-* sent (`Claims.send`), which
-refuses with `ClaimLost` if another process claimed the user or sent an Enable-* for it since
-(the flow then waits and reads the user again). So two processes never both send Enable-* for a
-user, and a request costs three commits: received, claim + sent, outcome + release.
+the user; the claim is then taken in the commit that marks Enable-* sent (`ClaimTable.send`),
+which refuses with `ClaimLost` if another process claimed the user or sent an Enable-* for it
+since (the flow then waits and reads the user again). So two processes never both send Enable-*
+for a user, and a request costs three commits: received, claim + sent, outcome + release.
+Crash recovery uses `hold()`, which holds the claim for the whole block.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -27,14 +30,20 @@ from typing import Protocol
 
 from ..clock import Clock
 from ..config import JournalSettings
+from ..failures import Failure
 from .liveness import owner_gone, process_token
 from .records import Journal, JournalUnavailable
 
 log = logging.getLogger(__name__)
 
 
-class IdentityBusy(Exception):
+class IdentityBusy(Failure):
     """Another request (maybe in another worker process) holds the claim on this user too long."""
+
+    code = "IDENTITY_BUSY"
+    status = 503
+    title = "Another request for this user is running"
+    retry_after_seconds: int
 
     def __init__(self, message: str, *, retry_after_seconds: int) -> None:
         super().__init__(message)
@@ -52,7 +61,7 @@ class ClaimGate:
     key: str
     #: Records of this user with `enable_sent_at`, when the gate opened.
     sent_before: int
-    #: The claim's token once `Claims.send` took it (released with the outcome).
+    #: The claim's token once `ClaimTable.send` took it (released with the outcome).
     token: str | None = None
 
     @property
@@ -60,8 +69,8 @@ class ClaimGate:
         return (self.key, self.token) if self.token else None
 
 
-class Claims:
-    """The claims table of one journal."""
+class ClaimTable:
+    """The claims table of one journal: one row per claimed user."""
 
     def __init__(self, journal: Journal) -> None:
         self._journal = journal
@@ -76,7 +85,8 @@ class Claims:
             (key, key),
         )
         host, pid, token, expires_at, sent = rows[0]
-        held = host is not None and not self._stale(host, pid, token, expires_at, self._now())
+        now = self._journal.now()
+        held = host is not None and not self._stale(host, pid, token, expires_at, now)
         return held, int(sent)
 
     def send(self, row_id: int, guid: str, gate: ClaimGate) -> None:
@@ -110,9 +120,6 @@ class Claims:
 
         self._journal.write("claim and mark Enable-* sent", claim_and_mark)
         gate.token = token
-
-    def _now(self) -> float:
-        return self._journal.now()
 
     def _insert(self, db: sqlite3.Connection, key: str, token: str, now: float) -> None:
         db.execute(
@@ -168,14 +175,52 @@ class Claims:
         return len(dead)
 
 
-class IdentityLock(Protocol):
-    """The in-process part of the guard (provisioning.InProcessIdentityGuard)."""
+class UserClaims(Protocol):
+    """Lets at most one request at a time act on one user (keyed by the user's GUID).
+
+    `hold` holds the claim for the whole block (crash recovery). `gate` is the request flow's:
+    within one process the same lock; across processes it waits until no other process holds
+    the user's claim and yields the `ClaimGate` the journal takes the claim with when Enable-*
+    is sent (None where there is no journal).
+    """
 
     def hold(self, key: str) -> AbstractContextManager[None]: ...
 
+    def gate(self, key: str) -> AbstractContextManager[ClaimGate | None]: ...
 
-class JournalIdentityGuard:
-    """The per-user guard across threads *and* processes: a lock, then the journal's claim.
+
+class InProcessClaims:
+    """The claim within one process: a lock per user GUID its threads queue on; idle ones go."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        key = key.casefold()
+        with self._mutex:
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._mutex:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
+
+    @contextmanager
+    def gate(self, key: str) -> Iterator[None]:
+        with self.hold(key):
+            yield None
+
+
+class JournalClaims:
+    """The claim across threads *and* processes: the in-process claim, then the journal's row.
 
     Threads of one process queue on the in-process lock (no polling); processes meet at the claim
     row, polled with a short backoff up to `journal.claim_wait_seconds`.
@@ -186,17 +231,17 @@ class JournalIdentityGuard:
         journal: Journal,
         settings: JournalSettings,
         clock: Clock,
-        local: IdentityLock,
+        local: UserClaims,
     ) -> None:
-        self._claims = Claims(journal)
+        self._table = ClaimTable(journal)
         self._settings = settings
         self._clock = clock
         self._local = local
 
     @contextmanager
     def gate(self, key: str) -> Iterator[ClaimGate]:
-        """The request flow's guard: the in-process lock, then wait (reading only) until no other
-        process holds the user's claim. The claim itself is taken by `Claims.send`."""
+        """The request flow's: the in-process lock, then wait (reading only) until no other
+        process holds the user's claim. The claim itself is taken by `ClaimTable.send`."""
         key = key.casefold()
         with self._local.hold(key):
             yield self._wait_until_free(key)
@@ -205,7 +250,7 @@ class JournalIdentityGuard:
         deadline = self._clock.monotonic() + self._settings.claim_wait_seconds
         delay = 0.01
         while True:
-            held, sent = self._claims.look(key)
+            held, sent = self._table.look(key)
             if not held:
                 return ClaimGate(key, sent)
             remaining = deadline - self._clock.monotonic()
@@ -225,7 +270,7 @@ class JournalIdentityGuard:
 
     @contextmanager
     def hold(self, key: str) -> Iterator[None]:
-        """Exclusive: the lock and the claim for the whole block (crash recovery uses it)."""
+        """The lock and the claim for the whole block (crash recovery)."""
         key = key.casefold()
         with self._local.hold(key):
             token = self._wait_for_claim(key)
@@ -233,7 +278,7 @@ class JournalIdentityGuard:
                 yield
             finally:
                 try:
-                    self._claims.release(key, token)
+                    self._table.release(key, token)
                 except JournalUnavailable:
                     # Never mask the request's own outcome (Exchange may have acted): the claim
                     # stays until this process ends or it goes stale; on_error counted it.
@@ -243,7 +288,7 @@ class JournalIdentityGuard:
         deadline = self._clock.monotonic() + self._settings.claim_wait_seconds
         delay = 0.01
         while True:
-            token = self._claims.try_claim(key)
+            token = self._table.try_claim(key)
             if token is not None:
                 return token
             remaining = deadline - self._clock.monotonic()
