@@ -30,7 +30,14 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     ("wiring", ("vezaprovisioner.services",)),
-    ("flow", ("vezaprovisioner.provisioning", "vezaprovisioner.recovery")),
+    (
+        "flow",
+        (
+            "vezaprovisioner.provisioning",
+            "vezaprovisioner.recovery",
+            "vezaprovisioner.flow_threads",
+        ),
+    ),
     (
         "records and callers",
         (

@@ -11,7 +11,8 @@ from .auth import Authenticator
 from .clock import Clock, SystemClock
 from .config import Settings
 from .exchange.backends import open_exchange
-from .exchange.port import ExchangePort
+from .exchange.port import ExchangePort, capacity_of
+from .flow_threads import FlowThreads
 from .journal.claims import InProcessClaims, JournalClaims
 from .journal.records import Journal
 from .metrics import Metrics, TimedExchange, use_multiprocess_dir
@@ -33,11 +34,14 @@ class Services:
     metrics: Metrics
     claims: JournalClaims
     maintenance: Maintenance
+    #: Where the API runs the blocking flow, sized from the backend's capacity.
+    flows: FlowThreads
     #: None when `audit.enabled` is false.
     audit: AuditTrail | None = None
 
     def close(self) -> None:
         self.maintenance.stop()
+        self.flows.close()
         self.exchange.close()
         self.journal.close()
         if self.audit is not None:
@@ -78,5 +82,6 @@ def build_services(
         metrics=metrics,
         claims=claims,
         maintenance=Maintenance(settings, journal, timed, claims, metrics, audit),
+        flows=FlowThreads(capacity_of(exchange)),
         audit=audit,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request
@@ -58,12 +59,14 @@ _EXCHANGE = (502, 503, 504)
 _probe_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readiness-probe")
 
 
-def get_services(request: Request) -> Services:
+# Both are `async`: they do no blocking work, so FastAPI runs them on the event loop instead of
+# a thread-pool hop each.
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
 
-def get_request_id(request: Request) -> str:
+async def get_request_id(request: Request) -> str:
     return str(request.state.request_id)
 
 
@@ -72,7 +75,7 @@ RequestIdDep = Annotated[str, Depends(get_request_id)]
 
 
 @router.get("/health", tags=["health"])
-def health() -> HealthResponse:
+async def health() -> HealthResponse:
     """Liveness: the process answers. Touches no backend."""
     return HealthResponse(status="ok", version=__version__)
 
@@ -127,11 +130,11 @@ def _journal_writable(services: Services) -> ReadinessCheck:
         **_problems(400, 404, 409, *_AUTH_AND_BODY, *_EXCHANGE),
     },
 )
-def create_email(
+async def create_email(
     body: EmailRequest, request: Request, services: ServicesDep, request_id: RequestIdDep
 ) -> JSONResponse:
     """CREATE_EMAIL: give an existing AD user a mailbox (201), or report the one it has (200)."""
-    return _create(body, request, services, request_id)
+    return await _create(body, request, services, request_id)
 
 
 @router.post(
@@ -144,7 +147,7 @@ def create_email(
         **_problems(400, 404, 409, 501, *_AUTH_AND_BODY, *_EXCHANGE),
     },
 )
-def run_action(
+async def run_action(
     body: ActionRequest, request: Request, services: ServicesDep, request_id: RequestIdDep
 ) -> JSONResponse:
     """The platform's action envelope; CREATE_EMAIL behaves exactly like POST /api/v1/emails."""
@@ -157,13 +160,14 @@ def run_action(
         email = EmailRequest.model_validate(body.attributes)
     except ValidationError as exc:
         raise validation_failure(exc.errors(), prefix=("attributes",)) from exc
-    return _create(email, request, services, request_id)
+    return await _create(email, request, services, request_id)
 
 
-def _create(
+async def _create(
     body: EmailRequest, request: Request, services: ServicesDep, request_id: str
 ) -> JSONResponse:
-    result = services.provisioner.create_email(body.to_command(), _context(request, request_id))
+    command, context = body.to_command(), _context(request, request_id)
+    result = await services.flows.run(partial(services.provisioner.create_email, command, context))
     response = MailboxResponse.build(result, request_id)
     created = result.status == "created"
     headers = {}
@@ -180,7 +184,7 @@ def _create(
     name="read_email",
     responses=_problems(401, 403, 404, 409, 422, *_EXCHANGE),
 )
-def read_email(
+async def read_email(
     identity: Annotated[str, Path(description="The user's AD identity (URL-encoded)")],
     services: ServicesDep,
     request_id: RequestIdDep,
@@ -192,7 +196,8 @@ def read_email(
         raise validation_failure(
             [{"loc": ("path", "identity"), "msg": exc.message, "type": "invalid_value"}]
         ) from exc
-    return RecipientStateResponse.build(services.provisioner.read_state(identity), request_id)
+    state = await services.flows.run(partial(services.provisioner.read_state, identity))
+    return RecipientStateResponse.build(state, request_id)
 
 
 def _context(request: Request, request_id: str) -> RequestContext:

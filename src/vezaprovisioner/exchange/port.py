@@ -25,6 +25,28 @@ REMOTE_MAILBOX_TYPE = "RemoteUserMailbox"
 
 
 @dataclass(frozen=True)
+class Capacity:
+    """How many commands a backend runs at once, and how many more requests its queue holds."""
+
+    running: int
+    waiting: int
+
+
+#: For a backend without limits of its own (the simulated Exchange).
+DEFAULT_CAPACITY = Capacity(running=16, waiting=16)
+
+
+def capacity_of(port: object) -> Capacity:
+    """The backend's `capacity()` where it has one, else DEFAULT_CAPACITY."""
+    capacity = getattr(port, "capacity", None)
+    if callable(capacity):
+        value = capacity()
+        if isinstance(value, Capacity):
+            return value
+    return DEFAULT_CAPACITY
+
+
+@dataclass(frozen=True)
 class DirectoryUser:
     """What Get-User reports about an AD user (Get-User returns no mail properties)."""
 

@@ -59,6 +59,7 @@ from .errors import (
     classify,
 )
 from .port import (
+    Capacity,
     DirectoryUser,
     EnableMailbox,
     EnableRemoteMailbox,
@@ -211,9 +212,10 @@ class RemoteExchange:
         with self._free_changed:
             return self._pools_opened
 
-    def capacity(self) -> int:
-        """Commands that can run at once; more callers wait for a session."""
-        return self.pool_size
+    def capacity(self) -> Capacity:
+        """Commands that run at once; callers beyond them wait for a session (up to the command
+        timeout), counted here as four per session."""
+        return Capacity(running=self.pool_size, waiting=4 * self.pool_size)
 
     # ---- ExchangePort -----------------------------------------------------------------------
 

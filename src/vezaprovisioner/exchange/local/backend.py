@@ -21,6 +21,7 @@ from ..errors import (
     classify,
 )
 from ..port import (
+    Capacity,
     DirectoryUser,
     EnableMailbox,
     EnableRemoteMailbox,
@@ -70,6 +71,13 @@ class LocalExchange:
 
     def __init__(self, pool: HostSupply) -> None:
         self._pool = pool
+
+    def capacity(self) -> Capacity:
+        """Warm hosts and the queue in front of them (pool_size 0: hosts started at once)."""
+        limits = self._pool.limits
+        if limits.pool_size:
+            return Capacity(running=limits.pool_size, waiting=limits.queue_size)
+        return Capacity(running=limits.queue_size, waiting=limits.queue_size)
 
     @property
     def pool(self) -> HostSupply:
