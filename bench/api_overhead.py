@@ -1,18 +1,27 @@
-"""Prints what the service itself adds to a CREATE_EMAIL: HTTP, auth, validation, flow.
+"""Prints what the service itself adds to a CREATE_EMAIL, against a bare endpoint in the same run.
 
-Starts `vezaprovisioner serve` on 127.0.0.1 with the simulated Exchange at zero latency, sends
-requests over real HTTP at concurrency 1 and 8, and prints throughput and p50/p99 latency. New
-users are created by a copy of the test directory with N plain users, so every request is a real
-"created" path (Get-User, Get-User, Enable-Mailbox) with everything a production request
-does: the journal (synchronous=full), the audit line, the JSON log line (to a file) and metrics.
+Starts three servers on 127.0.0.1, one process each:
 
-    .venv/bin/python bench/api_overhead.py [--requests 400]
+* the product, `vezaprovisioner serve`, with the simulated Exchange at zero latency and
+  everything a production request does: basic authentication, the journal (on the same disk,
+  `synchronous = "full"` as shipped), the audit line, the JSON log line (to a file), metrics;
+* the same with `journal.synchronous = "normal"`;
+* the baseline: a bare FastAPI `def` endpoint that parses the same body with the same pydantic
+  model and answers 201 (bench/bare_endpoint.py).
+
+Every product request creates a new mailbox (Get-User, Get-User, Enable-Mailbox). For each
+concurrency (1, 8, 32) the three servers are measured in turn, `--repeats` times interleaved; the
+median run is printed with its ratio to the baseline, and the server's CPU time per request (from
+/proc, Linux) of that run. Bounded: `--requests` per run, 127.0.0.1 only.
+
+    .venv/bin/python bench/api_overhead.py [--requests 300] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -20,6 +29,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -28,6 +38,8 @@ from bench_directory import plain_users
 from vezaprovisioner.auth import hash_password
 
 PASSWORD = "bench-password"  # noqa: S105 - a throwaway account of the bench
+HERE = Path(__file__).resolve().parent
+CONCURRENCIES = (1, 8, 32)
 
 
 def free_port() -> int:
@@ -36,67 +48,130 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run(requests: int, concurrency: int, base: str, offset: int) -> tuple[float, list[float]]:
-    latencies: list[float] = []
-    with httpx.Client(auth=("bench", PASSWORD), timeout=30) as client:
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-        def one(i: int) -> None:
+
+@dataclass
+class Run:
+    rate: float
+    p50_ms: float
+    p99_ms: float
+    cpu_ms: float
+
+
+class Server:
+    def __init__(self, name: str, argv: list[str], auth: tuple[str, str] | None) -> None:
+        self.name = name
+        self.port = free_port()
+        self.auth = auth
+        self.next_user = 0
+        self.process = subprocess.Popen(  # noqa: S603 - our interpreter, fixed arguments
+            [*argv, "--port", str(self.port)], stdout=subprocess.DEVNULL
+        )
+        self.base = f"http://127.0.0.1:{self.port}/VezaProvisioner"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.post(f"{self.base}/api/v1/emails", json={}, timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)  # start-up poll interval
+        self.run(10, 1)  # warm-up, incl. the one scrypt check of the caller
+
+    def run(self, requests: int, concurrency: int) -> Run:
+        first, self.next_user = self.next_user, self.next_user + requests
+        latencies: list[float] = []
+        with httpx.Client(auth=self.auth, timeout=30) as client:
+
+            def one(i: int) -> None:
+                started = time.perf_counter()
+                response = client.post(
+                    f"{self.base}/api/v1/emails", json={"identity": f"bench{first + i}"}
+                )
+                latencies.append(time.perf_counter() - started)
+                assert response.status_code == 201, response.text
+
+            cpu_before = cpu_seconds(self.process.pid)
             started = time.perf_counter()
-            response = client.post(f"{base}/api/v1/emails", json={"identity": f"bench{offset + i}"})
-            latencies.append(time.perf_counter() - started)
-            assert response.status_code == 201, response.text
+            with ThreadPoolExecutor(concurrency) as pool:
+                list(pool.map(one, range(requests)))
+            elapsed = time.perf_counter() - started
+            cpu = cpu_seconds(self.process.pid) - cpu_before
+        quantiles = statistics.quantiles(latencies, n=100)
+        return Run(
+            requests / elapsed, quantiles[49] * 1000, quantiles[98] * 1000, cpu / requests * 1000
+        )
 
-        started = time.perf_counter()
-        with ThreadPoolExecutor(concurrency) as pool:
-            list(pool.map(one, range(requests)))
-        return time.perf_counter() - started, latencies
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def product(folder: Path, synchronous: str, users: int) -> Server:
+    folder.mkdir()
+    (folder / "dir.json").write_text(json.dumps(plain_users(users)))
+    (folder / "bench.toml").write_text(
+        '[simulated]\ndirectory = "dir.json"\n[logging]\nfile = "service.log"\n'
+        f'[journal]\nsynchronous = "{synchronous}"\n'
+        '[auth]\nmode = "basic"\n'
+        f'[auth.users]\nbench = "{hash_password(PASSWORD)}"\n'
+    )
+    console = str(Path(sys.executable).with_name("vezaprovisioner"))
+    argv = [console, "serve", "--config", str(folder / "bench.toml"), "--log-level", "warning"]
+    return Server(f"product ({synchronous})", argv, ("bench", PASSWORD))
+
+
+def bare() -> Server:
+    argv = [sys.executable, "-m", "uvicorn", "bare_endpoint:app", "--app-dir", str(HERE)]
+    return Server("bare endpoint", [*argv, "--log-level", "warning"], None)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=400)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    users = args.requests * args.repeats * len(CONCURRENCIES) + 20
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        (folder / "dir.json").write_text(json.dumps(plain_users(3 * args.requests)))
-        (folder / "bench.toml").write_text(
-            '[simulated]\ndirectory = "dir.json"\n[logging]\nfile = "service.log"\n'
-            '[auth]\nmode = "basic"\n'
-            f'[auth.users]\nbench = "{hash_password(PASSWORD)}"\n'
-        )
-        port = free_port()
-        server = subprocess.Popen(  # noqa: S603 - our own console script, fixed arguments
-            [
-                str(Path(sys.executable).with_name("vezaprovisioner")),
-                "serve",
-                "--config",
-                str(folder / "bench.toml"),
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ],
-        )
-        base = f"http://127.0.0.1:{port}/VezaProvisioner"
+        servers = [
+            product(Path(tmp) / "full", "full", users),
+            product(Path(tmp) / "normal", "normal", users),
+            bare(),
+        ]
         try:
-            for _ in range(100):
-                try:
-                    if httpx.get(f"{base}/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-            run(10, 1, base, 2 * args.requests + 10)  # warm-up, incl. the one scrypt check
-            print(f"{'concurrency':>11} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
-            for offset, concurrency in enumerate((1, 8)):
-                elapsed, latencies = run(args.requests, concurrency, base, offset * args.requests)
-                quantiles = statistics.quantiles(latencies, n=100)
-                print(
-                    f"{concurrency:>11} {args.requests:>8} {args.requests / elapsed:>8.0f} "
-                    f"{quantiles[49] * 1000:>8.1f} {quantiles[98] * 1000:>8.1f}"
-                )
+            results: dict[tuple[str, int], list[Run]] = {}
+            for concurrency in CONCURRENCIES:
+                for _ in range(args.repeats):
+                    for server in servers:  # interleaved: each sees the same background
+                        run = server.run(args.requests, concurrency)
+                        results.setdefault((server.name, concurrency), []).append(run)
         finally:
-            server.terminate()
-            server.wait(timeout=10)
+            for server in servers:
+                server.stop()
+
+    def median(name: str, concurrency: int) -> Run:
+        runs = sorted(results[(name, concurrency)], key=lambda r: r.rate)
+        return runs[len(runs) // 2]
+
+    print(
+        f"{args.requests} requests per run, median of {args.repeats} interleaved runs; "
+        "simulated Exchange at 0 ms; HTTP on 127.0.0.1"
+    )
+    print()
+    print("| c | server | req/s | ratio to bare | p50 ms | p99 ms | server CPU ms/request |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for concurrency in CONCURRENCIES:
+        baseline = median("bare endpoint", concurrency)
+        for server in servers:
+            run = median(server.name, concurrency)
+            ratio = run.rate / baseline.rate
+            print(
+                f"| {concurrency} | {server.name} | {run.rate:.0f} | {ratio:.2f} "
+                f"| {run.p50_ms:.1f} | {run.p99_ms:.1f} | {run.cpu_ms:.2f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -337,20 +337,30 @@ class Journal:
         return item.result  # type: ignore[return-value] # set when done without an error
 
     def _commit(self, batch: list[_Write[Any]], what: str) -> None:
-        """One transaction for the whole batch (called by the leader, no lock held)."""
+        """One transaction for the whole batch (called by the leader, no lock held).
+
+        A write whose own statements fail is undone alone (a savepoint, when the batch has
+        others) and gets its error; a failure of the transaction fails every write in it. SQLite
+        errors become JournalUnavailable either way.
+        """
         try:
             db = self._connect()
             self._check_identity()
             db.execute("BEGIN IMMEDIATE")
             try:
-                for item in batch:
-                    db.execute("SAVEPOINT one_write")
-                    try:
-                        item.result = item.op(db)
-                    except BaseException as exc:
-                        db.execute("ROLLBACK TO one_write")
-                        item.error = exc
-                    db.execute("RELEASE one_write")
+                if len(batch) == 1:  # the usual case at low concurrency: no savepoint needed
+                    batch[0].result = batch[0].op(db)
+                else:
+                    for item in batch:
+                        db.execute("SAVEPOINT one_write")
+                        try:
+                            item.result = item.op(db)
+                        except (sqlite3.Error, OSError):
+                            raise  # the transaction itself is in doubt
+                        except BaseException as exc:
+                            db.execute("ROLLBACK TO one_write")
+                            item.error = exc
+                        db.execute("RELEASE one_write")
                 db.execute("COMMIT")
                 self.commits += 1
             except BaseException:
@@ -362,6 +372,8 @@ class Journal:
             error = self._unavailable(what, exc)
             for item in batch:
                 item.error = error
+        except BaseException as exc:  # the single write's own refusal (ClaimLost, ...)
+            batch[0].error = exc
         finally:
             with self._queue_changed:
                 for item in batch:

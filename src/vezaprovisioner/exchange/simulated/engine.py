@@ -169,6 +169,7 @@ class SimulatedExchange:
         ]
         self._by_key: dict[str, list[_Entry]] = {}
         self._by_smtp: dict[str, list[_Entry]] = {}
+        self._by_alias: dict[str, list[_Entry]] = {}
         for entry in self._entries:
             self._index(entry)
         #: Every cmdlet run, in order: (cmdlet name, bound parameters).
@@ -359,7 +360,12 @@ class SimulatedExchange:
         """Adds (or removes) an entry's exact-match keys; an entry is re-indexed on change."""
         keys = {name.casefold() for name in self._names(entry)} | {str(entry.guid)}
         proxies = {p.casefold() for p in smtp_proxies(entry.email_addresses)}
-        for index, values in ((self._by_key, keys), (self._by_smtp, proxies)):
+        aliases = {entry.alias.casefold()} if entry.alias else set()
+        for index, values in (
+            (self._by_key, keys),
+            (self._by_smtp, proxies),
+            (self._by_alias, aliases),
+        ):
             for value in values:
                 entries = index.setdefault(value, [])
                 if remove:
@@ -450,12 +456,12 @@ class SimulatedExchange:
     def _unique_alias(self, entry: _Entry) -> str:
         """GenerateUniqueAlias: Name -> alias, then 1..9 appended until no object has it."""
         preferred = generate_alias(entry.user.name) or "User"
-        taken = {e.alias.casefold() for e in self._visible() if e.alias and e is not entry}
         count = 0
         while True:
             suffix = str(count) if count else ""
             candidate = preferred[: MAX_ALIAS_LENGTH - len(suffix)] + suffix
-            if candidate.casefold() not in taken:
+            holders = self._by_alias.get(candidate.casefold(), [])
+            if not any(e is not entry and self._is_visible(e) for e in holders):
                 return candidate
             count += 1
 
