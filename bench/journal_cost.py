@@ -3,7 +3,7 @@
     .venv/bin/python bench/journal_cost.py [--requests 400] [--latency-ms 0]
 
 Each variant provisions `--requests` distinct users (so every request takes the full path:
-received, claim, running, enable_sent, Enable-Mailbox, created, release) against a simulated
+received; claim + running + enable_sent; Enable-Mailbox; created + release) against a simulated
 Exchange whose cmdlets take `--latency-ms`, at concurrency 1 and 16 (threads, as the API's
 thread pool runs them). "without" is the flow with the in-process claim only; "with" adds the
 SQLite journal and its cross-process claim, with synchronous=full (the default) and normal.

@@ -1,0 +1,120 @@
+"""Two worker processes sharing one journal against two with a journal each (as IIS runs them).
+
+Each process runs the real flow (`Provisioner` with the SQLite journal and its cross-process
+claim) over its own simulated Exchange with `--latency-ms` cmdlets, `--requests` distinct new
+users at `--concurrency` threads. Both processes start together (forked, released by a barrier);
+the result is the total throughput of the pair and each request's latency. "shared" points both
+at one data_dir, "separate" gives each its own; the ratio shared/separate is what sharing costs.
+Runs alternate `--repeats` times; medians are printed. Bounded; no network.
+
+    .venv/bin/python bench/journal_processes.py [--requests 300] [--concurrency 8]
+        [--latency-ms 5] [--synchronous full] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+
+from bench_directory import plain_users
+
+from vezaprovisioner.clock import SystemClock
+from vezaprovisioner.config import JournalSettings, Settings
+from vezaprovisioner.exchange.simulated.directory import parse_directory
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
+from vezaprovisioner.journal.claims import InProcessClaims, JournalClaims
+from vezaprovisioner.journal.records import Journal, RequestContext
+from vezaprovisioner.provisioning import CreateEmail, Provisioner
+
+
+def worker(
+    data_dir: str,
+    args: argparse.Namespace,
+    start: Barrier,
+    results: multiprocessing.Queue[tuple[float, float, list[float]]],
+) -> None:
+    clock = SystemClock()
+    exchange = SimulatedExchange(
+        parse_directory(plain_users(args.requests)), clock=clock, latency_ms=args.latency_ms
+    )
+    settings = Settings.model_validate({"data_dir": data_dir, "not_found_retry_seconds": 0})
+    journal_settings = JournalSettings(synchronous=args.synchronous)
+    journal = Journal(Path(data_dir), journal_settings)
+    claims = JournalClaims(journal, journal_settings, clock, InProcessClaims())
+    provisioner = Provisioner(settings, exchange, clock, claims=claims, journal=journal)
+    journal.check_writable()  # the file exists before the clock starts
+    latencies: list[float] = []
+
+    def one(i: int) -> None:
+        started = time.perf_counter()
+        context = RequestContext(f"bench-{i}", "bench", "none", "127.0.0.1")
+        result = provisioner.create_email(CreateEmail(identity=f"CONTOSO\\bench{i}"), context)
+        assert result.status == "created"
+        latencies.append(time.perf_counter() - started)
+
+    start.wait(60)
+    began = time.perf_counter()
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        list(pool.map(one, range(args.requests)))
+    ended = time.perf_counter()
+    journal.close()
+    results.put((began, ended, latencies))
+
+
+def pair(shared: bool, args: argparse.Namespace) -> tuple[float, float, float]:
+    """(requests/s of both, p50 ms, p99 ms)."""
+    context = multiprocessing.get_context("fork")
+    with tempfile.TemporaryDirectory(prefix="journal-procs-") as folder:
+        dirs = [folder] * 2 if shared else [f"{folder}/a", f"{folder}/b"]
+        start = context.Barrier(2)
+        results: multiprocessing.Queue[tuple[float, float, list[float]]] = context.Queue()
+        processes = [context.Process(target=worker, args=(d, args, start, results)) for d in dirs]
+        for process in processes:
+            process.start()
+        outcomes = [results.get(timeout=600) for _ in processes]
+        for process in processes:
+            process.join(60)
+    began = min(o[0] for o in outcomes)
+    ended = max(o[1] for o in outcomes)
+    latencies = sorted(x for o in outcomes for x in o[2])
+    quantiles = statistics.quantiles(latencies, n=100)
+    return len(latencies) / (ended - began), quantiles[49] * 1000, quantiles[98] * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=300, help="per process")
+    parser.add_argument("--concurrency", type=int, default=8, help="threads per process")
+    parser.add_argument("--latency-ms", type=int, default=5)
+    parser.add_argument("--synchronous", choices=("full", "normal"), default="full")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    runs: dict[str, list[tuple[float, float, float]]] = {"separate": [], "shared": []}
+    for _ in range(args.repeats):
+        for name in ("separate", "shared"):
+            runs[name].append(pair(name == "shared", args))
+    print(
+        f"2 processes x {args.requests} CREATE_EMAIL at {args.concurrency} threads each, "
+        f"cmdlets {args.latency_ms} ms, synchronous={args.synchronous}, "
+        f"median of {args.repeats} alternating runs"
+    )
+    print()
+    print("| journal | req/s (both) | p50 ms | p99 ms |")
+    print("|---|---:|---:|---:|")
+    medians = {}
+    for name, results in runs.items():
+        rate, p50, p99 = sorted(results)[len(results) // 2]
+        medians[name] = rate
+        print(f"| {name} | {rate:.0f} | {p50:.1f} | {p99:.1f} |")
+    print()
+    print(f"shared / separate = {medians['shared'] / medians['separate']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
