@@ -157,20 +157,29 @@ def test_a_reused_request_id_shows_the_latest_record(client: TestClient) -> None
 
 
 @pytest.fixture
-def commits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every COMMIT any journal connection opened from now on executes (SQLite's trace hook)."""
+def statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every statement any journal connection opened from now on runs (SQLite's trace hook)."""
     seen: list[str] = []
     connect = sqlite3.connect
 
     def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
         connection: sqlite3.Connection = connect(*args, **kwargs)
-        connection.set_trace_callback(
-            lambda sql: seen.append(sql) if sql.strip().upper() == "COMMIT" else None
-        )
+        connection.set_trace_callback(seen.append)
         return connection
 
     monkeypatch.setattr(sqlite3, "connect", traced)
     return seen
+
+
+def sync_level_of_each_commit(statements: list[str]) -> list[str]:
+    """The `PRAGMA synchronous` in force at each COMMIT, in order (one writer connection)."""
+    level, levels = "FULL", []
+    for sql in statements:
+        if sql.upper().startswith("PRAGMA SYNCHRONOUS="):
+            level = sql.split("=", 1)[1].strip().upper()
+        elif sql.strip().upper() == "COMMIT":
+            levels.append(level)
+    return levels
 
 
 @pytest.mark.parametrize(
@@ -184,13 +193,16 @@ def commits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     ],
 )
 def test_a_create_email_costs_at_most_three_commits(
-    commits: list[str], client: TestClient, identity: str, status: int, most: int
+    statements: list[str], client: TestClient, identity: str, status: int, most: int
 ) -> None:
     assert client.get("/VezaProvisioner/health/ready").status_code == 200  # the file exists
     assert client.app.state.services.maintenance.first_pass_done.wait(10)  # type: ignore[attr-defined]
-    commits.clear()
+    statements.clear()
     assert post(client, "r-count", identity=identity).status_code == status
-    assert len(commits) == most
+    levels = sync_level_of_each_commit(statements)
+    assert len(levels) == most
+    # synchronous = "full": `received` rides on the request's next commit, which is fsynced.
+    assert levels == ["NORMAL"] + ["FULL"] * (most - 1)
     if status == 201:
         rec = record(client, "r-count")
         assert rec["state"] == "created"
@@ -616,3 +628,10 @@ def test_workers_opening_a_fresh_journal_together_all_succeed(tmp_path: Path) ->
         for worker in workers:
             worker.join()
         assert failures == [], f"round {round_number}: {failures}"
+
+
+def test_a_read_may_come_before_any_write(make_journal: Callable[..., Journal]) -> None:
+    # The CLI's `journal` command, or a look-up right after a start, on a brand-new file.
+    journal = make_journal()
+    assert journal.get("never-seen") is None
+    assert journal.records() == []

@@ -179,10 +179,11 @@ _COLUMNS = ", ".join(Record.__dataclass_fields__)
 class _Write(Generic[_T]):
     """One queued write: its statements, then its result or error once its batch committed."""
 
-    __slots__ = ("done", "error", "op", "result")
+    __slots__ = ("done", "durable", "error", "op", "result")
 
-    def __init__(self, op: Callable[[sqlite3.Connection], _T]) -> None:
+    def __init__(self, op: Callable[[sqlite3.Connection], _T], durable: bool) -> None:
         self.op = op
+        self.durable = durable
         self.done = False
         self.result: _T | None = None
         self.error: BaseException | None = None
@@ -210,6 +211,7 @@ class Journal:
         #: Write transactions committed by this instance (each may carry many writes).
         self.commits = 0
         self._writer: sqlite3.Connection | None = None  # used by the leader only
+        self._writer_sync = self._settings.synchronous.upper()
         self._identity: tuple[tuple[int, int], tuple[int, int]] | None = None
         self._lost: str | None = None  # why the path no longer names our file
         self._readers = threading.local()
@@ -251,6 +253,9 @@ class Journal:
         try:
             _migrate(connection)
             self._identity = self._file_identity()
+            # The writer waits for another process's write lock in `_begin`, in short steps,
+            # not in SQLite's busy handler (which sleeps 5, 10, 15 … 100 ms at a time).
+            connection.execute("PRAGMA busy_timeout=0")
         except BaseException:
             connection.close()
             raise
@@ -293,6 +298,11 @@ class Journal:
         reader: sqlite3.Connection | None = getattr(self._readers, "connection", None)
         if reader is None:
             reader = self._open()
+            try:
+                _migrate(reader)  # a read may come first (the CLI, a look-up after a start)
+            except BaseException:
+                reader.close()
+                raise
             self._readers.connection = reader
             with self._readers_lock:
                 self._all_readers.append(reader)
@@ -309,13 +319,17 @@ class Journal:
 
     # ---- writing ------------------------------------------------------------------------------
 
-    def write(self, what: str, op: Callable[[sqlite3.Connection], _T]) -> _T:
+    def write(
+        self, what: str, op: Callable[[sqlite3.Connection], _T], *, durable: bool = True
+    ) -> _T:
         """Runs `op` in a write transaction, group-committed with concurrent writes.
 
         `op` runs under a savepoint: its exception undoes its statements only and is raised
-        here; a failure of the transaction itself becomes JournalUnavailable.
+        here; a failure of the transaction itself becomes JournalUnavailable. With
+        `synchronous = "full"` a commit carrying a `durable` write is fsynced; one carrying only
+        others is not, and reaches the disk with the next fsynced commit (the WAL is sequential).
         """
-        item: _Write[_T] = _Write(op)
+        item: _Write[_T] = _Write(op, durable)
         with self._queue_changed:
             self._queued.append(item)
             self._queue_changed.notify_all()
@@ -346,7 +360,8 @@ class Journal:
         try:
             db = self._connect()
             self._check_identity()
-            db.execute("BEGIN IMMEDIATE")
+            self._synchronous(db, full=any(item.durable for item in batch))
+            self._begin(db)
             try:
                 if len(batch) == 1:  # the usual case at low concurrency: no savepoint needed
                     batch[0].result = batch[0].op(db)
@@ -379,6 +394,28 @@ class Journal:
                 for item in batch:
                     item.done = True
 
+    def _begin(self, db: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE, retried in short steps while another process writes, for up to
+        `busy_timeout_ms` (no Python lock is held meanwhile: only the leader's role)."""
+        deadline = time.monotonic() + self._settings.busy_timeout_ms / 1000
+        delay = 0.0005
+        while True:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)  # a retry interval: the other side is another process's SQLite
+            delay = min(delay * 2, 0.004)
+
+    def _synchronous(self, db: sqlite3.Connection, *, full: bool) -> None:
+        """FULL for a commit that must survive a power loss, else NORMAL (outside a transaction)."""
+        level = "FULL" if full and self._settings.synchronous == "full" else "NORMAL"
+        if level != self._writer_sync:
+            db.execute(f"PRAGMA synchronous={level}")
+            self._writer_sync = level
+
     def wait_queued(self, count: int, timeout: float) -> bool:
         """Blocks until `count` writes wait for the next commit (diagnostics and tests)."""
         with self._queue_changed:
@@ -395,7 +432,8 @@ class Journal:
             try:
                 db = self._connect()
                 self._check_identity()
-                db.execute("BEGIN IMMEDIATE")
+                self._synchronous(db, full=True)
+                self._begin(db)
                 try:
                     yield db
                 except BaseException:
@@ -437,6 +475,7 @@ class Journal:
             self._writer.close()
             self._writer = None
             self._identity = None
+            self._writer_sync = self._settings.synchronous.upper()
 
     def close(self) -> None:
         with self._queue_changed:
@@ -488,7 +527,11 @@ class Journal:
             assert cursor.lastrowid is not None
             return cursor.lastrowid
 
-        return self.write("receive", insert)
+        # Not fsynced on its own: it reaches the disk with this request's next commit (the sent
+        # mark or the outcome, both fsynced with synchronous = "full") before the request sends
+        # anything that changes Exchange or answers; a power loss before that loses only the
+        # record of a request that did neither.
+        return self.write("receive", insert, durable=False)
 
     def running(self, row_id: int, guid: str) -> None:
         """received → running: this request now holds the claim on the user `guid`."""
