@@ -17,7 +17,12 @@ import statistics
 import subprocess
 import sys
 
-MODULES = ("vezaprovisioner.api.app", "vezaprovisioner.iis_entry")
+#: The app factory, the IIS entry point, and what backend = "remote" adds (loaded only then).
+MODULES = (
+    "vezaprovisioner.api.app",
+    "vezaprovisioner.iis_entry",
+    "vezaprovisioner.exchange.remote",
+)
 _CHILD = """
 import json, sys, time
 started, cpu = time.perf_counter(), time.process_time()
