@@ -42,6 +42,7 @@ from tests.test_msi import (
     build,
     install_argv,
     make_bundle,
+    tree_digest,
     uninstall_argv,
 )
 
@@ -202,11 +203,15 @@ def wine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wine]:
 
 
 @pytest.fixture(scope="session")
-def msis(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The same bundle as three versions, so upgrades and a downgrade can be tried."""
-    bundle = make_bundle(tmp_path_factory.mktemp("wine-bundle"))
+def wine_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("wine-bundle"))
+
+
+@pytest.fixture(scope="session")
+def msis(wine_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same bundle as two versions, so upgrades and a downgrade can be tried."""
     out = tmp_path_factory.mktemp("wine-msi")
-    return {version: build(bundle, out, "--version", version) for version in ("0.1.0", "0.2.0")}
+    return {v: build(wine_bundle, out, "--version", v) for v in ("0.1.0", "0.2.0")}
 
 
 @pytest.fixture
@@ -254,7 +259,7 @@ def with_properties(properties: dict[str, str]) -> list[str]:
 
 
 def test_first_install_runs_install_ps1_exactly_as_documented(
-    machine: Wine, msis: dict[str, Path]
+    machine: Wine, msis: dict[str, Path], wine_bundle: Path
 ) -> None:
     assert machine.msiexec("/i", str(msis["0.1.0"]), "SITE=Default Web Site") == 0
     assert machine.calls() == [(install_argv(), 0)]
@@ -262,7 +267,7 @@ def test_first_install_runs_install_ps1_exactly_as_documented(
     assert version == "0.1.0"
     entry = machine.registry(f"{UNINSTALL_KEY}\\{code}")
     assert entry["HelpLink"] == entry["URLInfoAbout"] == DEFAULT_HELP_URL
-    assert "deploy/iis/Admin Guide.txt" in machine.installed_files()
+    assert machine.installed_files() == sorted(tree_digest(wine_bundle))
     remembered = machine.registry(REMEMBERED_KEY)
     assert remembered["Site"] == "Default Web Site"
     assert remembered["InstallRoot"] == "C:\\VezaProvisioner"
@@ -277,7 +282,7 @@ def test_first_install_runs_install_ps1_exactly_as_documented(
 
 
 def test_custom_values_with_spaces_reach_the_scripts_and_are_remembered(
-    machine: Wine, msis: dict[str, Path]
+    machine: Wine, msis: dict[str, Path], wine_bundle: Path
 ) -> None:
     """Install with custom values (spaces included), then a silent repair and an upgrade
     without properties: install.ps1 gets the same values each time."""
@@ -294,6 +299,7 @@ def test_custom_values_with_spaces_reach_the_scripts_and_are_remembered(
     ]
     assert installs == [custom_install_argv()] * 3
     assert list(machine.products().values()) == ["0.2.0"]
+    assert machine.installed_files() == sorted(tree_digest(wine_bundle))
     remembered = machine.registry(REMEMBERED_KEY)
     assert (remembered["Site"], remembered["AppPool"]) == (CUSTOM["SITE"], CUSTOM["APPPOOL"])
 
