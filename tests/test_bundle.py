@@ -256,3 +256,18 @@ def test_the_locks_cover_the_declared_dependencies() -> None:
             if applies:
                 assert name in pins, f"lock for {python} lacks {name}"
                 assert requirement.specifier.contains(pins[name], prereleases=True)
+
+
+def test_install_ps1_installs_exactly_the_bundles_pins() -> None:
+    """No PowerShell here: read install.ps1's venv step. It installs from the requirements file
+    this build writes for the venv's Python (requirements-cp3XY.txt), hash-checked and offline,
+    and then compares the installed vezaprovisioner with VERSION."""
+    text = (REPO_ROOT / "deploy" / "iis" / "install.ps1").read_text(encoding="utf-8")
+    assert "print(''cp{0}{1}''.format(*sys.version_info))" in text
+    assert 'Join-Path $BundleRoot "requirements-$tag.txt"' in text
+    (pip,) = re.findall(r"Invoke-Native \$VenvPython @\('-m', 'pip', 'install'[^)]*\)", text)
+    for argument in ("'--no-index'", "'--require-hashes'", "'--only-binary', ':all:'"):
+        assert argument in pip
+    assert pip.endswith("'-r', $requirements)")
+    assert "m.version(''vezaprovisioner'')" in text
+    assert '"$installed".Trim() -ne $Version' in text

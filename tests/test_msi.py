@@ -534,6 +534,21 @@ def test_refuses_versions_windows_installer_cannot_compare(
     assert not list(tmp_path.iterdir())
 
 
+def test_the_msi_takes_the_bundles_version_and_refuses_another(
+    bundle: Path, tmp_path: Path
+) -> None:
+    """install.ps1 installs the bundle's VERSION: the MSI must not claim another one."""
+    versioned = tmp_path / "versioned"
+    shutil.copytree(bundle, versioned)
+    (versioned / "VERSION").write_text("0.3.1\n")
+    assert build(versioned, tmp_path / "ok").name == "VezaProvisioner-0.3.1-x64.msi"
+    assert build(versioned, tmp_path / "same", "--version", "0.3.1").is_file()
+    result = run_build("--bundle", versioned, "--output-dir", tmp_path / "no", "--version", "0.3.2")
+    assert result.returncode == 1
+    assert "differs from the bundle's VERSION 0.3.1" in result.stderr
+    assert not (tmp_path / "no").exists()
+
+
 def test_refuses_a_bundle_without_the_iis_scripts(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "bundle")
     (bundle / "deploy" / "iis" / "uninstall.ps1").unlink()

@@ -402,9 +402,25 @@ def sign_scripts(root: Path, certificate: Path, timestamp_url: str | None, work:
             sign(script, certificate, timestamp_url, work)
 
 
+def bundle_version(root: Path, requested: str | None) -> str:
+    """The MSI's version: the bundle's VERSION, which install.ps1 installs and checks; a
+    `requested` version (--version) must be the same. A bundle without VERSION (not made by
+    deploy/bundle/build.py) takes `requested`, or the package version."""
+    path = root / "VERSION"
+    if not path.is_file():
+        return msi_version(requested or package_version())
+    found = msi_version(path.read_text(encoding="utf-8").strip())
+    if requested is not None and msi_version(requested) != found:
+        raise BuildError(
+            f"--version {requested} differs from the bundle's VERSION {found}: the MSI would"
+            " claim one version and install another (omit --version)"
+        )
+    return found
+
+
 def build_msi(
     bundle: Path,
-    version: str,
+    version: str | None,
     output_dir: Path,
     *,
     help_url: str = DEFAULT_HELP_URL,
@@ -412,17 +428,18 @@ def build_msi(
     timestamp_url: str | None = None,
 ) -> Path:
     """Compile the MSI for `bundle` into `output_dir` and return its path; with `certificate`,
-    its scripts and the MSI are Authenticode-signed."""
-    version = msi_version(version)
+    its scripts and the MSI are Authenticode-signed. `version`: see bundle_version."""
+    if version is not None:
+        msi_version(version)  # refuse it before any work
     help_url = check_help_url(help_url)
     wixl, msibuild = _tool("wixl"), _tool("msibuild")
     if certificate is not None and not certificate.is_file():
         raise BuildError(f"--sign {certificate}: no such file")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    output = output_dir / f"VezaProvisioner-{version}-x64.msi"
     with tempfile.TemporaryDirectory(prefix="vezaprovisioner-msi-") as temp:
         work = Path(temp)
         root = stage_bundle(bundle, work)
+        version = bundle_version(root, version)
+        output = output_dir / f"VezaProvisioner-{version}-x64.msi"
         if certificate is not None:
             if root.resolve() == bundle.resolve():  # a folder: sign a copy, never the original
                 root = Path(shutil.copytree(root, work / "signed-bundle", symlinks=True))
@@ -465,6 +482,7 @@ def build_msi(
         add_short_names(built, work)
         if certificate is not None:
             sign(built, certificate, timestamp_url, work)
+        output_dir.mkdir(parents=True, exist_ok=True)
         shutil.move(built, output)
     return output
 
@@ -478,7 +496,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the offline bundle: vezaprovisioner-<version>-win-amd64.zip or its unpacked folder",
     )
     parser.add_argument(
-        "--version", help="the product version (default: the package's, from pyproject.toml)"
+        "--version",
+        help="the product version (default: the bundle's VERSION; without one, the package's"
+        " from pyproject.toml); must equal the bundle's VERSION",
     )
     parser.add_argument(
         "--output-dir", type=Path, default=REPO_ROOT / "dist", help="default: dist/"
@@ -503,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         output = build_msi(
             args.bundle,
-            args.version or package_version(),
+            args.version,
             args.output_dir,
             help_url=args.help_url,
             certificate=args.sign,
