@@ -248,3 +248,29 @@ def test_reader_drops_a_partial_line_at_eof() -> None:
     whole = framed({"type": "result", "id": 1, "objects": []})
     stream = io.BytesIO(whole + whole[:20])
     assert list(read_lines(stream, NONCE)) == [whole]
+
+
+_RECORD = st.fixed_dictionaries(
+    {"message": st.text(), "error_id": st.text(max_size=80), "target": st.text(max_size=80)}
+)
+
+
+@given(records=st.lists(_RECORD, max_size=25), missing=st.lists(st.text(max_size=30)))
+def test_any_startup_records_survive_the_decoding(
+    records: list[dict[str, str]], missing: list[str]
+) -> None:
+    line = framed(
+        {
+            "type": "startup_error",
+            "kind": "connect",
+            "detail": "d",
+            "records": records,
+            "missing": missing,
+        }
+    )
+    failure = parse_line(line, NONCE)
+    assert isinstance(failure, StartupFailure)
+    assert failure.records == tuple(
+        StartupRecord(r["message"], r["error_id"], r["target"]) for r in records
+    )
+    assert failure.missing == tuple(missing)

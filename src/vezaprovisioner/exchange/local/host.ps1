@@ -118,11 +118,12 @@ function ConvertTo-RecordList {
 }
 
 function Get-ErrorRecords {
-    # What $Error holds (newest first), oldest first.
+    # What $Error holds (newest first), written out oldest first, one by one: callers
+    # collect them with @(...).
     Set-StrictMode -Version 2.0
     $records = @($global:Error)
     [array]::Reverse($records)
-    return , $records
+    foreach ($record in $records) { $record }
 }
 
 function Exit-Host {
