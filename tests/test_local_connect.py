@@ -147,6 +147,16 @@ def test_a_failed_connect_reports_every_error_record(fake_powershell: FakePowerS
     assert "module cache" not in text
 
 
+def test_access_denied_ends_the_connect_before_read_host(fake_powershell: FakePowerShell) -> None:
+    fake_powershell.set(fault="connect_denied")
+    status = fake_powershell.pool().wait_for(lambda s: s.broken == 1, 20)
+    text = status.last_startup_error or ""
+    assert status.last_startup_kind == "connect"
+    assert "1 error records: [1] Connecting to remote server EX01.contoso.com failed" in text
+    assert "AccessDenied,PSSessionOpenFailed; server EX01.contoso.com" in text
+    assert "NonInteractive" not in text
+
+
 def test_a_failed_dot_source_reports_what_remote_exchange_said(
     fake_powershell: FakePowerShell,
 ) -> None:

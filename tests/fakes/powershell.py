@@ -27,6 +27,8 @@ read there, none of their code is copied here):
   (non-terminating: the loop goes on); when all fail it calls Read-Host, which under
   -NonInteractive fails with "PowerShell is in NonInteractive mode...", and then opens a session
   to the empty answer, which fails once more. Fault `connect`: those records, in that order.
+  An access denied (error code 5) or logon failure (1326) ends the attempts at once, before
+  Read-Host (`_NewExchangeRunspace`'s `break connectScope`). Fault `connect_denied`: one record.
 * CommonConnectFunctions.ps1 (`ImportPSSession`, `ExportPSSessionAndImportModule`,
   `CreateRegistryEntryAndImportModule`, `ClearRegistryEntryAndModule`): the proxy module is
   exported to and imported from `%APPDATA%\Microsoft\Exchange\RemotePowerShell\<server>`; a
@@ -48,10 +50,12 @@ stands for `Global\VezaProvisioner-Connect-<SID>`; enter and leave times are log
 Known real behaviours NOT modelled: strict mode and every other PowerShell language rule
 (tests/test_local_host_script.py checks host.ps1 statically for those); the minutes each
 unreachable server takes in `-auto` (3-minute open timeout) and `MsExchEmsTimeout`; the 72-hour
-module cache expiry and the HKCU hash; access denied or logon failure stopping the retries
-early; real error texts beyond the ones quoted (exact FullyQualifiedErrorIds of Read-Host and
-Export-PSSession were not read from a source); Windows mutex semantics (abandoned mutexes,
-the Global namespace's access rules); the exact Start-Transcript header fields.
+module cache expiry and the HKCU hash; the race itself (the fake takes the mutex as host.ps1
+does, so it never sees two imports at once); `w3svc` being stopped; the exact error texts
+quoted here (only their shapes were read; the FullyQualifiedErrorIds of Read-Host,
+Export-PSSession and the WinRM failures come from field reports, not a source); Windows
+mutex semantics (abandoned mutexes, the Global namespace's access rules); the exact
+Start-Transcript header fields.
 
 Cmdlets run against `SimulatedExchange`; its classified errors are turned back into the raw
 record (message, CategoryInfo.Reason, FullyQualifiedErrorId, exception type) host.ps1 sends.
@@ -76,7 +80,8 @@ Environment (set by the test; user data never travels on the command line):
     VZP_FAKE_STDERR_ENCODING  the code page of standard error, default utf-8 (cp850 on a
                               German or French Windows)
     VZP_FAKE_FAULT            startup faults: never_ready (Connect-ExchangeServer hangs, holding
-                              the mutex), dot_source, connect, module_import, rbac, exit;
+                              the mutex), dot_source, connect, connect_denied, module_import,
+                              rbac, exit;
                               command faults: crash, hang, noise, partial, huge, non_utf8,
                               session_broken (the remote session died: a transport error)
     VZP_FAKE_FAULT_IDENTITY   command faults fire only when -Identity equals this
@@ -122,7 +127,15 @@ ALLOWED = {
     },
     "Enable-RemoteMailbox": {"Identity", "Alias", "RemoteRoutingAddress", "DomainController"},
 }
-STARTUP_FAULTS = {"never_ready", "dot_source", "connect", "module_import", "rbac", "exit"}
+STARTUP_FAULTS = {
+    "never_ready",
+    "dot_source",
+    "connect",
+    "connect_denied",
+    "module_import",
+    "rbac",
+    "exit",
+}
 HELLO = ("nonce", "remote_exchange_path", "connect_lock_ms")
 SERVER = "EX01.contoso.com"
 ACCOUNT = "CONTOSO\\svc-veza"
@@ -176,9 +189,11 @@ CONNECT_RECORDS = [
     },
     {
         "message": "Connecting to remote server EX02.contoso.com failed with the following error "
-        "message : Access is denied. For more information, see the "
-        "about_Remote_Troubleshooting Help topic.",
-        "error_id": "AccessDenied,PSSessionOpenFailed",
+        "message : WinRM cannot complete the operation. Verify that the specified computer name "
+        "is valid, that the computer is accessible over the network, and that a firewall "
+        "exception for the WinRM service is enabled and allows access from this computer. For "
+        "more information, see the about_Remote_Troubleshooting Help topic.",
+        "error_id": "-2144108250,PSSessionOpenFailed",
         "target": "EX02.contoso.com",
     },
     {
@@ -195,6 +210,17 @@ CONNECT_RECORDS = [
         "error_id": "CannotConvertArgumentNoMessage,"
         "Microsoft.PowerShell.Commands.NewPSSessionCommand",
         "target": "",
+    },
+]
+# _NewExchangeRunspace stops trying at access denied (error code 5) or logon failure (1326):
+# one record, and no Read-Host.
+DENIED_RECORDS = [
+    {
+        "message": "Connecting to remote server EX01.contoso.com failed with the following error "
+        "message : Access is denied. For more information, see the "
+        "about_Remote_Troubleshooting Help topic.",
+        "error_id": "AccessDenied,PSSessionOpenFailed",
+        "target": "EX01.contoso.com",
     },
 ]
 CACHE = (
@@ -355,14 +381,15 @@ class Host:
         lock.close()
         log({"event": "connect_lock", "enter": entered, "leave": time.monotonic_ns()})
         # Step 3: the effect: a session, and the cmdlets.
-        if fault == "connect":
-            self.show_records(CONNECT_RECORDS)
+        if fault in ("connect", "connect_denied"):
+            records = CONNECT_RECORDS if fault == "connect" else DENIED_RECORDS
+            self.show_records(records)
             self.startup_error(
                 4,
                 "connect",
-                f"no Exchange session opened ({len(CONNECT_RECORDS)} error records); the last: "
-                f"{CONNECT_RECORDS[-1]['message']}",
-                records=CONNECT_RECORDS,
+                f"no Exchange session opened ({len(records)} error records); the last: "
+                f"{records[-1]['message']}",
+                records=records,
             )
         self.show(CONNECTED)
         if fault == "module_import":
