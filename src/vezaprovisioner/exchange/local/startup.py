@@ -42,8 +42,8 @@ FIXES: Final[Mapping[str, str]] = {
         "account may read them and load Exchange's assemblies from the bin folder."
     ),
     "connect_lock": (
-        "Hosts of one account connect one at a time. Raise local.startup_timeout_seconds (it "
-        "also bounds the wait for the connect mutex) or lower local.pool_size; if a "
+        "Hosts of one account connect one at a time. Raise local.connect_lock_wait_seconds or "
+        "lower local.pool_size (the last of N starting hosts waits for N - 1 connects); if a "
         "powershell.exe of the account hangs in Connect-ExchangeServer, end it."
     ),
     "connect": (
