@@ -315,3 +315,16 @@ def test_a_transcript_needs_the_local_backend(
     config.write_text("backend = 'simulated'\n", encoding="utf-8")
     assert main(["probe", "--config", str(config), "--transcript", str(tmp_path / "t")]) == 2
     assert "only the local backend" in capsys.readouterr().err
+
+
+def test_the_doctor_waits_for_the_hosts_to_connect(
+    fake_powershell: FakePowerShell, tmp_path: Path
+) -> None:
+    # Without the wait the doctor probed a pool still connecting and always failed.
+    fake_powershell.set(connect_seconds=0.5)
+    checks = {
+        check.name: check
+        for check in Doctor(config=write_config(fake_powershell, tmp_path), iis=None).run()
+    }
+    assert checks["exchange"].status == "pass", checks["exchange"]
+    assert checks["exchange"].detail.startswith("1/1 PowerShell hosts warm")

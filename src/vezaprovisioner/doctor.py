@@ -144,10 +144,8 @@ class Doctor:
         except ConfigError as exc:
             return None, _fail(name, f"the backend could not be opened: {exc}", _CONFIG_FIX)
         try:
-            if isinstance(port, LocalExchange):
-                port.wait_started(
-                    settings.local.longest_start_seconds
-                )  # the hosts connect in the background
+            if isinstance(port, LocalExchange):  # its hosts connect in the background
+                port.wait_started(settings.local.longest_start_seconds)
             described = port.probe()
         except ExchangeError as exc:
             fix = _exchange_fix(exc)
