@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .failures import ServiceNotStarted
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
@@ -36,7 +38,7 @@ _BASE_PATH = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
 _SCRYPT_HASH = re.compile(r"^scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$")
 
 
-class ConfigError(Exception):
+class ConfigError(ServiceNotStarted):
     """The configuration cannot be used; the message lists every problem and how to fix it."""
 
 
@@ -168,8 +170,13 @@ class LocalSettings(_Section):
     queue_size: int = Field(default=32, ge=0, le=1000)
     #: How long a request waits for a free host before 503.
     queue_wait_seconds: float = Field(default=30.0, gt=0, le=600)
-    #: Bound on start + Connect-ExchangeServer (its own limit is 180 s).
+    #: Bound on loading RemoteExchange.ps1, and again on Connect-ExchangeServer (its own
+    #: per-server limit is 180 s).
     startup_timeout_seconds: float = Field(default=180.0, gt=0, le=900)
+    #: How long a starting host waits for its account's connect mutex: hosts of one account
+    #: connect one at a time (they share Exchange's module cache), so the last of N starting
+    #: hosts waits for N - 1 connects.
+    connect_lock_wait_seconds: float = Field(default=600.0, gt=0, le=3600)
     #: Recycle a host after this many commands ...
     max_commands: int = Field(default=1000, ge=1, le=1_000_000)
     #: ... or once it is this old.
@@ -177,6 +184,12 @@ class LocalSettings(_Section):
     #: First wait after a failed start; doubles per failure up to the maximum.
     restart_backoff_seconds: float = Field(default=1.0, gt=0, le=600)
     restart_backoff_max_seconds: float = Field(default=60.0, gt=0, le=3600)
+
+    @property
+    def longest_start_seconds(self) -> float:
+        """The longest one host may take to become ready: loading RemoteExchange.ps1, the wait
+        for the connect mutex, the connect (plus a margin for the process itself)."""
+        return 2 * self.startup_timeout_seconds + self.connect_lock_wait_seconds + 5
 
 
 class AuthSettings(_Section):
