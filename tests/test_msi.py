@@ -765,6 +765,12 @@ def test_what_install_ps1_records_the_rollback_undoes() -> None:
     assert recorded == handled
     assert "Join-Path $InstallRoot 'logs\\created-this-run.txt'" in install
     assert "Join-Path $LogsDir 'created-this-run.txt'" in uninstall
+    # A list is never replayed: install.ps1 deletes it on success (its last statement in the
+    # try block), -Rollback once it has undone it. Otherwise a run that failed before starting
+    # its list (a parameter refused) would roll back the previous, successful run.
+    success = install[install.index("if ($CreatedList) {") :]
+    assert success.index("[System.IO.File]::Delete($CreatedList)") < success.index("catch {")
+    assert "Remove-Item -LiteralPath $CreatedList -Force" in uninstall
     for creation in ("New-WebApplication", "New-WebAppPool", "Add-WebConfigurationProperty"):
         following = install[install.index(creation) :][:400]
         assert "Add-Created" in following, f"{creation} is not recorded for the rollback"

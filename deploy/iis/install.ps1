@@ -641,6 +641,11 @@ try {
     if ($LogFile) {
         Write-Line "This transcript: $LogFile"
     }
+    if ($CreatedList) {
+        # Succeeded: nothing to roll back. A list left over would make a later rollback remove
+        # what this run created, should the next run fail before it starts its own list.
+        [System.IO.File]::Delete($CreatedList)
+    }
 }
 catch {
     Write-Line ''

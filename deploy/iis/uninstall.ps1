@@ -22,7 +22,10 @@
     application and its settings, the pool, the FastCGI registration, the configuration file,
     the venv and folders), and nothing that was there before: an upgrade's failure leaves the
     old application, pool and data alone. The logs folder stays, with the failed run's
-    transcript and this one's (rollback-msi.log).
+    transcript and this one's (rollback-msi.log). install.ps1 deletes the list when it
+    succeeds, and -Rollback when it is done, so a list is never replayed: a run that fails
+    before it starts its list (PowerShell refusing a parameter) leaves no list, and nothing
+    is removed.
 
 .EXAMPLE
     .\uninstall.ps1 -WhatIf
@@ -153,6 +156,10 @@ try {
                 }
                 Write-Line "    undone: $kind $what"
             }
+        }
+        # Undone: the list must not be replayed by a later rollback.
+        if ((Test-Path -LiteralPath $CreatedList) -and $PSCmdlet.ShouldProcess($CreatedList, 'Delete file')) {
+            Remove-Item -LiteralPath $CreatedList -Force
         }
         Write-Line "Rolled back what install.ps1 created; its transcript is $(Join-Path $LogsDir 'install-msi.log')."
         exit 0
