@@ -408,3 +408,22 @@ def test_a_value_ending_in_a_backslash_is_refused(machine: Wine, msis: dict[str,
     later argument shifted. The launch condition refuses it before anything changes."""
     assert machine.msiexec("/i", str(msis["0.1.0"]), "INSTALLROOT=D:\\Veza\\") != 0
     assert (machine.calls(), machine.products(), machine.installed_files()) == ([], {}, [])
+
+
+@pytest.mark.skipif(
+    not (shutil.which("osslsigncode") and shutil.which("openssl")),
+    reason="osslsigncode and openssl not installed (.ci/run installs them)",
+)
+def test_a_signed_msi_installs_the_same(machine: Wine, wine_bundle: Path, tmp_path: Path) -> None:
+    """Signing adds a DigitalSignature stream and signature blocks to the scripts: the engine
+    still reads the package and installs the bundle (the signed scripts) file for file."""
+    from tests.test_signing import make_certificate, signed_build
+
+    pfx, _ = make_certificate(tmp_path)
+    done = signed_build(wine_bundle, tmp_path / "dist", pfx)
+    assert done.returncode == 0, done.stderr
+    assert machine.msiexec("/i", done.stdout.strip(), log="signed") == 0
+    assert machine.calls() == [(install_argv(), 0)]
+    assert machine.installed_files() == sorted(tree_digest(wine_bundle))
+    installed = machine.host_path("C:\\Program Files\\VezaProvisioner\\deploy\\iis\\install.ps1")
+    assert b"# SIG # Begin signature block" in installed.read_bytes()
