@@ -30,6 +30,7 @@ from vezaprovisioner.exchange.local.backend import (
 from vezaprovisioner.exchange.local.host import Host, HostStartupFailed
 from vezaprovisioner.exchange.local.supply import PoolLimits, PoolStatus
 from vezaprovisioner.exchange.local.warm_pool import HostPool, backoff_delay
+from vezaprovisioner.exchange.port import EnableMailbox
 
 PLAIN_GUID = "00000000-0000-0000-0000-000000001001"
 
@@ -450,3 +451,24 @@ def test_pool_size_0_reports_each_host_and_the_requests_waiting(
     assert {"idle": 0, "busy": 1, "starting": 0, "broken": 0} in events.states
     assert events.states[-1] == {"idle": 0, "busy": 0, "starting": 0, "broken": 0}
     assert events.queue == [1, 0]  # waiting for one of the queue_size host places, then not
+
+
+def test_enable_is_announced_only_once_it_has_a_host(fake_powershell: FakePowerShell) -> None:
+    # The journal marks Enable-* sent in `before_send`: never while the request waits in the
+    # queue for a host (issue 15: 65 records said "sent" while 9 Enable-* reached Exchange).
+    fake_powershell.set(fault="hang", fault_identity="mailbox", fault_cmdlet="Get-User")
+    exchange, pool = fake_powershell.exchange(command_timeout_seconds=2)
+    blocker = threading.Thread(target=_ignore_failure(exchange.get_user, "mailbox"))
+    blocker.start()  # the only host hangs in this command until its timeout kills it
+    pool.wait_for(lambda s: s.busy == 1, 20)
+    announced = threading.Event()
+    request = EnableMailbox("00000000-0000-0000-0000-000000001001", before_send=announced.set)
+    enabler = threading.Thread(target=exchange.enable_mailbox, args=(request,))
+    enabler.start()
+    queued = pool.wait_for(lambda s: s.waiting == 1, 20)
+    assert queued.waiting == 1
+    assert not announced.is_set()  # waiting for a host: not sent, not announced
+    for thread in (blocker, enabler):
+        thread.join(30)
+    assert announced.is_set()
+    assert [cmdlet for cmdlet, _ in fake_powershell.calls()].count("Enable-Mailbox") == 1

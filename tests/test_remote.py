@@ -792,3 +792,42 @@ def test_the_service_imports_without_pypsrp_unless_remote_is_configured() -> Non
         "assert 'pypsrp' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", probe], check=True, timeout=60)
+
+
+def test_enable_is_announced_only_once_it_has_a_session(
+    make_remote: Callable[..., RemoteExchange],
+    endpoint: FakeExchangeEndpoint,
+    simulated: SimulatedExchange,
+) -> None:
+    # The journal marks Enable-* sent in `before_send`: never while it still waits for a session.
+    remote = make_remote(remote={"pool_size": 1})
+    endpoint.hold_commands()
+    reader = threading.Thread(target=remote.get_user, args=("plain",))  # takes the only session
+    reader.start()
+    assert endpoint.wait_for_commands(1)
+    announced = threading.Event()
+    request = EnableMailbox(PLAIN_GUID, before_send=announced.set)
+    enabler = threading.Thread(target=remote.enable_mailbox, args=(request,))
+    enabler.start()
+    assert remote.wait_for_waiting(1, timeout=10)
+    assert not announced.is_set()  # queued for a session: not sent, not announced
+    endpoint.release_commands()
+    for thread in (reader, enabler):
+        thread.join(30)
+    assert announced.is_set()
+    assert simulated.count("Enable-Mailbox") == 1
+
+
+def test_a_refused_announcement_sends_nothing_and_frees_the_session(
+    remote: RemoteExchange, endpoint: FakeExchangeEndpoint, simulated: SimulatedExchange
+) -> None:
+    class Refused(Exception):
+        pass
+
+    def refuse() -> None:
+        raise Refused
+
+    with pytest.raises(Refused):
+        remote.enable_mailbox(EnableMailbox(PLAIN_GUID, before_send=refuse))
+    assert simulated.count("Enable-Mailbox") == 0
+    assert remote.get_user("plain").sam_account_name == "plain"  # the session came back

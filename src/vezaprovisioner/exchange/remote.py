@@ -200,6 +200,7 @@ class RemoteExchange:
         # Free sessions, the most recently used last (taken first, so rarely needed ones idle).
         self._free: list[_Session] = [_Session() for _ in range(remote.pool_size)]
         self._closed = False
+        self._waiting = 0
         self._pools_opened = 0
         scheme = "https" if remote.ssl else "http"
         self.endpoint = f"{scheme}://{remote.server}:{remote.effective_port}/{remote.path}"
@@ -332,19 +333,29 @@ class RemoteExchange:
     def _take(self, deadline: float) -> _Session:
         """A free session, waiting until the deadline for one."""
         with self._free_changed:
-            while not self._free and not self._closed:
-                remaining = deadline - self._clock.monotonic()
-                if remaining <= 0 or not self._free_changed.wait(remaining):
-                    if self._free or self._closed:
-                        break
-                    raise BackendUnavailable(
-                        f"all {self.pool_size} Exchange session(s) at {self.endpoint} stayed "
-                        f"busy for {self._timeout:g} seconds; retry later",
-                        retry_after_seconds=5,
-                    )
+            self._waiting += 1
+            self._free_changed.notify_all()
+            try:
+                while not self._free and not self._closed:
+                    remaining = deadline - self._clock.monotonic()
+                    if remaining <= 0 or not self._free_changed.wait(remaining):
+                        if self._free or self._closed:
+                            break
+                        raise BackendUnavailable(
+                            f"all {self.pool_size} Exchange session(s) at {self.endpoint} stayed "
+                            f"busy for {self._timeout:g} seconds; retry later",
+                            retry_after_seconds=5,
+                        )
+            finally:
+                self._waiting -= 1
             if self._closed:
                 raise BackendUnavailable("the remote Exchange backend is closed")
             return self._free.pop()
+
+    def wait_for_waiting(self, count: int, timeout: float) -> bool:
+        """Blocks until `count` callers wait for a session (diagnostics and tests)."""
+        with self._free_changed:
+            return self._free_changed.wait_for(lambda: self._waiting >= count, timeout)
 
     def _give_back(self, session: _Session) -> None:
         with self._free_changed:
