@@ -55,16 +55,71 @@ def test_basic_mode_refuses_without_valid_credentials(
     assert exchange.calls == []
 
 
-def test_basic_mode_accepts_configured_user_case_insensitively(
+def test_basic_mode_matches_user_names_exactly_by_default(
     make_client: Callable[..., TestClient],
 ) -> None:
     client = make_client(authenticated=False)
-    ok = client.post(EMAILS, json={"identity": "plain"}, headers=basic(USER.upper(), PASSWORD))
+    upper = client.post(EMAILS, json={"identity": "plain"}, headers=basic(USER.upper(), PASSWORD))
+    assert upper.status_code == 401
+    ok = client.post(EMAILS, json={"identity": "plain"}, headers=AUTH)
     assert ok.status_code == 201
     again = client.post(EMAILS, json={"identity": "plain"}, headers=AUTH)  # verified-password cache
     assert again.status_code == 200
     wrong = client.post(EMAILS, json={"identity": "plain"}, headers=basic(USER, PASSWORD + "x"))
     assert wrong.status_code == 401  # the cache never accepts another password
+
+
+def test_case_insensitive_users_names_the_caller_as_configured(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(authenticated=False, auth={"case_insensitive_users": True})
+    created = client.post(EMAILS, json={"identity": "plain"}, headers=basic(USER.upper(), PASSWORD))
+    assert created.status_code == 201
+    request_id = created.json()["request_id"]
+    record = client.get(f"/VezaProvisioner/api/v1/requests/{request_id}", headers=AUTH)
+    assert record.json()["caller"] == USER  # not "VEZA-SVC" as typed
+
+
+def test_case_insensitive_users_refuses_names_that_differ_only_in_case(
+    make_settings: Callable[..., Settings], password_hash: str
+) -> None:
+    doubled = {"users": {"VEZA-SVC": password_hash}}  # beside the fixture's "veza-svc"
+    assert make_settings(auth=doubled).auth.users.keys() == {USER, "VEZA-SVC"}
+    with pytest.raises(ValueError, match="same user"):
+        make_settings(auth={"case_insensitive_users": True, **doubled})
+
+
+@pytest.mark.parametrize(
+    ("user", "password"),
+    [(USER, PASSWORD + "\0"), (USER, "\0" + PASSWORD), (USER + "\0", PASSWORD), (USER, "a\x7fb")],
+)
+def test_basic_mode_refuses_control_characters_in_credentials(
+    make_client: Callable[..., TestClient], user: str, password: str
+) -> None:
+    client = make_client(authenticated=False)
+    response = client.post(EMAILS, json={"identity": "plain"}, headers=basic(user, password))
+    assert response.status_code == 401
+    assert "control character" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Authorization", AUTH["Authorization"]), ("Authorization", AUTH["Authorization"])],
+        [("Authorization", AUTH["Authorization"]), ("Authorization", "Basic Zm9vOmJhcg==")],
+        [("Authorization", f"{AUTH['Authorization']}, Basic Zm9vOmJhcg==")],  # joined by a server
+    ],
+)
+def test_basic_mode_refuses_more_than_one_authorization_header(
+    make_client: Callable[..., TestClient],
+    exchange: SimulatedExchange,
+    headers: list[tuple[str, str]],
+) -> None:
+    client = make_client(authenticated=False)
+    response = client.post(EMAILS, json={"identity": "plain"}, headers=headers)
+    assert response.status_code == 400
+    assert response.json()["code"] == "MULTIPLE_AUTHORIZATION_HEADERS"
+    assert exchange.calls == []
 
 
 def test_authentication_happens_before_the_body_is_read(

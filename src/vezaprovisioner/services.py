@@ -81,6 +81,7 @@ class Services:
 
     def close(self) -> None:
         self._stopping.set()
+        self.authenticator.close()
         self.exchange.close()
         if self.journal is not None:
             self.journal.close()
@@ -141,7 +142,7 @@ def build_services(
             journal=journal,
             audit=audit,
         ),
-        authenticator=Authenticator(settings.auth),
+        authenticator=Authenticator(settings.auth, clock=clock),
         journal=journal,
         audit=audit,
         metrics=metrics,

@@ -16,6 +16,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..auth import AuthenticationError, Authenticator
+from .access import client_address
 from .problems import (
     INTERNAL_ERROR,
     PAYLOAD_TOO_LARGE,
@@ -97,8 +98,8 @@ class AuthenticationMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            caller = self.authenticator.authenticate(
-                scope, Headers(scope=scope).get("authorization")
+            caller = await self.authenticator.authenticate(
+                scope, Headers(scope=scope).getlist("authorization"), client_address(scope)
             )
         except AuthenticationError as exc:
             problem = problem_for(exc, basic_realm=self.basic_realm)

@@ -12,7 +12,14 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from ..auth import AuthenticationError, CallerNotAllowed, HttpsRequired, NotAuthenticated
+from ..auth import (
+    AuthenticationError,
+    CallerNotAllowed,
+    HttpsRequired,
+    MultipleAuthorizations,
+    NotAuthenticated,
+    TooManyFailedLogins,
+)
 from ..exchange.errors import (
     AddressInUse,
     AmbiguousIdentity,
@@ -57,6 +64,10 @@ _KINDS: dict[type[Exception], ProblemKind] = {
     NotAuthenticated: ProblemKind(401, "AUTHENTICATION_REQUIRED", "Authentication required"),
     CallerNotAllowed: ProblemKind(403, "CALLER_NOT_ALLOWED", "Caller not allowed"),
     HttpsRequired: ProblemKind(403, "HTTPS_REQUIRED", "HTTPS required"),
+    MultipleAuthorizations: ProblemKind(
+        400, "MULTIPLE_AUTHORIZATION_HEADERS", "More than one Authorization header"
+    ),
+    TooManyFailedLogins: ProblemKind(429, "TOO_MANY_FAILED_LOGINS", "Too many failed sign-ins"),
     PathMismatch: ProblemKind(400, "PATH_MISMATCH", "Path differs from the configured one"),
     AliasMismatch: ProblemKind(409, "ALIAS_MISMATCH", "Mailbox exists with another alias"),
     AliasRequired: ProblemKind(422, "ALIAS_REQUIRED", "An alias is required"),
@@ -173,7 +184,7 @@ def problem_for(exc: Exception, *, basic_realm: str | None = None) -> Problem:
         return Problem(kind, _exchange_detail(exc), exchange=exchange, headers=headers)
     if isinstance(exc, NotAuthenticated) and basic_realm:
         headers["WWW-Authenticate"] = f'Basic realm="{basic_realm}", charset="UTF-8"'
-    if isinstance(exc, IdentityBusy):
+    if isinstance(exc, IdentityBusy | TooManyFailedLogins):
         headers["Retry-After"] = str(exc.retry_after_seconds)
     if isinstance(exc, JournalUnavailable):
         headers["Retry-After"] = "30"
