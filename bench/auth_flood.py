@@ -1,8 +1,8 @@
 """Prints /health latency idle and under a flood of wrong Basic passwords.
 
 Starts `vezaprovisioner serve` (basic mode, logging to a file) on 127.0.0.1, measures p50/p99 of
-`GET /health` on one keep-alive connection, then again for as long as a separate process runs 16 clients
-that send `POST /api/v1/emails` with a wrong password as fast as the server answers them. Each
+`GET /health` on one keep-alive connection, then again for as long as a separate process runs 16
+clients that send `POST /api/v1/emails` with a wrong password as fast as the server answers. Each
 flood client uses its own loopback address (127.0.0.11 ... 127.0.0.26), so both the per-client
 and the global failed-login budget come into play. Bounded: the flood stops after --seconds or
 --max-flood requests, whichever comes first; all traffic stays on 127.0.0.0/8.
