@@ -20,6 +20,7 @@ from ..journal import IdentityBusy, JournalUnavailable
 from ..logs import configure_logging
 from ..provisioning import ProvisioningError
 from ..services import Services, build_services
+from ..validation import visible
 from .access import AccessLogMiddleware
 from .middleware import (
     AuthenticationMiddleware,
@@ -92,7 +93,7 @@ def create_app_from_services(services: Services) -> FastAPI:
             problem = Problem(METHOD_NOT_ALLOWED, f"{request.method} is not allowed here.")
         else:
             problem = Problem(
-                NOT_FOUND, f"There is nothing at {request.url.path}; see {base}/docs."
+                NOT_FOUND, f"There is nothing at {visible(request.url.path)}; see {base}/docs."
             )
         return problem.response(request_id_of(request.scope))
 
