@@ -129,8 +129,21 @@ class Check(BaseModel):
 
 
 class ReadinessResponse(BaseModel):
+    """Readiness with details (authenticated)."""
+
     status: Literal["ready", "not_ready"]
     checks: dict[str, Check]
+
+
+class CheckSummary(BaseModel):
+    ok: bool
+
+
+class ReadinessSummary(BaseModel):
+    """Readiness for anyone: the status and each check's ok, no paths or error text."""
+
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, CheckSummary]
 
 
 class ExchangeSaid(BaseModel):

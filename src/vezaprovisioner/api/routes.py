@@ -25,11 +25,13 @@ from .models import (
     SUPPORTED_ACTIONS,
     ActionRequest,
     Check,
+    CheckSummary,
     EmailRequest,
     HealthResponse,
     MailboxResponse,
     ProblemDocument,
     ReadinessResponse,
+    ReadinessSummary,
     RecipientStateResponse,
     RequestRecordResponse,
 )
@@ -80,20 +82,46 @@ def health() -> HealthResponse:
 @router.get(
     "/health/ready",
     tags=["health"],
-    responses={503: {"model": ReadinessResponse, "description": "Not ready"}},
+    responses={503: {"model": ReadinessSummary, "description": "Not ready"}},
 )
 def ready(services: ServicesDep) -> JSONResponse:
-    """Readiness: the configuration is valid and the backend answers a cheap probe in time."""
+    """Readiness, public: the overall status and whether each check passed, nothing more.
+
+    The details (paths, backend hosts, error text) are for authenticated callers only, at
+    `/health/ready/details`.
+    """
+    checks = _readiness_checks(services)
+    ok = all(check.ok for check in checks.values())
+    body = ReadinessSummary(
+        status="ready" if ok else "not_ready",
+        checks={name: CheckSummary(ok=check.ok) for name, check in checks.items()},
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+@router.get(
+    "/health/ready/details",
+    tags=["health"],
+    responses={503: {"model": ReadinessResponse, "description": "Not ready"}},
+)
+def ready_details(services: ServicesDep) -> JSONResponse:
+    """Readiness with each check's detail: the configuration file, the backend's hosts or
+    session, the journal's path and any error text. Authenticated like the API."""
+    checks = _readiness_checks(services)
+    ok = all(check.ok for check in checks.values())
+    body = ReadinessResponse(status="ready" if ok else "not_ready", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+def _readiness_checks(services: Services) -> dict[str, Check]:
+    """The configuration is valid and the backend answers a cheap probe in time."""
     settings = services.settings
     source = str(settings.source) if settings.source else "built in code"
-    checks = {
+    return {
         "configuration": Check(ok=True, detail=f"valid ({source})"),
         "backend": _probe(services),
         "journal": _journal_writable(services),
     }
-    ok = all(check.ok for check in checks.values())
-    body = ReadinessResponse(status="ready" if ok else "not_ready", checks=checks)
-    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 
 def _probe(services: Services) -> Check:
