@@ -284,6 +284,22 @@ class MetricsSettings(_Section):
     multiprocess_dir: str = ""
 
 
+class ServerSettings(_Section):
+    """`vezaprovisioner serve` (uvicorn) only; under IIS, IIS's own limits apply."""
+
+    #: A request's headers must be complete this long after its first byte; else the
+    #: connection closes (slowloris).
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    #: Once the headers are in, the whole body must arrive within this long.
+    body_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    #: An idle connection waits this long for its next request (uvicorn's timeout_keep_alive).
+    keep_alive_seconds: int = Field(default=5, ge=1, le=300)
+    #: Open connections in total; beyond it uvicorn answers 503 (its limit_concurrency).
+    max_connections: int = Field(default=256, ge=1, le=100_000)
+    #: Open connections from one client address; more are closed as soon as they open.
+    max_connections_per_client: int = Field(default=32, ge=1, le=100_000)
+
+
 class Settings(_Section):
     """Everything the service needs, validated at start."""
 
@@ -303,6 +319,7 @@ class Settings(_Section):
     audit: AuditSettings = AuditSettings()
     logging: LoggingSettings = LoggingSettings()
     metrics: MetricsSettings = MetricsSettings()
+    server: ServerSettings = ServerSettings()
     #: The file the settings came from (None when built in code); shown by `check` and readiness.
     source: Path | None = None
 
