@@ -3,7 +3,7 @@
 Runs the real flow (`Provisioner`) over `RemoteExchange` -> pypsrp -> WS-Man over TLS on loopback
 -> the fake endpoint (psrpcore), where every cmdlet takes `--delay-ms` (150 ms by default, a
 plausible Exchange cmdlet time). Each iteration enables a fresh user, so every request runs
-Get-User, Get-User (by GUID, under the per-user guard) and Enable-Mailbox. The overhead is the
+Get-User, Get-User (by GUID, under the per-user claim) and Enable-Mailbox. The overhead is the
 end-to-end time minus the cmdlet time (cmdlets run x delay): what the warm pool, the is_alive
 check, PSRP (de)serialization, WS-Man and TLS add.
 
@@ -35,7 +35,8 @@ from tests.fakes.psrp_server import FakeExchangeEndpoint
 from vezaprovisioner.clock import SystemClock
 from vezaprovisioner.config import Settings
 from vezaprovisioner.exchange.remote import RemoteCredentials, RemoteExchange
-from vezaprovisioner.exchange.simulated import SimulatedExchange, parse_directory
+from vezaprovisioner.exchange.simulated.directory import parse_directory
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 from vezaprovisioner.provisioning import CreateEmail, Provisioner
 
 USER, PASSWORD = "svc-bench@contoso.com", "bench-password"

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.fakes.clock import FakeClock
-from vezaprovisioner.exchange.simulated import SimulatedExchange
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 
 EMAILS = "/VezaProvisioner/api/v1/emails"
 ACTIONS = "/VezaProvisioner/api/v1/actions"
@@ -413,6 +413,7 @@ def test_invisible_characters_are_refused_by_name_and_never_reflected(
     messages = {entry["field"]: entry["message"] for entry in problem["errors"]}
     assert shown in messages["identity"]
     assert shown in messages["alias"]
+    assert {entry["type"] for entry in problem["errors"]} == {"invisible_character"}
     assert _raw_text_shows_none_of(response, char)
     assert exchange.calls == []
 

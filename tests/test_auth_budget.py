@@ -19,7 +19,7 @@ from vezaprovisioner.api.app import create_app_from_services
 from vezaprovisioner.auth import Authenticator, verify_password
 from vezaprovisioner.auth_budget import FailedLoginBudget
 from vezaprovisioner.config import Settings
-from vezaprovisioner.exchange.simulated import SimulatedExchange
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 from vezaprovisioner.services import build_services
 
 EMAILS = "/VezaProvisioner/api/v1/emails"

@@ -139,7 +139,9 @@ def test_readiness_reports_warm_and_broken_hosts(
     assert "2/2 PowerShell hosts warm" in ready.json()["checks"]["backend"]["detail"]
 
     fake_powershell.set(fault="rbac")
-    client = local_client(warm=False)
+    # A long backoff keeps the broken slot broken while readiness is read: with the fake's
+    # 0.05 s backoff the slot is often "starting" again by then (seen on a loaded machine).
+    client = local_client(warm=False, restart_backoff_seconds=600, restart_backoff_max_seconds=600)
     exchange = client.app.state.services.exchange  # type: ignore[attr-defined]
     # Sign in first: the scrypt check would widen the window for the host's restart.
     assert client.get("/VezaProvisioner/api/v1/requests/none").status_code == 404
@@ -335,7 +337,11 @@ def test_a_failed_start_is_reported_as_a_broken_host(
     make_settings: Callable[..., Settings], fake_powershell: FakePowerShell
 ) -> None:
     fake_powershell.set(fault="rbac")
-    app = create_app(make_settings(**fake_powershell.settings(restart_backoff_seconds=30)))
+    app = create_app(
+        make_settings(
+            **fake_powershell.settings(restart_backoff_seconds=30, restart_backoff_max_seconds=30)
+        )
+    )
     pool = app.state.services.exchange.pool
     with TestClient(app, headers=AUTH) as client:
         pool.wait_for(lambda s: s.broken == 1, 20)

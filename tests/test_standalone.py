@@ -22,7 +22,7 @@ from tests.conftest import AUTH
 from tests.fakes.clock import FakeClock
 from vezaprovisioner.api.app import create_app
 from vezaprovisioner.config import Settings
-from vezaprovisioner.exchange.simulated import SimulatedExchange
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 from vezaprovisioner.standalone import uvicorn_config
 
 SLOW_CLIENT = "127.0.0.2"

@@ -24,6 +24,7 @@ from typing import Any
 from .auth_budget import FailedLoginBudget
 from .clock import Clock, SystemClock
 from .config import AuthSettings
+from .failures import Failure
 from .iis import iis_server_variables
 
 REALM = "VezaProvisioner"
@@ -35,28 +36,50 @@ _SCRYPT_P = 1
 _SCRYPT_MAXMEM = 64 * 1024 * 1024
 
 
-class AuthenticationError(Exception):
+class AuthenticationError(Failure):
     """The request is refused before it reaches the flow."""
 
 
 class NotAuthenticated(AuthenticationError):
     """No caller could be identified (401)."""
 
+    code = "AUTHENTICATION_REQUIRED"
+    status = 401
+    title = "Authentication required"
+
 
 class CallerNotAllowed(AuthenticationError):
     """The caller is authenticated but not in auth.allowed_users (403)."""
+
+    code = "CALLER_NOT_ALLOWED"
+    status = 403
+    title = "Caller not allowed"
 
 
 class HttpsRequired(AuthenticationError):
     """The request reached IIS over plain HTTP while auth.require_https is on (403)."""
 
+    code = "HTTPS_REQUIRED"
+    status = 403
+    title = "HTTPS required"
+
 
 class MultipleAuthorizations(AuthenticationError):
-    """Basic mode: the request carries more than one Authorization header (400)."""
+    """Basic mode: the request carries more than one Authorization header (400); which of
+    several credentials counts must never be a guess."""
+
+    code = "MULTIPLE_AUTHORIZATION_HEADERS"
+    status = 400
+    title = "More than one Authorization header"
 
 
 class TooManyFailedLogins(AuthenticationError):
-    """Basic mode: the failed-login budget of the client or of all clients is spent (429)."""
+    """Basic mode: the failed-login budget of the client address or of all clients is spent
+    (429); refused before any scrypt work, with Retry-After."""
+
+    code = "TOO_MANY_FAILED_LOGINS"
+    status = 429
+    title = "Too many failed sign-ins"
 
     def __init__(self, message: str, retry_after_seconds: int) -> None:
         super().__init__(message)

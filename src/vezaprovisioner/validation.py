@@ -17,8 +17,8 @@ IdentityForm = Literal[
 MAX_IDENTITY_LENGTH = 1024
 MAX_ALIAS_LENGTH = 64
 
-# Exchange's alias alphabet (research §2.1/§2.2); "." is handled separately, it must sit
-# between two of these.
+# Exchange's alias alphabet, as its own Alias validation message lists it (the text is in
+# exchange/simulated/naming.py); "." is handled separately, it must sit between two of these.
 # U+00AD (soft hyphen) is in that range but invisible (category Cf), so it is left out.
 _ALIAS_CHARS = frozenset(
     string.ascii_letters
@@ -53,9 +53,19 @@ _MAX_SAM_LENGTH = 20
 class InvalidValue(ValueError):
     """A value breaks Exchange's rules; `message` is a sentence the caller can act on."""
 
+    #: The field error's `type` in a VALIDATION_FAILED problem.
+    kind = "invalid_value"
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class InvisibleCharacter(InvalidValue):
+    """The value holds a character that would not show: control, format (Cf), surrogate,
+    separator. The message names it by code point; it never contains the character."""
+
+    kind = "invisible_character"
 
 
 def _describe_char(ch: str) -> str:
@@ -100,12 +110,12 @@ def validate_identity(raw: str) -> str:
                 "allowed because Exchange treats it as a wildcard that can match other users."
             )
         if ch == _REPLACEMENT_CHARACTER:
-            raise InvalidValue(
+            raise InvisibleCharacter(
                 f"The identity has U+FFFD (replacement character) at position {position}: it "
                 "arrived as bytes that are not UTF-8; percent-encode the identity's UTF-8 bytes."
             )
         if unicodedata.category(ch) in INVISIBLE_CATEGORIES:
-            raise InvalidValue(
+            raise InvisibleCharacter(
                 f"The identity has {_describe_char(ch)} at position {position}; control "
                 "characters, invisible formatting characters, surrogates and line or paragraph "
                 "separators are not allowed."
@@ -155,7 +165,8 @@ def validate_alias(raw: str) -> str:
                     "two other allowed characters (not first, not last, never two in a row)."
                 )
         elif ch not in _ALIAS_CHARS:
-            raise InvalidValue(
+            invisible = not ch.isprintable() or unicodedata.category(ch) in INVISIBLE_CATEGORIES
+            raise (InvisibleCharacter if invisible else InvalidValue)(
                 f"The alias has {_describe_char(ch)} at position {index + 1}, which is not "
                 f"allowed; {_ALIAS_RULE}."
             )

@@ -8,12 +8,11 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
-from ..journal import Record
+from ..journal.records import Record
 from ..provisioning import CreateEmail, MailboxResult, RecipientState
 from ..validation import InvalidValue, validate_alias, validate_identity
 
 SUPPORTED_ACTIONS = ("CREATE_EMAIL",)
-UNSUPPORTED_ACTIONS = ("SYNC_IDENTITIES", "MANAGE_RELATIONSHIPS", "DEPROVISION_IDENTITY")
 
 
 def _exchange_rule(check: Any) -> Any:
@@ -25,7 +24,7 @@ def _exchange_rule(check: Any) -> Any:
         try:
             result: str = check(value)
         except InvalidValue as exc:
-            raise PydanticCustomError("invalid_value", exc.message) from exc
+            raise PydanticCustomError(exc.kind, exc.message) from exc
         return result
 
     return AfterValidator(run)
@@ -123,7 +122,9 @@ class HealthResponse(BaseModel):
     version: str
 
 
-class Check(BaseModel):
+class ReadinessCheck(BaseModel):
+    """One readiness check: whether it passed and what it saw."""
+
     ok: bool
     detail: str
 
@@ -132,7 +133,7 @@ class ReadinessResponse(BaseModel):
     """Readiness with details (authenticated)."""
 
     status: Literal["ready", "not_ready"]
-    checks: dict[str, Check]
+    checks: dict[str, ReadinessCheck]
 
 
 class CheckSummary(BaseModel):
