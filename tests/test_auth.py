@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import logging
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import AUTH, PASSWORD, USER, basic
 from tests.fakes.clock import FakeClock
 from vezaprovisioner.api.app import create_app
-from vezaprovisioner.auth import hash_password, verify_password
+from vezaprovisioner.auth import (
+    AuthenticationError,
+    NotAuthenticated,
+    _basic_credentials,
+    hash_password,
+    verify_password,
+)
 from vezaprovisioner.config import Settings
 from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 from vezaprovisioner.iis import iis_server_variables
@@ -253,3 +262,36 @@ def test_iis_variables_are_read_from_the_wsgi_environ_only() -> None:
     assert variables is not None
     assert variables.authenticated_user == "CONTOSO\\a"
     assert variables.https
+
+
+# --- parsing the Authorization header (properties) ----------------------------------------------
+
+_NO_SURROGATES = st.characters(codec="utf-8")  # no lone surrogates: they cannot be sent
+
+
+@given(st.text(_NO_SURROGATES), st.text(_NO_SURROGATES))
+def test_basic_credentials_come_back_exactly_or_are_refused(user: str, password: str) -> None:
+    header = basic(user, password)["Authorization"]
+    has_control = any(unicodedata.category(ch) == "Cc" for ch in user + password)
+    try:
+        parsed = _basic_credentials([header])
+    except NotAuthenticated:
+        assert has_control
+        return
+    assert not has_control
+    if ":" not in user:
+        assert parsed == (user, password)
+    else:  # the first colon separates them, as RFC 7617 says
+        assert parsed == tuple(f"{user}:{password}".split(":", 1))
+
+
+@given(st.lists(st.text(), max_size=3))
+def test_any_authorization_headers_give_credentials_or_an_authentication_error(
+    headers: list[str],
+) -> None:
+    try:
+        name, password = _basic_credentials(headers)
+    except AuthenticationError:
+        return
+    assert len(headers) == 1
+    assert not any(unicodedata.category(ch) == "Cc" for ch in name + password)
