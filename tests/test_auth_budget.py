@@ -154,3 +154,32 @@ def test_budget_keeps_a_bounded_number_of_clients() -> None:
     for n in range(1000):
         budget.spend(f"10.0.{n // 256}.{n % 256}")
     assert budget.tracked_clients == 100
+
+
+def test_parallel_requests_with_the_same_credentials_share_one_check(
+    make_app: Callable[..., FastAPI],
+) -> None:
+    """A client's first requests often come in parallel: one scrypt check, one token."""
+    verifier = CountingVerifier()
+    release = threading.Event()
+
+    def slow(password: str, encoded: str) -> bool:
+        release.wait(timeout=30)
+        return verifier(password, encoded)
+
+    app = make_app(slow, failed_logins_per_client_per_minute=1)
+
+    async def scenario() -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            requests = [
+                asyncio.create_task(client.get("/VezaProvisioner/metrics", headers=AUTH))
+                for _ in range(8)
+            ]
+            for _ in range(50):
+                await asyncio.sleep(0)  # let them all reach the check
+            release.set()
+            return [response.status_code for response in await asyncio.gather(*requests)]
+
+    assert asyncio.run(scenario()) == [200] * 8
+    assert verifier.calls == 1

@@ -17,7 +17,7 @@ import secrets
 import threading
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,7 +162,8 @@ class Authenticator:
         self._decoy_hash = hash_password(secrets.token_hex(16)) if basic else ""
         self._cache_key = secrets.token_bytes(32)
         self._verified: dict[str, bytes] = {}
-        self._verified_lock = threading.Lock()
+        self._checking: dict[tuple[str, bytes], Future[bool]] = {}
+        self._lock = threading.RLock()  # a check may finish (and forget itself) at once
         self._budget = FailedLoginBudget(
             settings.failed_logins_per_client_per_minute,
             settings.failed_logins_per_minute,
@@ -213,25 +214,39 @@ class Authenticator:
         user = self._users.get(name.casefold() if self._fold_users else name)
         configured_name, hashed = user if user is not None else (name, None)
         fingerprint = hmac.digest(self._cache_key, password.encode("utf-8"), "sha256")
-        with self._verified_lock:
+        key = (configured_name, fingerprint)
+        with self._lock:
             remembered = self._verified.get(configured_name) if user is not None else None
-        if remembered is not None and hmac.compare_digest(remembered, fingerprint):
-            return Caller(name=configured_name, method="basic")
-        wait = self._budget.spend(client)
-        if wait is not None:
-            raise TooManyFailedLogins(
-                f"Too many failed sign-ins from this address or in total; retry in {wait} s.",
-                retry_after_seconds=wait,
-            )
-        ok = await asyncio.wrap_future(
-            self._executor.submit(self._verify, password, hashed or self._decoy_hash)
-        )
+            if remembered is not None and hmac.compare_digest(remembered, fingerprint):
+                return Caller(name=configured_name, method="basic")
+            # The same credentials already being checked (a client's parallel first requests,
+            # or a flood repeating one password) wait for that check: no token, no scrypt.
+            check = self._checking.get(key)
+            spent = check is None
+            if check is None:
+                wait = self._budget.spend(client)
+                if wait is not None:
+                    raise TooManyFailedLogins(
+                        f"Too many failed sign-ins from this address or in total; retry in "
+                        f"{wait} s.",
+                        retry_after_seconds=wait,
+                    )
+                check = self._executor.submit(self._verify, password, hashed or self._decoy_hash)
+                self._checking[key] = check
+                check.add_done_callback(lambda _: self._forget_check(key))
+        # Shielded: one caller going away must not cancel a check others wait for.
+        ok = await asyncio.shield(asyncio.wrap_future(check))
         if not (ok and hashed is not None):
             raise NotAuthenticated("Unknown user or wrong password.")
-        self._budget.refund(client)
-        with self._verified_lock:
+        with self._lock:
             self._verified[configured_name] = fingerprint
+        if spent:
+            self._budget.refund(client)
         return Caller(name=configured_name, method="basic")
+
+    def _forget_check(self, key: tuple[str, bytes]) -> None:
+        with self._lock:
+            self._checking.pop(key, None)
 
 
 def _basic_credentials(authorization: Sequence[str]) -> tuple[str, str]:
