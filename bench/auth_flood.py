@@ -2,12 +2,13 @@
 
 Starts `vezaprovisioner serve` (basic mode, logging to a file) on 127.0.0.1, measures p50/p99 of
 `GET /health` on one keep-alive connection, then again for as long as a separate process runs 16
-clients that send `POST /api/v1/emails` with a wrong password as fast as the server answers. Each
-flood client uses its own loopback address (127.0.0.11 ... 127.0.0.26), so both the per-client
-and the global failed-login budget come into play. Bounded: the flood stops after --seconds or
---max-flood requests, whichever comes first; all traffic stays on 127.0.0.0/8.
+clients that send `POST /api/v1/emails` with wrong passwords (a new guess each time) as fast as
+the server answers. Each flood client uses its own loopback address (127.0.0.11 ... 127.0.0.26),
+so both the per-client and the global failed-login budget come into play. Bounded: the flood
+stops after --seconds or --max-flood requests, whichever comes first; all traffic stays on
+127.0.0.0/8.
 
-    .venv/bin/python bench/auth_flood.py [--health 300] [--seconds 20] [--no-budget]
+    .venv/bin/python bench/auth_flood.py [--health 300] [--seconds 30] [--no-budget]
 
 --no-budget raises both budgets to their maximum, so every wrong password costs a scrypt check
 (still off the event loop): the cost the budget saves.
@@ -71,12 +72,16 @@ async def flood(base: str, seconds: float, max_requests: int) -> dict[str, int]:
     async def one_client(index: int) -> None:
         nonlocal budget
         transport = httpx.AsyncHTTPTransport(local_address=f"127.0.0.{11 + index}")
-        async with httpx.AsyncClient(
-            transport=transport, auth=("bench", "wrong-password"), timeout=60
-        ) as client:
+        async with httpx.AsyncClient(transport=transport, timeout=60) as client:
+            guess = 0
             while time.monotonic() < deadline and budget > 0:
                 budget -= 1
-                response = await client.post(f"{base}/api/v1/emails", json={"identity": "x"})
+                guess += 1  # a new password each time: repeats would share one check
+                response = await client.post(
+                    f"{base}/api/v1/emails",
+                    json={"identity": "x"},
+                    auth=("bench", f"guess-{index}-{guess}"),
+                )
                 statuses[str(response.status_code)] += 1
 
     await asyncio.gather(*(one_client(i) for i in range(FLOOD_CLIENTS)))
@@ -86,7 +91,7 @@ async def flood(base: str, seconds: float, max_requests: int) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--health", type=int, default=300, help="/health requests per phase")
-    parser.add_argument("--seconds", type=float, default=20.0, help="longest flood")
+    parser.add_argument("--seconds", type=float, default=30.0, help="longest flood")
     parser.add_argument("--max-flood", type=int, default=200_000, help="most flood requests")
     parser.add_argument("--no-budget", action="store_true")
     parser.add_argument("--flood-only", metavar="BASE", help=argparse.SUPPRESS)
