@@ -79,11 +79,14 @@ def test_basic_mode_matches_user_names_exactly_by_default(
 
 
 def test_case_insensitive_users_names_the_caller_as_configured(
-    make_client: Callable[..., TestClient],
+    make_client: Callable[..., TestClient], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="vezaprovisioner.access")
     client = make_client(authenticated=False, auth={"case_insensitive_users": True})
     created = client.post(EMAILS, json={"identity": "plain"}, headers=basic(USER.upper(), PASSWORD))
     assert created.status_code == 201
+    logged = [getattr(r, "fields", {}).get("caller") for r in caplog.records]
+    assert logged == [USER]
     request_id = created.json()["request_id"]
     record = client.get(f"/VezaProvisioner/api/v1/requests/{request_id}", headers=AUTH)
     assert record.json()["caller"] == USER  # not "VEZA-SVC" as typed
