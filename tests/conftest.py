@@ -93,6 +93,9 @@ def make_client(
     yield make
     for client in clients:
         client.close()
+        # A client never entered as a context manager never ran the app's shutdown: close the
+        # services so their threads, journal connections and files do not outlive the test.
+        client.app.state.services.close()  # type: ignore[attr-defined]
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ orphan for crash recovery.
 
 Writes are group-committed: concurrent requests' writes queue, and whichever thread finds no
 commit in progress runs everything queued in one transaction (one fsync); no Python lock is held
-while SQLite waits for another process's writer. Reads use a connection per thread.
+while SQLite waits for another process's writer. Reads take an idle read connection.
 
 Before every write transaction (and in readiness) the journal checks that its path still names
 the file it holds open, and that the WAL does too (device and inode on POSIX, volume serial and
@@ -214,8 +214,9 @@ class Journal:
         self._writer_sync = self._settings.synchronous.upper()
         self._identity: tuple[tuple[int, int], tuple[int, int]] | None = None
         self._lost: str | None = None  # why the path no longer names our file
-        self._readers = threading.local()
-        self._all_readers: list[sqlite3.Connection] = []
+        # Idle read connections: a reader takes one (or opens one) and gives it back, so there
+        # are as many as reads ever ran at once, not one per thread that ever read.
+        self._idle_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()  # only around the list, never around SQLite
         #: Called with the exception whenever a journal operation fails (metrics, logs).
         self.on_error: Callable[[Exception], None] = lambda exc: None
@@ -294,28 +295,17 @@ class Journal:
         self._lost = problem
         raise sqlite3.DatabaseError(problem)
 
-    def _reader(self) -> sqlite3.Connection:
-        reader: sqlite3.Connection | None = getattr(self._readers, "connection", None)
-        if reader is None:
-            reader = self._open()
-            try:
-                _migrate(reader)  # a read may come first (the CLI, a look-up after a start)
-            except BaseException:
-                reader.close()
-                raise
-            self._readers.connection = reader
-            with self._readers_lock:
-                self._all_readers.append(reader)
-        return reader
-
-    def _drop_reader(self) -> None:
-        reader: sqlite3.Connection | None = getattr(self._readers, "connection", None)
-        if reader is not None:
-            self._readers.connection = None
-            with self._readers_lock:
-                if reader in self._all_readers:
-                    self._all_readers.remove(reader)
+    def _take_reader(self) -> sqlite3.Connection:
+        with self._readers_lock:
+            if self._idle_readers:
+                return self._idle_readers.pop()
+        reader = self._open()
+        try:
+            _migrate(reader)  # a read may come first (the CLI, a look-up after a start)
+        except BaseException:
             reader.close()
+            raise
+        return reader
 
     # ---- writing ------------------------------------------------------------------------------
 
@@ -458,17 +448,23 @@ class Journal:
         return error
 
     def read(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """One read on this thread's connection (no lock, no write transaction)."""
+        """One read on an idle read connection (no lock held while it runs, no write)."""
         return self._read(sql, parameters)
 
     def _read(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        reader: sqlite3.Connection | None = None
         try:
-            return self._reader().execute(sql, parameters).fetchall()
+            reader = self._take_reader()
+            rows = reader.execute(sql, parameters).fetchall()
         except (sqlite3.Error, OSError) as exc:
-            self._drop_reader()
+            if reader is not None:
+                reader.close()
             error = JournalUnavailable(f"The request journal {self.path} is unreadable: {exc}.")
             self.on_error(error)
             raise error from exc
+        with self._readers_lock:
+            self._idle_readers.append(reader)
+        return rows
 
     def _drop_writer(self) -> None:
         if self._writer is not None:
@@ -483,10 +479,9 @@ class Journal:
                 self._queue_changed.wait()
             self._drop_writer()
         with self._readers_lock:
-            readers, self._all_readers = self._all_readers, []
+            readers, self._idle_readers = self._idle_readers, []
         for reader in readers:
             reader.close()
-        self._readers = threading.local()
 
     @property
     def settings(self) -> JournalSettings:
