@@ -316,9 +316,9 @@ def test_host_lifecycle_reaches_metrics_and_the_log(
 
     first, second, third = fake_powershell.start_pids()
     lifecycle = [
-        (line["event"], line["host"], line.get("reason"))
+        (line["event.action"], line["vezaprovisioner.host.name"], line.get("event.reason"))
         for line in log_lines(tmp_path / "data" / "service.log")
-        if line.get("event", "").startswith("host_")
+        if line.get("event.action", "").startswith("host_")
     ]
     assert lifecycle == [
         ("host_started", f"ps-{first}", None),

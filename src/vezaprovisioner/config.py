@@ -230,20 +230,24 @@ class AuditSettings(_Section):
     """The append-only JSON-lines audit trail (one line per finished request)."""
 
     enabled: bool = True
-    #: Relative paths are relative to data_dir.
+    #: Relative paths are relative to data_dir. Written as one file per day, never renamed:
+    #: audit.jsonl → audit-2026-11-29.jsonl (then audit-2026-11-29.1.jsonl past max_bytes).
     file: Path = Path("audit.jsonl")
     max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096, le=2**40)
-    backup_count: int = Field(default=10, ge=1, le=1000)
+    #: How many files are kept besides the current one (at least one per day).
+    backup_count: int = Field(default=400, ge=1, le=10_000)
 
 
 class LoggingSettings(_Section):
     """Structured JSON log lines: one per request plus backend lifecycle events."""
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    #: Empty: standard error. Otherwise a file (relative paths relative to data_dir).
+    #: Empty: standard error (under IIS: logs/vezaprovisioner.log). Otherwise a file (relative
+    #: paths relative to data_dir), written as one file per day and never renamed, like the audit.
     file: str = ""
     max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096, le=2**40)
-    backup_count: int = Field(default=5, ge=1, le=1000)
+    #: How many files are kept besides the current one (at least one per day).
+    backup_count: int = Field(default=30, ge=1, le=10_000)
 
 
 class MetricsSettings(_Section):

@@ -161,7 +161,14 @@ class BackendEvents:
         self, kind: str, host: str, fields: Mapping[str, object], level: int = logging.INFO
     ) -> None:
         self._metrics.backend_host_events.labels(self._backend, kind).inc()
-        event(self._log, f"backend host {kind}", level, event=f"host_{kind}", host=host, **fields)
+        line: dict[str, object] = {
+            "event.action": f"host_{kind}",
+            "vezaprovisioner.backend": self._backend,
+            "vezaprovisioner.host.name": host,
+        }
+        for name, value in fields.items():
+            line["event.reason" if name == "reason" else f"vezaprovisioner.host.{name}"] = value
+        event(self._log, f"backend host {kind}", line, level)
 
 
 class TimedExchange:

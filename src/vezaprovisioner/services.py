@@ -6,6 +6,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+from . import logs
 from .api.problems import problem_for
 from .audit import AuditEvent, AuditTrail
 from .auth import Authenticator
@@ -86,6 +87,7 @@ class Services:
             self.journal.close()
         if self.audit is not None:
             self.audit.close()
+        logs.flush()
 
 
 def _recovered_event(record: Record) -> AuditEvent:

@@ -10,14 +10,13 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from .. import __version__
+from .. import __version__, logs
 from ..auth import REALM
 from ..clock import Clock
 from ..config import Settings
 from ..exchange.errors import ExchangeError
 from ..exchange.port import ExchangePort
 from ..journal import IdentityBusy, JournalUnavailable
-from ..logs import configure_logging
 from ..provisioning import ProvisioningError
 from ..services import Services, build_services
 from .access import AccessLogMiddleware
@@ -36,7 +35,9 @@ def create_app(
     settings: Settings, *, exchange: ExchangePort | None = None, clock: Clock | None = None
 ) -> FastAPI:
     """An app serving every route under `settings.base_path`; tests may inject port and clock."""
-    configure_logging(settings)  # before build_services: the local pool logs as its hosts start
+    # The process's one logging setup, before build_services: the local pool logs as its hosts
+    # start.
+    logs.configure_logging(settings)
     return create_app_from_services(build_services(settings, exchange=exchange, clock=clock))
 
 
@@ -47,6 +48,7 @@ def create_app_from_services(services: Services) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         services.close()  # e.g. stops the local backend's PowerShell hosts
+        logs.shutdown()  # writes what is queued, then ends the writer thread
 
     app = FastAPI(
         lifespan=lifespan,
@@ -76,7 +78,6 @@ def create_app_from_services(services: Services) -> FastAPI:
     )
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(AccessLogMiddleware, metrics=services.metrics, base_path=base)
-    configure_logging(services.settings)
     services.start_maintenance()
 
     async def send_problem(request: Request, exc: Exception) -> Response:

@@ -16,6 +16,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..auth import AuthenticationError, Authenticator
+from ..logs import REQUEST_ID
 from .problems import (
     INTERNAL_ERROR,
     PAYLOAD_TOO_LARGE,
@@ -58,6 +59,8 @@ class RequestContextMiddleware:
         incoming = headers.get(REQUEST_ID_HEADER, "")
         request_id = incoming if _SANE_REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
         scope.setdefault("state", {})["request_id"] = request_id
+        # Every line logged while this request is served carries its id (logs.py).
+        token = REQUEST_ID.set(request_id)
         started = False
 
         async def send_with_id(message: Message) -> None:
@@ -75,6 +78,8 @@ class RequestContextMiddleware:
                 raise
             problem = Problem(INTERNAL_ERROR, "An internal error occurred; the log has details.")
             await problem.response(request_id)(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
 
 
 class AuthenticationMiddleware:

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from .. import __version__
+from .. import __version__, logs
 from ..auth import Caller
 from ..journal import JournalUnavailable, RequestContext
 from ..metrics import CONTENT_TYPE
@@ -90,6 +90,7 @@ def ready(services: ServicesDep) -> JSONResponse:
         "configuration": Check(ok=True, detail=f"valid ({source})"),
         "backend": _probe(services),
         "journal": _journal_writable(services),
+        "logs": _logs_written(),
     }
     ok = all(check.ok for check in checks.values())
     body = ReadinessResponse(status="ready" if ok else "not_ready", checks=checks)
@@ -108,6 +109,12 @@ def _probe(services: Services) -> Check:
         )
     except Exception as exc:  # any failure means "not ready"; the detail says which
         return Check(ok=False, detail=f"{type(exc).__name__}: {exc}")
+
+
+def _logs_written() -> Check:
+    """Not ready when the configured log file could not be opened (lines go to stderr)."""
+    found = logs.status()
+    return Check(ok=found.ok, detail=found.detail)
 
 
 def _journal_writable(services: Services) -> Check:
