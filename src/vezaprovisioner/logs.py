@@ -336,15 +336,24 @@ class _Listener(logging.handlers.QueueListener):
         super().__init__(records, router)
         self.records = records
         self.router = router
+        self.waiting: list[threading.Event] = []
+
+    #: At most this many records wait for their flush while the queue keeps filling.
+    GROUP = 256
 
     def handle(self, record: logging.LogRecord) -> None:
         if getattr(record, "sink", None) is not _BARRIER:
             self.router.handle(record)
         written = getattr(record, "written", None)
-        if written is not None or self.records.empty():
-            self.router.flush()
         if isinstance(written, threading.Event):
-            written.set()
+            self.waiting.append(written)
+        # One flush for everything written since the last one (a group commit, as several
+        # requests finish together), and whoever waits for its line is told after it.
+        if self.records.empty() or len(self.waiting) >= self.GROUP:
+            self.router.flush()
+            for event in self.waiting:
+                event.set()
+            self.waiting.clear()
 
 
 #: The sink of a record that only asks the writer to flush and say so.
