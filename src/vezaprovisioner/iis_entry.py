@@ -5,9 +5,9 @@ environment before the first request, so VEZAPROVISIONER_CONFIG names the config
 a2wsgi serves the ASGI app and hands the whole environ (IIS's server variables included) to it as
 `scope["wsgi_environ"]`; it runs no lifespan events, so the app and its Exchange backend are built
 on the first request, once per process. A start that fails is answered with a problem and tried
-again on the next request. Logs go to the daily file under `data_dir/logs` (`iis_settings`), because
-wfastcgi replaces stdout and stderr with a fresh buffer for every request; logs.py holds the one
-logging setup.
+again on the next request. Logs go to the daily file under `data_dir/logs` (`as_run_by_iis`),
+because wfastcgi replaces stdout and stderr with a fresh buffer for every request; logs.py holds
+the one logging setup.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ START_LOG_NAME = "vezaprovisioner-start.log"
 _ASGI_WAIT_SECONDS = 5.0
 
 
-def iis_settings(settings: Settings) -> Settings:
+def as_run_by_iis(settings: Settings) -> Settings:
     """The settings as IIS runs them: an empty `logging.file` means `LOG_FILE` (wfastcgi gives
     every request a fresh stderr, so standard error would reach nobody)."""
     if settings.logging.file:
@@ -123,7 +123,7 @@ class IisApplication:
             return started
         with self._lock:
             if self._started is None:
-                settings = iis_settings(load_settings(None, self._environ))
+                settings = as_run_by_iis(load_settings(None, self._environ))
                 app = self._build(settings)  # create_app configures logging (logs.py)
                 # a2wsgi starts its event loop thread here, on the first request, not at import.
                 middleware = ASGIMiddleware(cast(Any, app), wait_time=_ASGI_WAIT_SECONDS)
