@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from fastapi.testclient import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.conftest import TEST_DIRECTORY, USER
+from tests.conftest import REPO_ROOT, TEST_DIRECTORY, USER
 from vezaprovisioner import logs
 from vezaprovisioner.config import Settings
 from vezaprovisioner.logs import DatedFileHandler, dated_files, dated_name, printable
@@ -424,3 +425,57 @@ def test_printable_lines_parse_back_to_the_same_value(value: str) -> None:
     line = printable(json.dumps({"v": value}, ensure_ascii=False))
     assert line.isprintable()
     assert json.loads(line) == {"v": value}
+
+
+def test_two_real_processes_appending_at_once_keep_every_line_whole(tmp_path: Path) -> None:
+    """Each batch is one write of whole lines to a descriptor opened for appending, so lines of
+    two processes writing at the same moment never cut into each other."""
+    writer = (
+        "import logging, sys\n"
+        "from pathlib import Path\n"
+        "from vezaprovisioner.logs import DatedFileHandler\n"
+        "handler = DatedFileHandler(Path(sys.argv[1]), max_bytes=2**30, backup_count=5)\n"
+        "handler.setFormatter(logging.Formatter('%(message)s'))\n"
+        "for n in range(3000):\n"
+        "    record = logging.makeLogRecord({'msg': f'{sys.argv[2]}-{n:05d}-' + 'x' * 200})\n"
+        "    handler.handle(record)\n"
+        "    if n % 7 == 0:\n"
+        "        handler.flush()\n"
+        "handler.close()\n"
+    )
+    path = tmp_path / "shared.log"
+    processes = [
+        subprocess.Popen([sys.executable, "-c", writer, str(path), name], cwd=REPO_ROOT)
+        for name in ("a", "b")
+    ]
+    assert [process.wait(timeout=60) for process in processes] == [0, 0]
+    lines = [line for file in dated_files(path) for line in file.read_text().splitlines()]
+    expected = {f"{name}-{n:05d}-" + "x" * 200 for name in "ab" for n in range(3000)}
+    assert len(lines) == len(expected)
+    assert set(lines) == expected
+
+
+def test_a_failing_write_does_not_end_the_writer_thread(
+    make_settings: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logs.configure_logging(make_settings(logging={"file": "service.log"}))
+    log = logging.getLogger("vezaprovisioner.test")
+    real = DatedFileHandler._write_pending
+    failures = iter([OSError(28, "No space left on device")])
+
+    def full_once(self: DatedFileHandler) -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            self._pending.clear()
+            raise failure
+        real(self)
+
+    monkeypatch.setattr(DatedFileHandler, "_write_pending", full_once)
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    log.warning("lost")
+    assert logs.flush()
+    log.warning("kept")
+    messages = [line["message"] for line in log_lines(tmp_path / "data" / "service.log")]
+    assert messages == ["kept"]
+    assert "lines were lost" in stderr.getvalue()
