@@ -406,8 +406,11 @@ class _Listener(logging.handlers.QueueListener):
     GROUP = 256
 
     def handle(self, record: logging.LogRecord) -> None:
-        if getattr(record, "sink", None) is not _BARRIER:
-            self.router.handle(record)
+        try:
+            if getattr(record, "sink", None) is not _BARRIER:
+                self.router.handle(record)
+        except Exception:  # nothing a record does may end the writer thread
+            _report_failure(f"could not write a record of {record.name}")
         written = getattr(record, "written", None)
         if isinstance(written, threading.Event):
             self.waiting.append(written)
@@ -434,6 +437,8 @@ class LogWriter:
         self._lock = threading.Lock()
 
     def start(self) -> None:
+        if self._listener is not None:
+            return
         with self._lock:
             if self._listener is None:
                 self._listener = _Listener(self.queue, self.router)
@@ -456,19 +461,23 @@ class LogWriter:
 
     def flush(self, wait_seconds: float = 5.0) -> bool:
         """Waits until every record queued so far is written and flushed."""
-        if self._listener is None:
+        if self._listener is None and self.queue.empty():
             return True
         barrier = logging.makeLogRecord({"name": ROOT_LOGGER, "msg": "flush"})
         barrier.sink = _BARRIER
         return self.submit(barrier, wait_seconds=wait_seconds)
 
     def stop(self) -> None:
-        """Writes what is queued, flushes, and ends the thread (the next record restarts it)."""
+        """Writes what is queued, flushes, and ends the thread (the next record restarts it).
+
+        Records logged meanwhile wait for the lock in `start`, so no second thread takes the
+        first one's end-of-queue marker. (The writer thread itself never logs.)
+        """
         with self._lock:
-            listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.stop()
-        self.router.flush()
+            if self._listener is not None:
+                self._listener.stop()
+                self._listener = None
+            self.router.flush()
 
     def use_sink(self, handler: logging.Handler) -> logging.Handler:
         """Makes `handler` the log destination; returns the one it replaces."""
