@@ -29,14 +29,19 @@ DAY = 86_400.0
 NOON = 1_795_953_600.0
 
 
-def log_lines(path: Path) -> list[dict[str, Any]]:
-    """Every line written for the configured file `path` (all its dated files), oldest first."""
+def log_lines(path: Path, logger: str = "") -> list[dict[str, Any]]:
+    """Every line written for the configured file `path` (all its dated files), oldest first;
+    with `logger`, only that logger's (other threads of the test process may log too)."""
     assert logs.flush()
-    return [
+    lines = [
         json.loads(line)
         for file in dated_files(path)
         for line in file.read_text(encoding="utf-8").splitlines()
     ]
+    return [line for line in lines if line["log.logger"].startswith(logger)]
+
+
+TEST_LOGGER = "vezaprovisioner.test"
 
 
 @pytest.fixture(autouse=True)
@@ -106,7 +111,7 @@ def test_every_line_logged_while_serving_a_request_carries_its_id(
 def test_level_filters(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
     client = make_client(logging={"file": "quiet.log", "level": "WARNING"})
     client.get("/VezaProvisioner/health")
-    assert log_lines(tmp_path / "data" / "quiet.log") == []
+    assert log_lines(tmp_path / "data" / "quiet.log", "vezaprovisioner.access") == []
 
 
 def test_backend_lifecycle_events_are_logged_and_counted(
@@ -118,7 +123,7 @@ def test_backend_lifecycle_events_are_logged_and_counted(
     events.host_started("ps-1", pid=4242)
     events.host_recycled("ps-1", "served 500 commands")
     events.host_killed("ps-2", "command timeout")
-    lines = log_lines(tmp_path / "data" / "backend.log")
+    lines = log_lines(tmp_path / "data" / "backend.log", "vezaprovisioner.backend")
     assert [(line["event.action"], line["vezaprovisioner.host.name"]) for line in lines] == [
         ("host_started", "ps-1"),
         ("host_recycled", "ps-1"),
@@ -204,7 +209,7 @@ def test_the_stderr_destination_writes_to_the_current_stderr(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     logs.configure_logging(make_settings())
-    log = logging.getLogger("vezaprovisioner.test")
+    log = logging.getLogger(TEST_LOGGER)
     first, second = io.StringIO(), io.StringIO()
     monkeypatch.setattr(sys, "stderr", first)
     log.warning("one")
@@ -363,12 +368,13 @@ def test_records_are_written_by_one_thread_and_formatted_once(
 
     def watching(self: logs.JsonFormatter, record: logging.LogRecord) -> str:
         nonlocal formats
-        formats += 1
-        threads.add(threading.current_thread().name)
+        if record.name == TEST_LOGGER:
+            formats += 1
+            threads.add(threading.current_thread().name)
         return real_format(self, record)
 
     monkeypatch.setattr(logs.JsonFormatter, "format", watching)
-    log = logging.getLogger("vezaprovisioner.test")
+    log = logging.getLogger(TEST_LOGGER)
     workers = [
         threading.Thread(target=lambda n=n: log.info("from %d", n), name=f"worker-{n}")
         for n in range(4)
@@ -377,7 +383,7 @@ def test_records_are_written_by_one_thread_and_formatted_once(
         worker.start()
     for worker in workers:
         worker.join()
-    lines = log_lines(tmp_path / "data" / "service.log")
+    lines = log_lines(tmp_path / "data" / "service.log", TEST_LOGGER)
     assert sorted(line["message"] for line in lines) == [f"from {n}" for n in range(4)]
     assert formats == 4
     assert len(threads) == 1
@@ -388,17 +394,18 @@ def test_shutdown_writes_what_is_queued(
     make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
     logs.configure_logging(make_settings(logging={"file": "service.log"}))
-    log = logging.getLogger("vezaprovisioner.test")
+    log = logging.getLogger(TEST_LOGGER)
     for number in range(50):
         log.info("line %d", number)
     logs.shutdown()
     path = tmp_path / "data" / "service.log"
     text = "".join(p.read_text(encoding="utf-8") for p in dated_files(path))
-    assert [json.loads(line)["message"] for line in text.splitlines()] == [
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [line["message"] for line in lines if line["log.logger"] == TEST_LOGGER] == [
         f"line {n}" for n in range(50)
     ]
     log.info("after")  # the next record starts the writer again
-    assert log_lines(path)[-1]["message"] == "after"
+    assert log_lines(path, TEST_LOGGER)[-1]["message"] == "after"
 
 
 # --- nothing invisible -----------------------------------------------------------------------
@@ -412,9 +419,9 @@ def test_non_printable_characters_are_escaped_in_log_lines(
     make_client: Callable[..., TestClient], tmp_path: Path, hostile: str
 ) -> None:
     make_client(logging={"file": "service.log"})
-    logging.getLogger("vezaprovisioner.test").warning("caller %s", hostile)
+    logging.getLogger(TEST_LOGGER).warning("caller %s", hostile)
     path = tmp_path / "data" / "service.log"
-    (line,) = log_lines(path)
+    (line,) = log_lines(path, TEST_LOGGER)
     assert line["message"] == f"caller {hostile}"  # a JSON reader gets the value back
     raw = "".join(p.read_text(encoding="utf-8") for p in dated_files(path))
     assert raw.rstrip("\n").isprintable()
@@ -459,7 +466,7 @@ def test_a_failing_write_does_not_end_the_writer_thread(
     make_settings: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     logs.configure_logging(make_settings(logging={"file": "service.log"}))
-    log = logging.getLogger("vezaprovisioner.test")
+    log = logging.getLogger(TEST_LOGGER)
     real = DatedFileHandler._write_pending
     failures = iter([OSError(28, "No space left on device")])
 
@@ -476,6 +483,8 @@ def test_a_failing_write_does_not_end_the_writer_thread(
     log.warning("lost")
     assert logs.flush()
     log.warning("kept")
-    messages = [line["message"] for line in log_lines(tmp_path / "data" / "service.log")]
+    messages = [
+        line["message"] for line in log_lines(tmp_path / "data" / "service.log", TEST_LOGGER)
+    ]
     assert messages == ["kept"]
     assert "lines were lost" in stderr.getvalue()
