@@ -217,8 +217,13 @@ def test_the_stderr_destination_writes_to_the_current_stderr(
     monkeypatch.setattr(sys, "stderr", second)
     log.warning("two")
     assert logs.flush()
-    assert [json.loads(line)["message"] for line in first.getvalue().splitlines()] == ["one"]
-    assert [json.loads(line)["message"] for line in second.getvalue().splitlines()] == ["two"]
+
+    def messages(buffer: io.StringIO) -> list[str]:
+        lines = [json.loads(line) for line in buffer.getvalue().splitlines()]
+        return [line["message"] for line in lines if line["log.logger"] == TEST_LOGGER]
+
+    assert messages(first) == ["one"]
+    assert messages(second) == ["two"]
 
 
 # --- a log file that cannot be opened --------------------------------------------------------
