@@ -31,7 +31,6 @@ from typing import Any
 from vezaprovisioner import logs
 from vezaprovisioner.audit import AuditEvent, AuditTrail
 from vezaprovisioner.config import AuditSettings, Settings
-from vezaprovisioner.services import problem_code
 
 FIELDS = {
     "event.action": "request",
@@ -141,7 +140,7 @@ def audit_lines(folder: Path, variant: str, records: int, threads: int) -> None:
             logger.info(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
 
     else:
-        trail = AuditTrail(folder, AuditSettings(), code_of=problem_code)
+        trail = AuditTrail(folder, AuditSettings())
 
         def one(number: int) -> None:
             trail.write(event)

@@ -16,7 +16,6 @@ from tests.conftest import PASSWORD, USER, basic
 from vezaprovisioner.audit import AuditEvent, AuditTrail
 from vezaprovisioner.config import AuditSettings
 from vezaprovisioner.logs import dated_files
-from vezaprovisioner.services import problem_code
 
 EMAILS = "/VezaProvisioner/api/v1/emails"
 
@@ -78,9 +77,7 @@ def test_files_are_named_by_day_and_never_renamed(tmp_path: Path) -> None:
     """Several IIS processes append to the same file, so no file is ever renamed: past
     max_bytes the trail continues in the next numbered file, and the first file keeps its
     first line."""
-    trail = AuditTrail(
-        tmp_path, AuditSettings(max_bytes=4096, backup_count=20), code_of=problem_code
-    )
+    trail = AuditTrail(tmp_path, AuditSettings(max_bytes=4096, backup_count=20))
     for number in range(40):
         trail.write(_event(request_id=f"r-{number}"))
     first = trail.files()[0]
@@ -102,8 +99,8 @@ def test_files_are_named_by_day_and_never_renamed(tmp_path: Path) -> None:
 
 def test_a_second_process_appends_to_the_same_file(tmp_path: Path) -> None:
     settings = AuditSettings()
-    first = AuditTrail(tmp_path, settings, code_of=problem_code)
-    second = AuditTrail(tmp_path, settings, code_of=problem_code)
+    first = AuditTrail(tmp_path, settings)
+    second = AuditTrail(tmp_path, settings)
     for number in range(10):
         (first if number % 2 else second).write(_event("u", request_id=f"r-{number}"))
     first.close()
@@ -118,7 +115,7 @@ def test_a_second_process_appends_to_the_same_file(tmp_path: Path) -> None:
     "hostile", ["jd\u202eeod", "a\u200bb", "x\x1b[31m", "\u2066y\u2069", "nul\x00", "z\x85"]
 )
 def test_non_printable_characters_from_any_field_are_escaped(tmp_path: Path, hostile: str) -> None:
-    trail = AuditTrail(tmp_path, AuditSettings(), code_of=problem_code)
+    trail = AuditTrail(tmp_path, AuditSettings())
     trail.write(_event(caller=hostile, request_id=hostile, identity=hostile, detail=hostile))
     trail.close()
     raw = trail.files()[0].read_text(encoding="utf-8")
@@ -130,7 +127,7 @@ def test_non_printable_characters_from_any_field_are_escaped(tmp_path: Path, hos
 def test_an_unwritable_trail_is_logged_not_raised(tmp_path: Path) -> None:
     blocked = tmp_path / "blocked"
     blocked.write_text("not a folder", encoding="utf-8")
-    trail = AuditTrail(blocked, AuditSettings(), code_of=problem_code)
+    trail = AuditTrail(blocked, AuditSettings())
     trail.write(_event())  # no exception: the request still gets its answer
     assert trail.files() == []
 

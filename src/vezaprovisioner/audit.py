@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,12 +92,8 @@ class _AuditFormatter(logging.Formatter):
 class AuditTrail:
     """Writes `AuditEvent`s as JSON lines through the logging writer thread; thread-safe."""
 
-    def __init__(
-        self, data_dir: Path, settings: AuditSettings, *, code_of: Callable[[Exception], str]
-    ) -> None:
+    def __init__(self, data_dir: Path, settings: AuditSettings) -> None:
         self.path = data_dir / settings.file
-        #: The stable problem code of a failure (api/problems.py's table, injected).
-        self.code_of = code_of
         self._settings = settings
         self._handler: logs.DatedFileHandler | None = None
         self._lock = threading.Lock()

@@ -27,8 +27,9 @@ from a2wsgi import ASGIMiddleware
 from . import logs
 from .api.app import create_app
 from .api.middleware import REQUEST_ID_HEADER
-from .api.problems import SERVICE_NOT_STARTED, Problem
+from .api.problems import problem_response
 from .config import Settings, load_settings
+from .failures import ServiceNotStarted
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -143,13 +144,12 @@ class IisApplication:
         """Log why the start failed (to a file: stderr goes nowhere) and answer 503."""
         request_id = str(uuid.uuid4())
         self._log_start_failure(request_id)
-        problem = Problem(
-            SERVICE_NOT_STARTED,
+        failure = ServiceNotStarted(
             "VezaProvisioner could not start on this server. The administrator finds the reason "
             "in its start log (deploy/iis/README.md, Troubleshooting); `vezaprovisioner doctor` "
-            "checks the installation.",
+            "checks the installation."
         )
-        response = problem.response(request_id)
+        response = problem_response(failure, request_id)
         status = http.HTTPStatus(response.status_code)
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers]
         start_response(
