@@ -130,16 +130,37 @@ def test_ssl_required_exactly_when_the_ssl_flag_is_set(flags: list[str], separat
 
 
 def test_the_timeouts_cover_the_worst_case_with_margin() -> None:
-    """Defaults: 3 x 120 (cmdlets) + 30 (not-found wait) + 30 (host queue) + 150 (claim) =
-    570 s; with a quarter and 30 s on top, rounded up to ten: 750 s. The old 300 s was less
-    than half of it."""
+    """Defaults: 3 x (120 s cmdlet + 30 s wait for a free host) + 30 s not-found wait + 150 s
+    claim wait + 3 x 5 s journal lock waits = 645 s; with a quarter and 30 s on top, rounded up
+    to ten: 840 s. The old 300 s was less than half of it."""
     settings = Settings(backend="local")
-    assert worst_case_seconds(settings) == 570
+    assert worst_case_seconds(settings) == 645
     timeouts = fastcgi_timeouts(settings)
-    assert (timeouts.request_timeout, timeouts.activity_timeout) == (750, 750)
+    assert (timeouts.request_timeout, timeouts.activity_timeout) == (840, 840)
     assert timeouts.idle_timeout == 604_800  # IIS's maximum: keep the warm pool
     simulated = Settings(backend="simulated")  # no host queue
-    assert worst_case_seconds(simulated) == 540
+    assert worst_case_seconds(simulated) == 555
+
+
+def test_a_host_per_command_adds_each_hosts_start() -> None:
+    """pool_size = 0 starts a host for every cmdlet: each may take longest_start_seconds
+    (2 x startup_timeout + connect_lock_wait + 5 = 965 s by default), which IIS cannot allow;
+    shorter startup limits fit."""
+    per_command = Settings.model_validate({"backend": "local", "local": {"pool_size": 0}})
+    assert worst_case_seconds(per_command) == 3 * (120 + 30 + 965) + 30 + 150 + 15
+    with pytest.raises(IisSettingsError, match=r"local\.pool_size = 0"):
+        fastcgi_timeouts(per_command)
+    shorter = Settings.model_validate(
+        {
+            "backend": "local",
+            "local": {
+                "pool_size": 0,
+                "startup_timeout_seconds": 60,
+                "connect_lock_wait_seconds": 60,
+            },
+        }
+    )
+    assert fastcgi_timeouts(shorter).request_timeout == 1530
 
 
 @given(
@@ -179,11 +200,11 @@ def test_the_cli_prints_them_for_install_ps1(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    # 3 x 60 + 30 + 30 + 150 = 390 s → 390 x 1.25 + 30 = 517.5 → 520 s.
+    # 3 x (60 + 30) + 30 + 150 + 15 = 465 s → 465 x 1.25 + 30 = 611.25 → 620 s.
     assert json.loads(done.stdout) == {
-        "worstCaseSeconds": 390.0,
-        "requestTimeout": 520,
-        "activityTimeout": 520,
+        "worstCaseSeconds": 465.0,
+        "requestTimeout": 620,
+        "activityTimeout": 620,
         "idleTimeout": 604800,
     }
     config.write_text(

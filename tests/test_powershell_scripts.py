@@ -448,7 +448,7 @@ def _fastcgi_tuning() -> dict[str, str]:
 
 
 def test_fastcgi_timeouts_come_from_the_service_not_from_literals() -> None:
-    """Before: requestTimeout and activityTimeout 300 (less than the app's 570 s worst case) and
+    """Before: requestTimeout and activityTimeout 300 (less than the app's 645 s worst case) and
     idleTimeout 1800. Now the three come from `vezaprovisioner iis-settings`, whose JSON keys
     are the ones the script reads."""
     from vezaprovisioner.config import Settings

@@ -145,16 +145,23 @@ MARGIN_SECONDS = 30
 def worst_case_seconds(settings: Settings) -> float:
     """The longest a CREATE_EMAIL can take before the service answers on its own.
 
-    Three cmdlets (Get-User, Get-User again after the not-found wait, Enable-*) each bounded by
-    `exchange.command_timeout_seconds`, the not-found wait, a wait for a free PowerShell host
-    (local backend), and a wait for another request's claim on the same user.
+    Three cmdlets (Get-User, Get-User again after the not-found wait, Enable-*), each bounded
+    by `exchange.command_timeout_seconds`; with the local backend each may first wait for a
+    free PowerShell host (`local.queue_wait_seconds`) and, with no warm pool (`pool_size = 0`),
+    for a new host to start (`LocalSettings.longest_start_seconds`). Then the not-found wait,
+    the wait for another request's claim on the same user, and up to three journal commits
+    waiting for another process's write lock (`journal.busy_timeout_ms`).
     """
-    queue_wait = settings.local.queue_wait_seconds if settings.backend == "local" else 0.0
+    per_cmdlet = settings.exchange.command_timeout_seconds
+    if settings.backend == "local":
+        per_cmdlet += settings.local.queue_wait_seconds
+        if settings.local.pool_size == 0:
+            per_cmdlet += settings.local.longest_start_seconds
     return (
-        3 * settings.exchange.command_timeout_seconds
+        3 * per_cmdlet
         + settings.not_found_retry_seconds
-        + queue_wait
         + settings.journal.claim_wait_seconds
+        + 3 * settings.journal.busy_timeout_ms / 1000
     )
 
 
@@ -204,10 +211,12 @@ def fastcgi_timeouts(settings: Settings) -> FastCgiTimeouts:
     needed = int(math.ceil((worst * 1.25 + MARGIN_SECONDS) / 10) * 10)
     if needed > ACTIVITY_TIMEOUT_MAX:
         raise IisSettingsError(
-            f"a request may take {worst:g} s (3 x exchange.command_timeout_seconds + "
-            "not_found_retry_seconds + local.queue_wait_seconds + journal.claim_wait_seconds), "
-            f"so IIS's FastCGI activityTimeout would need {needed} s, more than its maximum of "
-            f"{ACTIVITY_TIMEOUT_MAX} s; lower exchange.command_timeout_seconds or the waits"
+            f"a request may take {worst:g} s (3 x (exchange.command_timeout_seconds + "
+            "local.queue_wait_seconds, + a host start when local.pool_size = 0) + "
+            "not_found_retry_seconds + journal.claim_wait_seconds + 3 x "
+            f"journal.busy_timeout_ms), so IIS's FastCGI activityTimeout would need {needed} s, "
+            f"more than its maximum of {ACTIVITY_TIMEOUT_MAX} s; lower "
+            "exchange.command_timeout_seconds or the waits"
         )
     return FastCgiTimeouts(worst, request_timeout=needed, activity_timeout=needed)
 
