@@ -43,9 +43,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from .api.app import create_app
+    from .standalone import serve
 
     settings = _settings(args)
     app = create_app(settings)
@@ -54,7 +53,7 @@ def _serve(args: argparse.Namespace) -> int:
         f"http://{args.host}:{args.port}{settings.base_path}",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    serve(app, settings.server, host=args.host, port=args.port, log_level=args.log_level)
     return EXIT_OK
 
 

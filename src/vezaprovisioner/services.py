@@ -39,6 +39,7 @@ class Services:
 
     def close(self) -> None:
         self.maintenance.stop()
+        self.authenticator.close()
         self.exchange.close()
         self.journal.close()
         if self.audit is not None:
@@ -75,7 +76,7 @@ def build_services(
         provisioner=Provisioner(
             settings, timed, clock, claims=claims, journal=journal, audit=audit
         ),
-        authenticator=Authenticator(settings.auth),
+        authenticator=Authenticator(settings.auth, clock=clock),
         journal=journal,
         metrics=metrics,
         claims=claims,

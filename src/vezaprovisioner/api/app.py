@@ -26,6 +26,7 @@ from ..failures import (
     ValidationFailed,
 )
 from ..services import Services, build_services
+from ..validation import visible
 from .access import AccessLogMiddleware
 from .middleware import AuthenticationMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from .problems import problem_for_request
@@ -108,7 +109,7 @@ def http_failure(exc: StarletteHTTPException, method: str, path: str, base: str)
     """
     status = exc.status_code
     if status == 404:
-        return NotFound(f"There is nothing at {path}; see {base}/docs.")
+        return NotFound(f"There is nothing at {visible(path)}; see {base}/docs.")
     if status == 405:
         allowed = [m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()]
         return MethodNotAllowed(

@@ -25,12 +25,14 @@ from .access import client_address
 from .models import (
     SUPPORTED_ACTIONS,
     ActionRequest,
+    CheckSummary,
     EmailRequest,
     HealthResponse,
     MailboxResponse,
     ProblemDocument,
     ReadinessCheck,
     ReadinessResponse,
+    ReadinessSummary,
     RecipientStateResponse,
     RequestRecordResponse,
 )
@@ -80,21 +82,47 @@ def health() -> HealthResponse:
 @router.get(
     "/health/ready",
     tags=["health"],
-    responses={503: {"model": ReadinessResponse, "description": "Not ready"}},
+    responses={503: {"model": ReadinessSummary, "description": "Not ready"}},
 )
 def ready(services: ServicesDep) -> JSONResponse:
-    """Readiness: the configuration is valid and the backend answers a cheap probe in time."""
+    """Readiness, public: the overall status and whether each check passed, nothing more.
+
+    The details (paths, backend hosts, error text) are for authenticated callers only, at
+    `/health/ready/details`.
+    """
+    checks = _readiness_checks(services)
+    ok = all(check.ok for check in checks.values())
+    body = ReadinessSummary(
+        status="ready" if ok else "not_ready",
+        checks={name: CheckSummary(ok=check.ok) for name, check in checks.items()},
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+@router.get(
+    "/health/ready/details",
+    tags=["health"],
+    responses={503: {"model": ReadinessResponse, "description": "Not ready"}},
+)
+def ready_details(services: ServicesDep) -> JSONResponse:
+    """Readiness with each check's detail: the configuration file, the backend's hosts or
+    session, the journal's path and any error text. Authenticated like the API."""
+    checks = _readiness_checks(services)
+    ok = all(check.ok for check in checks.values())
+    body = ReadinessResponse(status="ready" if ok else "not_ready", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+def _readiness_checks(services: Services) -> dict[str, ReadinessCheck]:
+    """The configuration is valid and the backend answers a cheap probe in time."""
     settings = services.settings
     source = str(settings.source) if settings.source else "built in code"
-    checks = {
+    return {
         "configuration": ReadinessCheck(ok=True, detail=f"valid ({source})"),
         "backend": _probe(services),
         "journal": _journal_writable(services),
         "logs": _logs_written(),
     }
-    ok = all(check.ok for check in checks.values())
-    body = ReadinessResponse(status="ready" if ok else "not_ready", checks=checks)
-    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 
 def _probe(services: Services) -> ReadinessCheck:
@@ -197,7 +225,7 @@ def read_email(
         identity = validate_identity(identity)
     except InvalidValue as exc:
         raise validation_failure(
-            [{"loc": ("path", "identity"), "msg": exc.message, "type": "invalid_value"}]
+            [{"loc": ("path", "identity"), "msg": exc.message, "type": exc.kind}]
         ) from exc
     return RecipientStateResponse.build(services.provisioner.read_state(identity), request_id)
 
