@@ -51,6 +51,8 @@ class Caller:
 
     name: str
     method: str
+    #: Other names of the same authenticated account (under IIS: the name the client typed).
+    aliases: tuple[str, ...] = ()
 
 
 def hash_password(password: str) -> str:
@@ -108,8 +110,10 @@ class Authenticator:
             caller = self._iis_caller(scope)
         else:
             caller = self._basic_caller(authorization)
-        if self._allowed and caller.name.casefold() not in self._allowed:
-            raise CallerNotAllowed(f"{caller.name!r} is not in auth.allowed_users.")
+        names = (caller.name, *caller.aliases)
+        if self._allowed and not any(name.casefold() in self._allowed for name in names):
+            spelled = " or ".join(repr(name) for name in names)
+            raise CallerNotAllowed(f"{spelled} is not in auth.allowed_users.")
         return caller
 
     def _iis_caller(self, scope: Mapping[str, Any]) -> Caller:
@@ -124,7 +128,11 @@ class Authenticator:
                 "This request came over plain HTTP; call https://<exchange_host>/VezaProvisioner "
                 "(auth.require_https is on)."
             )
-        return Caller(name=variables.authenticated_user, method=f"iis-{variables.auth_type or '?'}")
+        return Caller(
+            name=variables.authenticated_user,
+            method=f"iis-{variables.auth_type or '?'}",
+            aliases=variables.user_names[1:],
+        )
 
     def _basic_caller(self, authorization: str | None) -> Caller:
         scheme, _, token = (authorization or "").partition(" ")

@@ -19,9 +19,8 @@ from .api.problems import problem_for
 from .auth import hash_password
 from .clock import SystemClock
 from .config import ConfigError, Settings, load_settings
-from .exchange.backends import open_exchange
+from .exchange.backends import open_exchange, wait_until_started
 from .exchange.errors import ExchangeError
-from .exchange.local.backend import LocalExchange
 from .journal import STATES, IdentityBusy, Journal, JournalUnavailable, RequestContext
 from .provisioning import CreateEmail, ProvisioningError
 from .services import build_services, problem_code
@@ -170,11 +169,7 @@ def _probe(args: argparse.Namespace) -> int:
     services = build_services(settings)
     try:
         exchange = services.exchange
-        if isinstance(exchange, LocalExchange):
-            exchange.pool.wait_for(
-                lambda s: s.size == 0 or s.warm > 0 or s.failed_starts > 0,
-                timeout=settings.local.startup_timeout_seconds + 5,
-            )
+        wait_until_started(exchange, settings.local.startup_timeout_seconds + 5)
         report: dict[str, object] = {"backend": settings.backend, "probe": exchange.probe()}
         if identity is not None:
             report["get_user"] = asdict(exchange.get_user(identity))

@@ -20,7 +20,7 @@ from typing import Literal
 from .api.problems import problem_for
 from .clock import Clock, SystemClock
 from .config import ConfigError, Settings, load_settings
-from .exchange.backends import open_exchange
+from .exchange.backends import open_exchange, wait_until_started
 from .exchange.errors import (
     BackendUnavailable,
     ExchangeError,
@@ -143,6 +143,9 @@ class Doctor:
         except ConfigError as exc:
             return None, _fail(name, f"the backend could not be opened: {exc}", _CONFIG_FIX)
         try:
+            # The local backend's hosts connect in the background: judge it once one is warm
+            # or a start has failed, as `probe` does, not while they are still connecting.
+            wait_until_started(port, settings.local.startup_timeout_seconds + 5)
             described = port.probe()
         except ExchangeError as exc:
             return port, _fail(name, f"the probe failed: {exc.message}", _exchange_fix(exc))

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from .. import __version__
 from ..auth import Caller
+from ..exchange.backends import wait_until_started
 from ..journal import JournalUnavailable, RequestContext
 from ..metrics import CONTENT_TYPE
 from ..services import Services
@@ -75,6 +76,27 @@ RequestIdDep = Annotated[str, Depends(get_request_id)]
 def health() -> HealthResponse:
     """Liveness: the process answers. Touches no backend."""
     return HealthResponse(status="ok", version=__version__)
+
+
+@router.get(
+    "/warmup",
+    tags=["health"],
+    status_code=204,
+    response_class=Response,
+    responses={204: {"description": "The service is started; nothing else is said"}},
+)
+def warmup(services: ServicesDep) -> Response:
+    """IIS Application Initialization's page: warm the service before the first caller.
+
+    IIS requests it when the application pool starts (startMode AlwaysRunning, preloadEnabled),
+    anonymously and over plain HTTP, the only way Application Initialization sends it: the
+    request itself builds the app in this FastCGI process; this waits, at most the startup
+    timeout, until the backend's hosts have connected or failed. It reads no input and says
+    nothing (204, no body), so it is safe without credentials.
+    """
+    settings = services.settings
+    wait_until_started(services.exchange, settings.local.startup_timeout_seconds, every_host=True)
+    return Response(status_code=204, headers={"Cache-Control": "no-store"})
 
 
 @router.get(

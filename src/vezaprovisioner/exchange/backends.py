@@ -73,3 +73,24 @@ def _open_local(settings: Settings, host_events: PoolEvents | None) -> ExchangeP
     )
     pool.start()
     return LocalExchange(pool)
+
+
+def wait_until_started(port: ExchangePort, timeout: float, *, every_host: bool = False) -> None:
+    """Block, at most `timeout` seconds, until the local backend's hosts have connected or failed.
+
+    `every_host=False` (`probe`, `doctor`): until one host is warm or a start has failed, so
+    that a probe judges a started backend, not one still connecting. `every_host=True` (the IIS
+    warm-up): until no host is starting any more. Other backends have no hosts: no wait.
+    """
+    from .local.backend import LocalExchange
+    from .local.pool import PoolStatus
+
+    if not isinstance(port, LocalExchange):
+        return
+
+    def started(status: PoolStatus) -> bool:
+        if every_host:
+            return status.starting == 0
+        return status.size == 0 or status.warm > 0 or status.failed_starts > 0
+
+    port.pool.wait_for(started, timeout)
