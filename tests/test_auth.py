@@ -198,3 +198,17 @@ def test_iis_variables_are_read_from_the_wsgi_environ_only() -> None:
     assert variables is not None
     assert variables.authenticated_user == "CONTOSO\\a"
     assert variables.https
+
+
+def test_the_iis_caller_is_the_account_and_the_typed_name_is_its_alias() -> None:
+    typed_upn = {"AUTH_USER": "veza@contoso.com", "REMOTE_USER": "veza@contoso.com"}
+    variables = iis_server_variables({"wsgi_environ": {**typed_upn, "LOGON_USER": "CONTOSO\\veza"}})
+    assert variables is not None
+    assert variables.authenticated_user == "CONTOSO\\veza"
+    assert variables.user_names == ("CONTOSO\\veza", "veza@contoso.com")
+    same = iis_server_variables({"wsgi_environ": {**typed_upn, "LOGON_USER": "VEZA@contoso.com"}})
+    assert same is not None
+    assert same.user_names == ("VEZA@contoso.com",)  # one account, one name, whatever the case
+    no_logon = iis_server_variables({"wsgi_environ": typed_upn})
+    assert no_logon is not None
+    assert no_logon.authenticated_user == "veza@contoso.com"
