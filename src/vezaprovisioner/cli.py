@@ -21,7 +21,8 @@ from .clock import SystemClock
 from .config import ConfigError, Settings, load_settings
 from .exchange.backends import open_exchange, wait_until_started
 from .exchange.errors import ExchangeError
-from .journal import STATES, IdentityBusy, Journal, JournalUnavailable, RequestContext
+from .journal.claims import IdentityBusy
+from .journal.records import STATES, Journal, JournalUnavailable, RequestContext
 from .provisioning import CreateEmail, ProvisioningError
 from .services import build_services, problem_code
 from .validation import InvalidValue, validate_alias, validate_identity

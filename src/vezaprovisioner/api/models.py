@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
-from ..journal import Record
+from ..journal.records import Record
 from ..provisioning import CreateEmail, MailboxResult, RecipientState
 from ..validation import InvalidValue, validate_alias, validate_identity
 
