@@ -410,3 +410,11 @@ def test_both_pool_branches_of_install_set_always_running() -> None:
     step = text[text.index("Invoke-Step 'Create the application pool'") :]
     step = step[: step.index("Invoke-Step", 10)]
     assert step.count("-Name startMode -Value 'AlwaysRunning'") == 2
+
+
+def test_uninstall_clears_what_install_opened_for_the_warm_up() -> None:
+    install = (REPO_ROOT / "deploy" / "iis" / "install.ps1").read_text(encoding="utf-8")
+    uninstall = (REPO_ROOT / "deploy" / "iis" / "uninstall.ps1").read_text(encoding="utf-8")
+    for script in (install, uninstall):
+        assert '$warmup = "$Location/warmup"' in script
+    assert "Clear-WebConfiguration -PSPath $AppHost -Location $warmup" in uninstall
