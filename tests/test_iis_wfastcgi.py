@@ -407,14 +407,8 @@ def test_crash_recovery_runs_in_the_next_processs_first_request(
 
 # --- errors through wfastcgi: a bad body is never "nothing here" --------------------------------
 
-#: Issue 10 ("One failure tree below HTTP") fixes app.py's mapping at its root; these prove it
-#: through wfastcgi. Strict: they must start passing when that lands (then drop the mark).
-ISSUE_10 = pytest.mark.xfail(
-    strict=True,
-    reason="issue 10: app.py turns every Starlette HTTPException but 405 into 404, 405 has no "
-    "Allow, and the body check answers 415 before routing",
-)
-
+# Issue 10 ("One failure tree below HTTP") fixed the mapping at its root in api/app.py; these
+# prove it through wfastcgi (before it, the first three answered 404 "There is nothing at ...").
 _NOT_JSON_TEXT = {
     "non-utf8": b'{"identity": "pl\xffain"}',
     "deep-array": b"[" * 1000 + b"]" * 1000,
@@ -422,7 +416,6 @@ _NOT_JSON_TEXT = {
 }
 
 
-@ISSUE_10
 @pytest.mark.parametrize("body", list(_NOT_JSON_TEXT.values()), ids=list(_NOT_JSON_TEXT))
 def test_a_body_that_cannot_be_read_is_400_or_422_never_404(
     iis: WfastcgiProcess, body: bytes
@@ -433,7 +426,6 @@ def test_a_body_that_cannot_be_read_is_400_or_422_never_404(
     assert reply.json()["code"] != "NOT_FOUND"
 
 
-@ISSUE_10
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
     [("GET", EMAILS, "POST"), ("POST", f"{BASE}/health", "GET")],
@@ -450,7 +442,6 @@ def test_405_says_which_methods_are_allowed(
     assert method not in allow
 
 
-@ISSUE_10
 @pytest.mark.parametrize("method", ["PUT", "PATCH"])
 @pytest.mark.parametrize("content_type", ["application/json", None], ids=["json", "no-body"])
 def test_put_or_patch_on_a_get_route_is_405_not_415(

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .failures import ServiceNotStarted
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
@@ -36,7 +38,7 @@ _BASE_PATH = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
 _SCRYPT_HASH = re.compile(r"^scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$")
 
 
-class ConfigError(Exception):
+class ConfigError(ServiceNotStarted):
     """The configuration cannot be used; the message lists every problem and how to fix it."""
 
 
