@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import TEST_DIRECTORY
+from tests.conftest import AUTH, TEST_DIRECTORY
 from tests.fakes.local_host import FakePowerShell, wait_gone
 from tests.harness.iis import (
     BASE,
@@ -454,3 +454,31 @@ def test_put_or_patch_on_a_get_route_is_405_not_415(
     reply = iis.request(request)
     assert reply.status == 405
     assert "GET" in reply.headers.get("allow", "")
+
+
+def test_only_the_first_warm_up_waits_so_anonymous_callers_cannot_hold_a_process(
+    make_settings: Callable[..., Any], fake_powershell: FakePowerShell
+) -> None:
+    """In-process (the wait is the app's, not wfastcgi's): after the first warm-up, a host being
+    replaced does not make /warmup wait for it."""
+    from fastapi.testclient import TestClient
+
+    from vezaprovisioner.api.app import create_app
+
+    settings = make_settings(
+        not_found_retry_seconds=0,
+        **fake_powershell.settings(pool_size=1, max_commands=1, startup_timeout_seconds=20),
+    )
+    app = create_app(settings)
+    try:
+        client = TestClient(app, headers=AUTH)
+        assert client.get(f"{BASE}/warmup").status_code == 204  # waits for the first host
+        # The replacement connects for longer than the startup timeout: waiting for it would
+        # end with the slot broken; not waiting leaves it starting.
+        fake_powershell.set(connect_seconds=60)
+        assert client.get(f"{EMAILS}/plain").status_code == 200  # max_commands 1: recycled
+        assert client.get(f"{BASE}/warmup").status_code == 204
+        detail = client.get(f"{BASE}/health/ready").json()["checks"]["backend"]["detail"]
+        assert "1 starting, 0 broken" in detail
+    finally:
+        app.state.services.close()

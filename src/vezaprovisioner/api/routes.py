@@ -85,17 +85,21 @@ def health() -> HealthResponse:
     response_class=Response,
     responses={204: {"description": "The service is started; nothing else is said"}},
 )
-def warmup(services: ServicesDep) -> Response:
+def warmup(request: Request, services: ServicesDep) -> Response:
     """IIS Application Initialization's page: warm the service before the first caller.
 
     IIS requests it when the application pool starts (startMode AlwaysRunning, preloadEnabled),
     anonymously and over plain HTTP, the only way Application Initialization sends it: the
-    request itself builds the app in this FastCGI process; this waits, at most the startup
-    timeout, until the backend's hosts have connected or failed. It reads no input and says
-    nothing (204, no body), so it is safe without credentials.
+    request itself builds the app in this FastCGI process; the first one waits, at most the
+    startup timeout, until the backend's hosts have connected or failed, and later ones answer at
+    once (an anonymous caller cannot hold a process). It reads no input and says nothing (204,
+    no body), so it is safe without credentials.
     """
-    settings = services.settings
-    wait_until_started(services.exchange, settings.local.startup_timeout_seconds, every_host=True)
+    state = request.app.state
+    if not getattr(state, "warmed_up", False):
+        timeout = services.settings.local.startup_timeout_seconds
+        wait_until_started(services.exchange, timeout, every_host=True)
+        state.warmed_up = True
     return Response(status_code=204, headers={"Cache-Control": "no-store"})
 
 
