@@ -482,3 +482,35 @@ def test_only_the_first_warm_up_waits_so_anonymous_callers_cannot_hold_a_process
         assert "1 starting, 0 broken" in detail
     finally:
         app.state.services.close()
+
+
+def test_the_harness_runs_only_the_pinned_wfastcgi(tmp_path: Path) -> None:
+    """The runner refuses any wfastcgi.py but 3.0.0's, byte for byte (an edited copy first on
+    the path here), so no test can pass against a modified bridge."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    from tests.harness.iis import RUNNER
+
+    spec = importlib.util.find_spec("wfastcgi")
+    assert spec is not None
+    assert spec.origin is not None
+    real = Path(spec.origin).read_text(encoding="utf-8")
+    assert '__version__ = "3.0.0"' in real
+    edited = real.replace("response[FCGI_MAX_REQS] = '1'", "response[FCGI_MAX_REQS] = '2'")
+    assert edited != real
+    (tmp_path / "wfastcgi.py").write_text(edited)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, str(RUNNER)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "is not wfastcgi 3.0.0's wfastcgi.py" in done.stderr
