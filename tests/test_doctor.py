@@ -20,7 +20,6 @@ from tests.fakes.appcmd import (
     warmup_sections,
 )
 from tests.fakes.clock import FakeClock
-from tests.fakes.local_host import FakePowerShell
 from vezaprovisioner.doctor import Check, Doctor, format_report, report_data
 from vezaprovisioner.exchange.backends import open_exchange
 from vezaprovisioner.iis_settings import (
@@ -234,27 +233,6 @@ def test_application_initialization_settings_are_checked(
     assert checks["iis warm-up"].status == "fail"
     assert problem in checks["iis warm-up"].detail
     assert "Web-AppInit" in checks["iis warm-up"].fix
-
-
-def test_the_exchange_check_waits_for_the_pool_to_connect(
-    tmp_path: Path, fake_powershell: FakePowerShell
-) -> None:
-    """Right after install.ps1 starts the pool, hosts are still connecting: the doctor waits, as
-    `probe` does, and judges the backend once a host is warm (it failed before it waited)."""
-    fake_powershell.set(connect_seconds=1)
-    config = tmp_path / "local.toml"
-    local = fake_powershell.settings(pool_size=1)
-    config.write_text(
-        f"backend = 'local'\ndata_dir = {json.dumps(str(tmp_path / 'data'))}\n"
-        f"[exchange]\npowershell_path = {json.dumps(local['exchange']['powershell_path'])}\n"
-        f"remote_exchange_path = {json.dumps(local['exchange']['remote_exchange_path'])}\n"
-        "[local]\npool_size = 1\nstartup_timeout_seconds = 20\n[auth]\nmode = 'iis'\n",
-        encoding="utf-8",
-    )
-    checks = doctor(config, identity="plain@contoso.com", is_file=lambda _: True)
-    assert checks["exchange"].status == "pass", checks["exchange"]
-    assert "1/1 PowerShell hosts warm" in checks["exchange"].detail
-    assert checks["get-user"].status == "pass"
 
 
 def test_report_formats() -> None:

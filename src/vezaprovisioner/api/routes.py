@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from .. import __version__
 from ..auth import Caller
-from ..exchange.backends import wait_until_started
+from ..exchange.backends import wait_for_warm_up
 from ..failures import ActionNotSupported, NotFound
 from ..journal.records import JournalUnavailable, RequestContext
 from ..metrics import CONTENT_TYPE
@@ -91,14 +91,13 @@ def warmup(request: Request, services: ServicesDep) -> Response:
     IIS requests it when the application pool starts (startMode AlwaysRunning, preloadEnabled),
     anonymously and over plain HTTP, the only way Application Initialization sends it: the
     request itself builds the app in this FastCGI process; the first one waits, at most the
-    startup timeout, until the backend's hosts have connected or failed, and later ones answer at
-    once (an anonymous caller cannot hold a process). It reads no input and says nothing (204,
-    no body), so it is safe without credentials.
+    longest a host start may take, until the backend's hosts have connected or failed, and
+    later ones answer at once (an anonymous caller cannot hold a process). It reads no input
+    and says nothing (204, no body), so it is safe without credentials.
     """
     state = request.app.state
     if not getattr(state, "warmed_up", False):
-        timeout = services.settings.local.startup_timeout_seconds
-        wait_until_started(services.exchange, timeout, every_host=True)
+        wait_for_warm_up(services.exchange, services.settings.local.longest_start_seconds)
         state.warmed_up = True
     return Response(status_code=204, headers={"Cache-Control": "no-store"})
 
