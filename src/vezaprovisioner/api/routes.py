@@ -78,6 +78,11 @@ def health() -> HealthResponse:
     return HealthResponse(status="ok", version=__version__)
 
 
+#: The warm-up's longest wait: below IIS's FastCGI activityTimeout (70 s by default), so IIS never
+#: kills a process in its warm-up; hosts still connecting after it go on in the background.
+WARM_UP_WAIT_SECONDS = 60.0
+
+
 @router.get(
     "/warmup",
     tags=["health"],
@@ -90,14 +95,15 @@ def warmup(request: Request, services: ServicesDep) -> Response:
 
     IIS requests it when the application pool starts (startMode AlwaysRunning, preloadEnabled),
     anonymously and over plain HTTP, the only way Application Initialization sends it: the
-    request itself builds the app in this FastCGI process; the first one waits, at most the
-    longest a host start may take, until the backend's hosts have connected or failed, and
-    later ones answer at once (an anonymous caller cannot hold a process). It reads no input
-    and says nothing (204, no body), so it is safe without credentials.
+    request itself builds the app in this FastCGI process; the first one waits, at most
+    `WARM_UP_WAIT_SECONDS`, until the backend's hosts have connected or failed, and later ones
+    answer at once (an anonymous caller cannot hold a process). It reads no input and says
+    nothing (204, no body), so it is safe without credentials.
     """
     state = request.app.state
     if not getattr(state, "warmed_up", False):
-        wait_for_warm_up(services.exchange, services.settings.local.longest_start_seconds)
+        limit = min(services.settings.local.longest_start_seconds, WARM_UP_WAIT_SECONDS)
+        wait_for_warm_up(services.exchange, limit)
         state.warmed_up = True
     return Response(status_code=204, headers={"Cache-Control": "no-store"})
 
