@@ -286,7 +286,14 @@ def test_the_log_file_says_the_service_started_and_holds_no_secret(sites: Sites)
 
 def _warm(process: WfastcgiProcess) -> None:
     """Application Initialization's request: anonymous, plain HTTP; it returns once warm."""
-    reply = process.request(get(f"{BASE}/warmup", user=None, https=False, content_type=None))
+    request = get(
+        f"{BASE}/warmup",
+        user=None,
+        https=False,
+        content_type=None,
+        headers={"User-Agent": "IIS Application Initialization Preload"},  # as field traces show
+    )
+    reply = process.request(request)
     assert reply.status == 204, reply.body
     assert reply.body == b""
 
