@@ -14,8 +14,9 @@ What IIS sends, and where it was read:
   reference/server-variables): APPL_PHYSICAL_PATH, APPL_MD_PATH, INSTANCE_ID, HTTPS ("on"/"off"),
   SERVER_PORT_SECURE, AUTH_TYPE, AUTH_USER, REMOTE_USER, LOGON_USER, AUTH_PASSWORD, URL (the path
   without the query), PATH_INFO (the full path: wfastcgi's own comment; IIS's SCRIPT_NAME is sent
-  the same here, and wfastcgi blanks it either way), QUERY_STRING, CONTENT_TYPE/CONTENT_LENGTH and HTTP_<HEADER> for each
-  request header. Values are bytes; IIS sends the path's UTF-8 bytes, wfastcgi decodes latin-1.
+  the same here, and wfastcgi blanks it either way), QUERY_STRING, CONTENT_TYPE/CONTENT_LENGTH
+  and HTTP_<HEADER> for each request header. Values are bytes; IIS sends the path's UTF-8
+  bytes, wfastcgi decodes latin-1.
 - With Basic authentication, AUTH_USER and REMOTE_USER hold the name as the client typed it
   (DOMAIN\\user or a UPN); LOGON_USER the Windows account (see `Caller` in the README).
   Which exact variables IIS's FastCGI module passes was not observed on a server (research notes
