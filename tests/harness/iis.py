@@ -18,7 +18,7 @@ What IIS sends, and where it was read:
   and HTTP_<HEADER> for each request header. Values are bytes; IIS sends the path's UTF-8
   bytes, wfastcgi decodes latin-1.
 - With Basic authentication, AUTH_USER and REMOTE_USER hold the name as the client typed it
-  (DOMAIN\\user or a UPN); LOGON_USER the Windows account (see `Caller` in the README).
+  (DOMAIN\\user or a UPN); LOGON_USER the Windows account (README, "Authentication").
   Which exact variables IIS's FastCGI module passes was not observed on a server (research notes
   iis-pypsrp.md §2: UNCONFIRMED); `server_variables` in iis_entry.py lists them on the server.
 Not modelled: IIS's own request filtering, authentication and error pages, the FastCGI queue,
