@@ -19,11 +19,22 @@ from tests.fakes.appcmd import (
     fastcgi_application,
     fastcgi_xml,
     secure_sections,
+    warmup_page_sections,
+    warmup_sections,
 )
 from tests.fakes.clock import FakeClock
 from vezaprovisioner.doctor import Check, Doctor, format_report, report_data
 from vezaprovisioner.exchange.backends import open_exchange
-from vezaprovisioner.iis_settings import ACCESS, ANONYMOUS, BASIC, FASTCGI
+from vezaprovisioner.iis_settings import (
+    ACCESS,
+    ANONYMOUS,
+    APP_INIT,
+    APP_POOLS,
+    BASIC,
+    FASTCGI,
+    GLOBAL_MODULES,
+    SITES,
+)
 
 EXECUTABLE = Path(sys.executable).with_name("vezaprovisioner")
 
@@ -60,6 +71,7 @@ def doctor(config: Path | None, **kwargs: Any) -> dict[str, Check]:
         "get-user",
         "data folder",
         "iis",
+        "iis warm-up",
         "iis fastcgi",
     ]
     for check in checks:
@@ -82,15 +94,19 @@ def test_a_healthy_installation_passes(tmp_path: Path) -> None:
         "get-user": "pass",
         "data folder": "pass",
         "iis": "pass",
+        "iis warm-up": "pass",
         "iis fastcgi": "pass",
     }
     assert "CN=Pat Plain" in checks["get-user"].detail
     assert "simulated Exchange" in checks["exchange"].detail
     assert (tmp_path / "data").is_dir()  # created when missing
     assert list((tmp_path / "data").iterdir()) == []  # and nothing left behind
+    app = "Default Web Site/VezaProvisioner"
     assert iis.reads == [
-        ("Default Web Site/VezaProvisioner", section)
-        for section in (ANONYMOUS, BASIC, ACCESS, FASTCGI)
+        *((app, section) for section in (ANONYMOUS, BASIC, ACCESS)),
+        *((app, section) for section in (GLOBAL_MODULES, SITES, APP_POOLS, APP_INIT)),
+        *((f"{app}/warmup", section) for section in (ANONYMOUS, ACCESS)),
+        *((app, FASTCGI),),
     ]
 
 
@@ -190,6 +206,7 @@ def test_iis_settings_that_are_wrong_or_unreadable_fail(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     insecure = FakeAppcmd(
         {
+            **secure_sections(),
             ANONYMOUS: appcmd_xml(ANONYMOUS, enabled="true"),
             BASIC: appcmd_xml(BASIC, enabled="true"),
             ACCESS: appcmd_xml(ACCESS, sslFlags="None"),
@@ -236,6 +253,28 @@ def test_a_fastcgi_application_for_another_python_fails(tmp_path: Path) -> None:
     skipped = doctor(write_config(tmp_path))["iis fastcgi"]
     assert skipped.status == "skip"
     assert "300 s" in skipped.detail
+
+
+@pytest.mark.parametrize(
+    ("sections", "page", "problem"),
+    [
+        (warmup_sections(module=False), {}, "Web-AppInit"),
+        (warmup_sections(start_mode="OnDemand"), {}, "not AlwaysRunning"),
+        (warmup_sections(preload="false"), {}, "preloadEnabled is false"),
+        (warmup_sections(page="/"), {}, "no initializationPage /warmup"),
+        ({}, {"anonymous": "false"}, "does not allow Anonymous"),
+        ({}, {"ssl_flags": "Ssl"}, "requires SSL"),
+    ],
+)
+def test_application_initialization_settings_are_checked(
+    tmp_path: Path, sections: dict[str, bytes], page: dict[str, str], problem: str
+) -> None:
+    iis = FakeAppcmd({**secure_sections(), **sections}, page=warmup_page_sections(**page))
+    checks = doctor(write_config(tmp_path), iis=iis)
+    assert checks["iis"].status == "pass"
+    assert checks["iis warm-up"].status == "fail"
+    assert problem in checks["iis warm-up"].detail
+    assert "Web-AppInit" in checks["iis warm-up"].fix
 
 
 def test_report_formats() -> None:

@@ -438,6 +438,32 @@ def _describe(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+#: Warm hosts per FastCGI process under IIS unless `[local] pool_size` is set: wfastcgi serves
+#: one request at a time per process, so a second host would only hold an Exchange session.
+IIS_POOL_SIZE = 1
+
+
+#: Where the service logs under IIS unless `[logging] file` is set, under data_dir:
+#: `logs/vezaprovisioner-<day>.log`, one file per day, never renamed (logs.py).
+IIS_LOG_FILE = "logs/vezaprovisioner.log"
+
+
+def for_iis(settings: Settings) -> Settings:
+    """The settings as the IIS entry uses them: `local.pool_size` defaults to `IIS_POOL_SIZE`,
+    and an empty `logging.file` means `IIS_LOG_FILE`.
+
+    IIS runs up to `maxInstances` FastCGI processes, each with its own pool, and sends each
+    process one request at a time; concurrency comes from the processes, not the pool.
+    wfastcgi gives every request a fresh sys.stderr, so standard error would reach nobody.
+    """
+    updates: dict[str, _Section] = {}
+    if "pool_size" not in settings.local.model_fields_set:
+        updates["local"] = settings.local.model_copy(update={"pool_size": IIS_POOL_SIZE})
+    if not settings.logging.file:
+        updates["logging"] = settings.logging.model_copy(update={"file": IIS_LOG_FILE})
+    return settings.model_copy(update=updates) if updates else settings
+
+
 def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Read the TOML file (or the one `VEZAPROVISIONER_CONFIG` names), apply overrides, validate."""
     env = os.environ if environ is None else environ

@@ -31,6 +31,7 @@ from .exchange.local.backend import LocalExchange
 from .exchange.local.startup import TRANSCRIPT_HINT, fix_for
 from .exchange.port import ExchangePort
 from .iis_settings import (
+    WARMUP_PAGE,
     AppcmdReader,
     IisConfigReader,
     IisReadError,
@@ -38,10 +39,12 @@ from .iis_settings import (
     fastcgi_timeouts,
     read_auth_settings,
     read_fastcgi_application,
+    read_warmup_settings,
 )
 from .validation import InvalidValue, validate_identity
 
 Status = Literal["pass", "fail", "skip"]
+WARMUP = "iis warm-up"
 MIN_PYTHON = (3, 10)
 
 
@@ -107,6 +110,7 @@ class Doctor:
                 "get-user",
                 "data folder",
                 "iis",
+                WARMUP,
                 "iis fastcgi",
             ):
                 yield _skip(name, "needs a valid configuration")
@@ -127,6 +131,7 @@ class Doctor:
                 port.close()
         yield self._data_dir(settings)
         yield self._iis(settings)
+        yield self._warmup(settings)
         yield self._fastcgi(settings)
 
     def _python(self) -> Check:
@@ -232,6 +237,30 @@ class Doctor:
                 "Require SSL.",
             )
         return _pass(name, f"{location}: Anonymous off, Basic on, SSL required")
+
+    def _warmup(self, settings: Settings) -> Check:
+        """IIS Application Initialization: the pool warms the service before the first caller."""
+        location = f"{self.site}{settings.base_path}"
+        if self.iis is None:
+            return _skip(WARMUP, "not running on Windows: IIS settings are not read back here")
+        try:
+            found = read_warmup_settings(self.iis, self.site, settings.base_path)
+        except IisReadError as exc:
+            return _fail(WARMUP, str(exc), "Run doctor elevated on the IIS server.")
+        problems = found.problems()
+        if problems:
+            return _fail(
+                WARMUP,
+                f"{location}: " + "; ".join(problems),
+                "Run: Install-WindowsFeature Web-AppInit, then re-run deploy/iis/install.ps1 "
+                "(it sets startMode AlwaysRunning, preloadEnabled and the warm-up page). Without "
+                "it the first request after every recycle waits for the Exchange connect.",
+            )
+        return _pass(
+            WARMUP,
+            f"{location}: pool {found.pool} AlwaysRunning, preloaded, warm-up page "
+            f"{WARMUP_PAGE} anonymous over HTTP",
+        )
 
     def _fastcgi(self, settings: Settings) -> Check:
         """IIS's FastCGI timeouts are at least what the configuration's worst case needs."""

@@ -12,7 +12,7 @@ or `max_bytes` reached) is checked once per `CHECK_SECONDS`, not per record.
 `configure_logging(settings)` picks the destination: `logging.file` under data_dir, or standard
 error when it is empty. Standard error is looked up when a line is written, never bound: wfastcgi
 gives every request a fresh sys.stderr, so under IIS an empty `logging.file` means
-`logs/vezaprovisioner.log` (iis_entry.py). A file that cannot be opened is reported and the
+`logs/vezaprovisioner.log` (config.for_iis). A file that cannot be opened is reported and the
 service logs to standard error instead, and `status()` (readiness) says so. Anything that is not
 printable in a field (control or format characters such as U+202E) is written as a JSON `\\u`
 escape, so a log viewer shows it instead of obeying it. Nothing here ever receives a password or
