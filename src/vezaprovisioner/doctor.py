@@ -30,10 +30,21 @@ from .exchange.errors import (
 from .exchange.local.backend import LocalExchange
 from .exchange.local.startup import TRANSCRIPT_HINT, fix_for
 from .exchange.port import ExchangePort
-from .iis_settings import AppcmdReader, IisConfigReader, IisReadError, read_auth_settings
+from .iis_settings import (
+    WARMUP_PAGE,
+    AppcmdReader,
+    IisConfigReader,
+    IisReadError,
+    IisSettingsError,
+    fastcgi_timeouts,
+    read_auth_settings,
+    read_fastcgi_application,
+    read_warmup_settings,
+)
 from .validation import InvalidValue, validate_identity
 
 Status = Literal["pass", "fail", "skip"]
+WARMUP = "iis warm-up"
 MIN_PYTHON = (3, 10)
 
 
@@ -74,6 +85,8 @@ class Doctor:
     clock: Clock = field(default_factory=SystemClock)
     is_file: Callable[[str], bool] = os.path.isfile
     iis: IisConfigReader | None = field(default_factory=_default_iis_reader)
+    #: The python.exe IIS's FastCGI application must run: this venv's (install.ps1 registers it).
+    python_exe: str = sys.executable
 
     def run(self) -> list[Check]:
         return list(self._checks())
@@ -91,7 +104,15 @@ class Doctor:
                 "`vezaprovisioner check --config FILE` lists every problem.",
             )
         if settings is None:
-            for name in ("exchange paths", "exchange", "get-user", "data folder", "iis"):
+            for name in (
+                "exchange paths",
+                "exchange",
+                "get-user",
+                "data folder",
+                "iis",
+                WARMUP,
+                "iis fastcgi",
+            ):
                 yield _skip(name, "needs a valid configuration")
             return
         yield _pass(
@@ -110,6 +131,8 @@ class Doctor:
                 port.close()
         yield self._data_dir(settings)
         yield self._iis(settings)
+        yield self._warmup(settings)
+        yield self._fastcgi(settings)
 
     def _python(self) -> Check:
         version = ".".join(str(part) for part in sys.version_info[:3])
@@ -214,6 +237,69 @@ class Doctor:
                 "Require SSL.",
             )
         return _pass(name, f"{location}: Anonymous off, Basic on, SSL required")
+
+    def _warmup(self, settings: Settings) -> Check:
+        """IIS Application Initialization: the pool warms the service before the first caller."""
+        location = f"{self.site}{settings.base_path}"
+        if self.iis is None:
+            return _skip(WARMUP, "not running on Windows: IIS settings are not read back here")
+        try:
+            found = read_warmup_settings(self.iis, self.site, settings.base_path)
+        except IisReadError as exc:
+            return _fail(WARMUP, str(exc), "Run doctor elevated on the IIS server.")
+        problems = found.problems()
+        if problems:
+            return _fail(
+                WARMUP,
+                f"{location}: " + "; ".join(problems),
+                "Run: Install-WindowsFeature Web-AppInit, then re-run deploy/iis/install.ps1 "
+                "(it sets startMode AlwaysRunning, preloadEnabled and the warm-up page). Without "
+                "it the first request after every recycle waits for the Exchange connect.",
+            )
+        return _pass(
+            WARMUP,
+            f"{location}: pool {found.pool} AlwaysRunning, preloaded, warm-up page "
+            f"{WARMUP_PAGE} anonymous over HTTP",
+        )
+
+    def _fastcgi(self, settings: Settings) -> Check:
+        """IIS's FastCGI timeouts are at least what the configuration's worst case needs."""
+        name = "iis fastcgi"
+        try:
+            wanted = fastcgi_timeouts(settings)
+        except IisSettingsError as exc:
+            return _fail(name, str(exc), "Lower the timeouts in the configuration.")
+        if self.iis is None:
+            return _skip(
+                name,
+                "not running on Windows: IIS settings are not read back here (needed: "
+                f"requestTimeout and activityTimeout {wanted.request_timeout} s)",
+            )
+        location = f"{self.site}{settings.base_path}"
+        try:
+            found = read_fastcgi_application(self.iis, location, self.python_exe)
+        except IisReadError as exc:
+            return _fail(
+                name,
+                str(exc),
+                "Re-run deploy/iis/install.ps1 (it registers the venv's python.exe with "
+                "wfastcgi.py as a FastCGI application).",
+            )
+        problems = wanted.problems(found)
+        if problems:
+            return _fail(
+                name,
+                "; ".join(problems) + f" (a request may take {wanted.worst_case_seconds:g} s)",
+                "Re-run deploy/iis/install.ps1 after changing timeouts in the configuration (it "
+                "sets them from `vezaprovisioner iis-settings`), or set them in IIS Manager "
+                "(FastCGI Settings).",
+            )
+        return _pass(
+            name,
+            f"requestTimeout {found['requestTimeout']} s, activityTimeout "
+            f"{found['activityTimeout']} s, idleTimeout {found['idleTimeout']} s (a request may "
+            f"take {wanted.worst_case_seconds:g} s)",
+        )
 
 
 _CONFIG_FIX = "Correct the configuration; `vezaprovisioner check --config FILE` shows it."

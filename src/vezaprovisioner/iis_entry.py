@@ -5,90 +5,54 @@ environment before the first request, so VEZAPROVISIONER_CONFIG names the config
 a2wsgi serves the ASGI app and hands the whole environ (IIS's server variables included) to it as
 `scope["wsgi_environ"]`; it runs no lifespan events, so the app and its Exchange backend are built
 on the first request, once per process. A start that fails is answered with a problem and tried
-again on the next request. Logs go to files under `data_dir`, because wfastcgi replaces stdout and
-stderr with a fresh buffer for every request.
+again on the next request. Logs go to the daily file under `data_dir/logs` (`config.for_iis`),
+because wfastcgi replaces stdout and stderr with a fresh buffer for every request; logs.py holds
+the one logging setup.
+
+Shutdown: once started, the entry registers its `close` with wfastcgi's `on_exit`. wfastcgi then
+waits on IIS's shutdown event (`_FCGI_SHUTDOWN_EVENT_`, signalled `signalBeforeTerminateSeconds`
+before IIS terminates the process) and runs it, then ends the process; it also runs it when IIS
+closes the pipe. `close` closes the services: every warm PowerShell host gets its grace period to
+remove its Exchange session. IIS runs `python.exe wfastcgi.py`, so wfastcgi is the `__main__`
+module, not an importable `wfastcgi` (importing it would run a second copy whose exit tasks
+nobody runs).
 """
 
 from __future__ import annotations
 
 import http
 import logging
+import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
 from a2wsgi import ASGIMiddleware
+from fastapi import FastAPI
 
+from . import logs
 from .api.app import create_app
 from .api.middleware import REQUEST_ID_HEADER
 from .api.problems import problem_response
-from .config import Settings, load_settings
+from .config import Settings, for_iis, load_settings
 from .failures import ServiceNotStarted
+from .services import Services
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
-    from starlette.types import ASGIApp
 
 log = logging.getLogger(__name__)
 
-#: Where the service logs, under data_dir: one file per day, never renamed, so the several
-#: FastCGI processes IIS may start can all append to it.
-LOG_DIR = Path("logs")
 #: Where a start that failed before the configuration was read is logged, in the app pool
 #: account's temporary folder (there is no data_dir yet).
 START_LOG_NAME = "vezaprovisioner-start.log"
 #: How long a2wsgi waits for a request's ASGI task after the response has been sent.
 _ASGI_WAIT_SECONDS = 5.0
-_HANDLER_NAME = "vezaprovisioner-iis"
-
-
-class DailyFileHandler(logging.FileHandler):
-    """Appends to `<directory>/vezaprovisioner-YYYY-MM-DD.log`, switching files at midnight.
-
-    It never renames a file (Windows refuses to rename a file another process has open), so every
-    FastCGI process of the application pool can log to the same file.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self._directory = directory
-        self._day = time.strftime("%Y-%m-%d")
-        super().__init__(self._path_for(self._day), encoding="utf-8", delay=True)
-
-    def _path_for(self, day: str) -> Path:
-        return self._directory / f"vezaprovisioner-{day}.log"
-
-    def emit(self, record: logging.LogRecord) -> None:
-        day = time.strftime("%Y-%m-%d", time.localtime(record.created))
-        if day != self._day:
-            if self.stream is not None:
-                self.stream.close()
-                self.stream = None  # reopened by FileHandler.emit
-            self._day = day
-            self.baseFilename = str(self._path_for(day))
-        super().emit(record)
-
-
-def log_to_daily_file(data_dir: Path) -> Path:
-    """Send the process's log records to the daily file under `data_dir`; returns its folder."""
-    directory = data_dir / LOG_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    handler = DailyFileHandler(directory)
-    handler.set_name(_HANDLER_NAME)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s %(message)s")
-    )
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
-        root.removeHandler(old)
-        old.close()
-    root.addHandler(handler)
-    logging.getLogger("vezaprovisioner").setLevel(logging.INFO)
-    return directory
 
 
 def routed_environ(environ: Mapping[str, Any], base_path: str) -> dict[str, Any]:
@@ -113,10 +77,27 @@ def routed_environ(environ: Mapping[str, Any], base_path: str) -> dict[str, Any]
     return routed
 
 
+def running_wfastcgi() -> ModuleType | None:
+    """The wfastcgi module serving this process, or None (uvicorn, the CLI, tests).
+
+    IIS runs `python.exe ...\\wfastcgi.py`: wfastcgi is `__main__`. Its `wfastcgi` console
+    script imports it as `wfastcgi`. Recognised by its functions, never imported here.
+    """
+    for name in ("__main__", "wfastcgi"):
+        module = sys.modules.get(name)
+        if module is not None and all(
+            callable(getattr(module, attribute, None))
+            for attribute in ("on_exit", "run_exit_tasks", "read_fastcgi_record")
+        ):
+            return module
+    return None
+
+
 @dataclass(frozen=True)
 class _Started:
     settings: Settings
     serve: Callable[[WSGIEnvironment, StartResponse], Iterable[bytes]]
+    services: Services | None
 
 
 class IisApplication:
@@ -126,7 +107,7 @@ class IisApplication:
         self,
         environ: Mapping[str, str] | None = None,
         *,
-        build: Callable[[Settings], ASGIApp] = create_app,
+        build: Callable[[Settings], FastAPI] = create_app,
         start_log: Path | None = None,
     ) -> None:
         # None: read os.environ at the first request, after wfastcgi has applied the appSettings.
@@ -145,12 +126,16 @@ class IisApplication:
         return started.serve(routed_environ(environ, started.settings.base_path), start_response)
 
     def close(self) -> None:
-        """Stop a2wsgi's event loop thread (tests; IIS simply ends the process)."""
+        """Close the services (every warm host removes its Exchange session), then stop a2wsgi's
+        event loop thread. wfastcgi runs it at IIS's shutdown event or when the pipe closes."""
         with self._lock:
-            if self._middleware is not None:
-                self._middleware.loop.call_soon_threadsafe(self._middleware.loop.stop)
-                self._middleware = None
-            self._started = None
+            started, self._started = self._started, None
+            middleware, self._middleware = self._middleware, None
+        if started is not None and started.services is not None:
+            log.info("VezaProvisioner stopping: closing the Exchange backend")
+            started.services.close()
+        if middleware is not None:
+            middleware.loop.call_soon_threadsafe(middleware.loop.stop)
 
     def _start(self) -> _Started:
         started = self._started
@@ -158,20 +143,27 @@ class IisApplication:
             return started
         with self._lock:
             if self._started is None:
-                settings = load_settings(None, self._environ)
-                log_dir = log_to_daily_file(settings.data_dir)
-                app = self._build(settings)
+                settings = for_iis(load_settings(None, self._environ))
+                app = self._build(settings)  # create_app configures logging (logs.py)
+                services = getattr(app.state, "services", None)
                 # a2wsgi starts its event loop thread here, on the first request, not at import.
                 middleware = ASGIMiddleware(cast(Any, app), wait_time=_ASGI_WAIT_SECONDS)
                 self._middleware = middleware
-                self._started = _Started(settings, cast(Any, middleware))
+                self._started = _Started(
+                    settings,
+                    cast(Any, middleware),
+                    services if isinstance(services, Services) else None,
+                )
+                wfastcgi = running_wfastcgi()
+                if wfastcgi is not None:
+                    wfastcgi.on_exit(self.close)
                 log.info(
                     "VezaProvisioner started under IIS: %s backend, base path %s, config %s, "
-                    "logs in %s",
+                    "logs: %s",
                     settings.backend,
                     settings.base_path,
                     settings.source,
-                    log_dir,
+                    logs.status().detail,
                 )
             return self._started
 

@@ -15,8 +15,9 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from .. import __version__
+from .. import __version__, logs
 from ..auth import Caller
+from ..exchange.backends import wait_for_warm_up
 from ..failures import ActionNotSupported, NotFound
 from ..journal.records import JournalUnavailable, RequestContext
 from ..metrics import CONTENT_TYPE
@@ -82,6 +83,36 @@ async def health() -> HealthResponse:
     return HealthResponse(status="ok", version=__version__)
 
 
+#: The warm-up's longest wait: below IIS's FastCGI activityTimeout (70 s by default), so IIS never
+#: kills a process in its warm-up; hosts still connecting after it go on in the background.
+WARM_UP_WAIT_SECONDS = 60.0
+
+
+@router.get(
+    "/warmup",
+    tags=["health"],
+    status_code=204,
+    response_class=Response,
+    responses={204: {"description": "The service is started; nothing else is said"}},
+)
+def warmup(request: Request, services: ServicesDep) -> Response:
+    """IIS Application Initialization's page: warm the service before the first caller.
+
+    IIS requests it when the application pool starts (startMode AlwaysRunning, preloadEnabled),
+    anonymously and over plain HTTP, the only way Application Initialization sends it: the
+    request itself builds the app in this FastCGI process; the first one waits, at most
+    `WARM_UP_WAIT_SECONDS`, until the backend's hosts have connected or failed, and later ones
+    answer at once (an anonymous caller cannot hold a process). It reads no input and says
+    nothing (204, no body), so it is safe without credentials.
+    """
+    state = request.app.state
+    if not getattr(state, "warmed_up", False):
+        limit = min(services.settings.local.longest_start_seconds, WARM_UP_WAIT_SECONDS)
+        wait_for_warm_up(services.exchange, limit)
+        state.warmed_up = True
+    return Response(status_code=204, headers={"Cache-Control": "no-store"})
+
+
 @router.get(
     "/health/ready",
     tags=["health"],
@@ -124,6 +155,7 @@ def _readiness_checks(services: Services) -> dict[str, ReadinessCheck]:
         "configuration": ReadinessCheck(ok=True, detail=f"valid ({source})"),
         "backend": _probe(services),
         "journal": _journal_writable(services),
+        "logs": _logs_written(),
     }
 
 
@@ -139,6 +171,12 @@ def _probe(services: Services) -> ReadinessCheck:
         )
     except Exception as exc:  # any failure means "not ready"; the detail says which
         return ReadinessCheck(ok=False, detail=f"{type(exc).__name__}: {exc}")
+
+
+def _logs_written() -> ReadinessCheck:
+    """Not ready when the configured log file could not be opened (lines go to stderr)."""
+    found = logs.status()
+    return ReadinessCheck(ok=found.ok, detail=found.detail)
 
 
 def _journal_writable(services: Services) -> ReadinessCheck:
