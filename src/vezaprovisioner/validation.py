@@ -30,6 +30,12 @@ _ALIAS_RULE = (
     "! # $ % & ' * + - / = ? ^ _ ` { | } ~, the characters U+00A1 to U+00FF, "
     "and periods that sit between two other allowed characters"
 )
+#: The alias rule as an ECMAScript/Python regular expression, for the OpenAPI document; it
+#: accepts exactly what validate_alias accepts (tests/test_validation.py checks both agree).
+ALIAS_PATTERN = r"^(?!\.)(?!.*\.\.)(?!.*\.$)[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u00A1-\u00FF.]{1,64}$"
+#: The characters an identity must not contain (control characters, line/paragraph separators
+#: and the wildcard `*`); what it cannot say (not only whitespace) the description does.
+IDENTITY_PATTERN = r"^[^*\u0000-\u001F\u007F-\u009F\u2028\u2029]+$"
 # Control characters, lone surrogates, and the line/paragraph separators U+2028/U+2029.
 _BAD_IDENTITY_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 

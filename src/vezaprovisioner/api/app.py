@@ -27,6 +27,7 @@ from .middleware import (
     RequestContextMiddleware,
     request_id_of,
 )
+from .openapi import DOCS_ASSETS, docs_router, install_openapi
 from .problems import METHOD_NOT_ALLOWED, NOT_FOUND, Problem, problem_for
 from .routes import router
 from .validation_errors import validation_problem
@@ -54,16 +55,21 @@ def create_app_from_services(services: Services) -> FastAPI:
         version=__version__,
         summary="Gives existing Active Directory users an Exchange mailbox (CREATE_EMAIL).",
         openapi_url=f"{base}/openapi.json",
-        docs_url=f"{base}/docs",
+        docs_url=None,  # served by docs_router from packaged files, not from a CDN
         redoc_url=None,
     )
     app.state.services = services
     app.include_router(router, prefix=base)
+    app.include_router(
+        docs_router(app.title, f"{base}/openapi.json", f"{base}/docs", f"{base}/redoc")
+    )
 
-    public_paths = ["/health", "/health/ready", "/docs", "/openapi.json"]
+    public_paths = ["/health", "/health/ready", "/docs", "/redoc", "/openapi.json"]
+    public_paths += [f"/docs/assets/{name}" for name in DOCS_ASSETS]
     if not services.settings.metrics.require_auth:
         public_paths.append("/metrics")
     public = frozenset(f"{base}{path}" for path in public_paths)
+    install_openapi(app, public)
     basic_realm = REALM if services.settings.auth.mode == "basic" else None
     # Added innermost first: the access log wraps the request context, which wraps
     # authentication, which wraps body limits.

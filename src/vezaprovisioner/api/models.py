@@ -5,12 +5,27 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+)
 from pydantic_core import PydanticCustomError
 
 from ..journal import Record
 from ..provisioning import CreateEmail, MailboxResult, RecipientState
-from ..validation import InvalidValue, validate_alias, validate_identity
+from ..validation import (
+    ALIAS_PATTERN,
+    IDENTITY_PATTERN,
+    MAX_ALIAS_LENGTH,
+    MAX_IDENTITY_LENGTH,
+    InvalidValue,
+    validate_alias,
+    validate_identity,
+)
 
 SUPPORTED_ACTIONS = ("CREATE_EMAIL",)
 UNSUPPORTED_ACTIONS = ("SYNC_IDENTITIES", "MANAGE_RELATIONSHIPS", "DEPROVISION_IDENTITY")
@@ -35,8 +50,33 @@ def _empty_is_absent(value: Any) -> Any:
     return None if value == "" else value
 
 
-Identity = Annotated[str, _exchange_rule(validate_identity)]
-Alias = Annotated[str | None, BeforeValidator(_empty_is_absent), _exchange_rule(validate_alias)]
+# The schemas state the rules for clients; validation.py's checks stay the ones that run (their
+# messages say which character at which position is wrong).
+_IDENTITY_SCHEMA = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_IDENTITY_LENGTH,
+    "pattern": IDENTITY_PATTERN,
+    "description": "The user's AD identity: UPN, DOMAIN\\user, DN, GUID, SID or name; not only "
+    "whitespace, no control characters, no '*'. Surrounding whitespace is trimmed.",
+}
+_ALIAS_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "maxLength": MAX_ALIAS_LENGTH, "pattern": f"^$|{ALIAS_PATTERN}"},
+        {"type": "null"},
+    ],
+    "description": 'Exchange alias; omitted, null or "" lets the service choose it '
+    "(exchange.alias_policy).",
+}
+Identity = Annotated[
+    str, _exchange_rule(validate_identity), WithJsonSchema(_IDENTITY_SCHEMA, mode="validation")
+]
+Alias = Annotated[
+    str | None,
+    BeforeValidator(_empty_is_absent),
+    _exchange_rule(validate_alias),
+    WithJsonSchema(_ALIAS_SCHEMA, mode="validation"),
+]
 WindowsPath = Annotated[str, Field(min_length=1, max_length=1024)]
 
 
@@ -48,10 +88,8 @@ class EmailRequest(BaseModel):
         json_schema_extra={"examples": [{"identity": "CONTOSO\\jdoe", "alias": "john.doe"}]},
     )
 
-    identity: Identity = Field(description="The user's AD identity: UPN, DOMAIN\\user, DN, GUID…")
-    alias: Alias = Field(
-        default=None, description='Exchange alias; omitted or "" lets Exchange derive it'
-    )
+    identity: Identity
+    alias: Alias = None
     powershell_path: WindowsPath | None = Field(
         default=None, description="Must equal exchange.powershell_path; never changes what runs"
     )

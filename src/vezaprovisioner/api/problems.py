@@ -142,6 +142,12 @@ class Problem(Exception):
         )
 
 
+def all_problem_kinds() -> tuple[ProblemKind, ...]:
+    """Every problem this service can send (the OpenAPI document's `code` enum)."""
+    named = [value for value in globals().values() if isinstance(value, ProblemKind)]
+    return tuple(dict.fromkeys([*named, *_KINDS.values()]))
+
+
 def _kind_for(exc: Exception) -> ProblemKind:
     for cls in type(exc).__mro__:
         if cls in _KINDS:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, Response
@@ -28,27 +28,15 @@ from .models import (
     EmailRequest,
     HealthResponse,
     MailboxResponse,
-    ProblemDocument,
     ReadinessResponse,
     RecipientStateResponse,
     RequestRecordResponse,
 )
+from .openapi import problem_responses
 from .problems import ACTION_NOT_SUPPORTED, NOT_FOUND, Problem
 from .validation_errors import validation_problem
 
 router = APIRouter()
-
-
-def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for the problem+json answers a route can give."""
-    return {
-        status: {
-            "model": ProblemDocument,
-            "content": {"application/problem+json": {}},
-            "description": "Problem (RFC 9457); see `code`",
-        }
-        for status in statuses
-    }
 
 
 _AUTH_AND_BODY = (401, 403, 413, 415, 422)
@@ -71,7 +59,7 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 
 
-@router.get("/health", tags=["health"])
+@router.get("/health", tags=["health"], operation_id="health")
 def health() -> HealthResponse:
     """Liveness: the process answers. Touches no backend."""
     return HealthResponse(status="ok", version=__version__)
@@ -80,6 +68,8 @@ def health() -> HealthResponse:
 @router.get(
     "/health/ready",
     tags=["health"],
+    operation_id="ready",
+    response_model=ReadinessResponse,
     responses={503: {"model": ReadinessResponse, "description": "Not ready"}},
 )
 def ready(services: ServicesDep) -> JSONResponse:
@@ -121,12 +111,13 @@ def _journal_writable(services: Services) -> Check:
 
 @router.post(
     "/api/v1/emails",
+    operation_id="createEmail",
     status_code=201,
     tags=["emails"],
     response_model=MailboxResponse,
     responses={
         200: {"model": MailboxResponse, "description": "The user already has the mailbox"},
-        **_problems(400, 404, 409, *_AUTH_AND_BODY, *_EXCHANGE),
+        **problem_responses(400, 404, 409, *_AUTH_AND_BODY, *_EXCHANGE),
     },
 )
 def create_email(
@@ -138,12 +129,13 @@ def create_email(
 
 @router.post(
     "/api/v1/actions",
+    operation_id="runAction",
     status_code=201,
     tags=["actions"],
     response_model=MailboxResponse,
     responses={
         200: {"model": MailboxResponse, "description": "The user already has the mailbox"},
-        **_problems(400, 404, 409, 501, *_AUTH_AND_BODY, *_EXCHANGE),
+        **problem_responses(400, 404, 409, 501, *_AUTH_AND_BODY, *_EXCHANGE),
     },
 )
 def run_action(
@@ -181,7 +173,8 @@ def _create(
     "/api/v1/emails/{identity:path}",
     tags=["emails"],
     name="read_email",
-    responses=_problems(401, 403, 404, 409, 422, *_EXCHANGE),
+    operation_id="getEmailState",
+    responses=problem_responses(401, 403, 404, 409, 422, *_EXCHANGE),
 )
 def read_email(
     identity: Annotated[str, Path(description="The user's AD identity (URL-encoded)")],
@@ -212,7 +205,8 @@ def _context(request: Request, request_id: str) -> RequestContext:
 @router.get(
     "/api/v1/requests/{request_id}",
     tags=["requests"],
-    responses={404: {"description": "No journal record has this request id"}},
+    operation_id="getRequest",
+    responses=problem_responses(401, 403, 404, 422),
 )
 def read_request(
     request_id: Annotated[str, Path(max_length=128, description="The X-Request-ID of a request")],
@@ -229,7 +223,16 @@ def read_request(
     return RequestRecordResponse.build(record)
 
 
-@router.get("/metrics", tags=["metrics"], response_class=Response)
+@router.get(
+    "/metrics",
+    tags=["metrics"],
+    operation_id="metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}},
+        **problem_responses(401, 403, 404),
+    },
+)
 def metrics(services: ServicesDep) -> Response:
     """Prometheus text format."""
     if services.metrics is None or not services.settings.metrics.enabled:
