@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .aliases import AliasPolicy
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
@@ -54,6 +56,9 @@ class ExchangeSettings(_Section):
     address_book_policy: str = ""
     retention_policy: str = ""
     remote_routing_domain: str = ""
+    #: Without an alias from the caller: "transliterate" (the service derives an ASCII alias),
+    #: "require" (422 unless Exchange's own would be ASCII), "exchange" (Exchange derives it).
+    alias_policy: AliasPolicy = "transliterate"
     command_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
 
     @field_validator("powershell_path", "remote_exchange_path")

@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import PureWindowsPath
 from typing import Literal, Protocol
 
+from .aliases import AliasChoice, NoAlias, choose_alias
 from .audit import AuditEvent, AuditTrail
 from .clock import Clock
 from .config import Settings
@@ -67,7 +68,8 @@ class AliasMismatch(ProvisioningError):
 
 
 class AliasRequired(ProvisioningError):
-    """Hybrid mode needs an alias for the remote routing address and none could be derived."""
+    """No alias was sent and none may be derived: by exchange.alias_policy, or in hybrid mode
+    for the remote routing address."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class MailboxResult:
     primary_smtp_address: str
     recipient_type_details: str
     database: str | None
+    #: Things the caller should know, e.g. that the service chose the alias.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -262,9 +266,10 @@ class Provisioner:
                 return self._existing(request, user.guid)
             if kind not in ENABLEABLE_USER_TYPES:
                 raise self._refuse(request.identity, kind)
+            choice = AliasChoice(request.alias) if request.alias else self._choose_alias(user)
             try:
                 before_enable()
-                recipient = self._enable(user, request.alias)
+                recipient = self._enable(user, choice.alias)
             except WrongRecipientType as exc:
                 if exc.recipient_type != self._mailbox_type:
                     raise
@@ -275,7 +280,14 @@ class Provisioner:
                 if not self._now_has_mailbox(user.guid):
                     raise
                 recipient = self._exchange.get_recipient(user.guid, self._dc)
-        return _result("created", request.identity, recipient)
+        warnings = (choice.warning,) if choice.warning else ()
+        return _result("created", request.identity, recipient, warnings)
+
+    def _choose_alias(self, user: DirectoryUser) -> AliasChoice:
+        try:
+            return choose_alias(user, self._settings.exchange.alias_policy)
+        except NoAlias as exc:
+            raise AliasRequired(str(exc)) from exc
 
     def read_state(self, identity: str) -> RecipientState:
         """The user's current recipient state; IdentityNotFound when no user matches."""
@@ -400,7 +412,10 @@ def _derived_alias(user: DirectoryUser) -> str:
 
 
 def _result(
-    status: Literal["created", "already_exists"], identity: str, r: Recipient
+    status: Literal["created", "already_exists"],
+    identity: str,
+    r: Recipient,
+    warnings: tuple[str, ...] = (),
 ) -> MailboxResult:
     return MailboxResult(
         status=status,
@@ -411,4 +426,5 @@ def _result(
         primary_smtp_address=r.primary_smtp_address,
         recipient_type_details=r.recipient_type_details,
         database=r.database,
+        warnings=warnings,
     )

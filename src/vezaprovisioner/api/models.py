@@ -130,10 +130,14 @@ class MailboxResponse(BaseModel):
     primary_smtp_address: str
     recipient_type_details: str
     database: str | None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What the caller should know, e.g. that the service chose the alias",
+    )
 
     @classmethod
     def build(cls, result: MailboxResult, request_id: str) -> MailboxResponse:
-        return cls(request_id=request_id, **vars(result))
+        return cls(request_id=request_id, **{**vars(result), "warnings": list(result.warnings)})
 
 
 class RecipientStateResponse(BaseModel):
