@@ -25,8 +25,10 @@ from bench_directory import plain_users
 
 from vezaprovisioner.clock import SystemClock
 from vezaprovisioner.config import JournalSettings, Settings
-from vezaprovisioner.exchange.simulated import SimulatedExchange, parse_directory
-from vezaprovisioner.journal import Journal, JournalIdentityGuard, RequestContext
+from vezaprovisioner.exchange.simulated.directory import parse_directory
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
+from vezaprovisioner.journal.claims import JournalIdentityGuard
+from vezaprovisioner.journal.records import Journal, RequestContext
 from vezaprovisioner.provisioning import CreateEmail, InProcessIdentityGuard, Provisioner
 from vezaprovisioner.services import problem_code
 

@@ -35,7 +35,8 @@ from tests.fakes.psrp_server import FakeExchangeEndpoint
 from vezaprovisioner.clock import SystemClock
 from vezaprovisioner.config import Settings
 from vezaprovisioner.exchange.remote import RemoteCredentials, RemoteExchange
-from vezaprovisioner.exchange.simulated import SimulatedExchange, parse_directory
+from vezaprovisioner.exchange.simulated.directory import parse_directory
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 from vezaprovisioner.provisioning import CreateEmail, Provisioner
 
 USER, PASSWORD = "svc-bench@contoso.com", "bench-password"

@@ -15,7 +15,8 @@ from tests.fakes.local_host import FakePowerShell
 from vezaprovisioner.api.app import create_app
 from vezaprovisioner.auth import hash_password
 from vezaprovisioner.config import Settings
-from vezaprovisioner.exchange.simulated import SimulatedExchange, load_directory
+from vezaprovisioner.exchange.simulated.directory import load_directory
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_DIRECTORY = Path(__file__).resolve().parent / "fakes" / "directory.json"

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.fakes.clock import FakeClock
-from vezaprovisioner.exchange.simulated import SimulatedExchange
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 
 EMAILS = "/VezaProvisioner/api/v1/emails"
 ACTIONS = "/VezaProvisioner/api/v1/actions"

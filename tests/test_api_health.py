@@ -13,7 +13,7 @@ from vezaprovisioner import __version__
 from vezaprovisioner.api.app import create_app
 from vezaprovisioner.config import Settings
 from vezaprovisioner.exchange.errors import BackendUnavailable
-from vezaprovisioner.exchange.simulated import SimulatedExchange
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 
 
 def test_health_touches_no_backend(client: TestClient, exchange: SimulatedExchange) -> None:

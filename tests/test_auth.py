@@ -15,7 +15,7 @@ from tests.fakes.clock import FakeClock
 from vezaprovisioner.api.app import create_app
 from vezaprovisioner.auth import hash_password, verify_password
 from vezaprovisioner.config import Settings
-from vezaprovisioner.exchange.simulated import SimulatedExchange
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 from vezaprovisioner.iis import iis_server_variables
 
 EMAILS = "/VezaProvisioner/api/v1/emails"

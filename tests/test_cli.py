@@ -18,9 +18,9 @@ from tests.conftest import TEST_DIRECTORY
 from tests.fakes.local_host import FakePowerShell
 from vezaprovisioner.auth import verify_password
 from vezaprovisioner.cli import main, parse_since
-from vezaprovisioner.exchange.local.pool import HostPool
 from vezaprovisioner.exchange.local.process_tree import ProcessTree
-from vezaprovisioner.journal import JOURNAL_FILE
+from vezaprovisioner.exchange.local.warm_pool import HostPool
+from vezaprovisioner.journal.records import JOURNAL_FILE
 
 EXECUTABLE = Path(sys.executable).with_name("vezaprovisioner")
 

@@ -11,7 +11,8 @@ from tests.conftest import AUTH, TEST_DIRECTORY
 from vezaprovisioner.api.app import create_app
 from vezaprovisioner.clock import SystemClock
 from vezaprovisioner.config import Settings
-from vezaprovisioner.exchange.simulated import SimulatedExchange, load_directory
+from vezaprovisioner.exchange.simulated.directory import load_directory
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 
 EMAILS = "/VezaProvisioner/api/v1/emails"
 

@@ -19,13 +19,12 @@ from fastapi.testclient import TestClient
 from tests.fakes.clock import FakeClock
 from vezaprovisioner.config import JournalSettings, Settings
 from vezaprovisioner.exchange.port import DirectoryUser, EnableMailbox, Recipient
-from vezaprovisioner.exchange.simulated import SimulatedExchange
-from vezaprovisioner.journal import (
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
+from vezaprovisioner.journal.claims import Claims, IdentityBusy, JournalIdentityGuard
+from vezaprovisioner.journal.records import (
     JOURNAL_FILE,
     MIGRATIONS,
-    IdentityBusy,
     Journal,
-    JournalIdentityGuard,
     JournalUnavailable,
     RequestContext,
 )
@@ -339,21 +338,21 @@ def test_record_filters(make_journal: Callable[..., Journal], wall: Wall) -> Non
 
 def test_a_claim_is_exclusive_until_released(make_journal: Callable[..., Journal]) -> None:
     first, second = make_journal(), make_journal()  # two connections, as two processes have
-    token = first.try_claim("guid-1")
+    token = Claims(first).try_claim("guid-1")
     assert token is not None
-    assert second.try_claim("guid-1") is None
-    assert second.try_claim("guid-2") is not None
-    first.release("guid-1", token)
-    assert second.try_claim("guid-1") is not None
+    assert Claims(second).try_claim("guid-1") is None
+    assert Claims(second).try_claim("guid-2") is not None
+    Claims(first).release("guid-1", token)
+    assert Claims(second).try_claim("guid-1") is not None
 
 
 def test_an_expired_claim_is_taken_over(make_journal: Callable[..., Journal], wall: Wall) -> None:
     journal = make_journal(stale_claim_seconds=600)
-    assert journal.try_claim("guid-1") is not None
+    assert Claims(journal).try_claim("guid-1") is not None
     wall.now += 599
-    assert journal.try_claim("guid-1") is None
+    assert Claims(journal).try_claim("guid-1") is None
     wall.now += 2
-    assert journal.try_claim("guid-1") is not None
+    assert Claims(journal).try_claim("guid-1") is not None
 
 
 def test_a_claim_of_a_dead_process_is_taken_over(
@@ -378,9 +377,9 @@ def test_a_claim_of_a_dead_process_is_taken_over(
             (dead_pid,),
         )
         db.commit()
-    assert journal.try_claim("guid-1") is not None
+    assert Claims(journal).try_claim("guid-1") is not None
     # Another machine's process cannot be checked: only expiry frees its claim.
-    assert journal.try_claim("guid-2") is None
+    assert Claims(journal).try_claim("guid-2") is None
 
 
 def test_a_dead_predecessor_with_our_pid_is_recognised(
@@ -398,24 +397,24 @@ def test_a_dead_predecessor_with_our_pid_is_recognised(
         )
         db.commit()
     assert [r.id for r in journal.orphans()] == [row]
-    assert journal.try_claim("guid-1") is not None
+    assert Claims(journal).try_claim("guid-1") is not None
 
 
 def test_the_guard_waits_for_another_process_then_gives_up(
     make_journal: Callable[..., Journal], clock: FakeClock
 ) -> None:
     other_process = make_journal()
-    token = other_process.try_claim("guid-1")
+    token = Claims(other_process).try_claim("guid-1")
     assert token is not None
     settings = JournalSettings(claim_wait_seconds=2)
     guard = JournalIdentityGuard(make_journal(), settings, clock, InProcessIdentityGuard())
     with pytest.raises(IdentityBusy, match="claim_wait_seconds"), guard.hold("GUID-1"):
         pass
     assert sum(clock.sleeps) == pytest.approx(2)
-    other_process.release("guid-1", token)
+    Claims(other_process).release("guid-1", token)
     with guard.hold("guid-1"):
-        assert other_process.try_claim("guid-1") is None
-    assert other_process.try_claim("guid-1") is not None
+        assert Claims(other_process).try_claim("guid-1") is None
+    assert Claims(other_process).try_claim("guid-1") is not None
 
 
 def test_threads_of_one_process_queue_on_the_guard(
@@ -452,7 +451,7 @@ def test_a_user_claimed_elsewhere_too_long_is_503_identity_busy(
     client = make_client(journal={"claim_wait_seconds": 1})
     other_process = make_journal()
     guid = exchange.get_user("CONTOSO\\plain").guid
-    assert other_process.try_claim(guid) is not None
+    assert Claims(other_process).try_claim(guid) is not None
     response = post(client, "r-busy", identity="CONTOSO\\plain")
     assert response.status_code == 503
     assert response.json()["code"] == "IDENTITY_BUSY"

@@ -139,7 +139,9 @@ def test_readiness_reports_warm_and_broken_hosts(
     assert "2/2 PowerShell hosts warm" in ready.json()["checks"]["backend"]["detail"]
 
     fake_powershell.set(fault="rbac")
-    client = local_client(warm=False)
+    # A long backoff keeps the broken slot broken while readiness is read: with the fake's
+    # 0.05 s backoff the slot is often "starting" again by then (seen on a loaded machine).
+    client = local_client(warm=False, restart_backoff_seconds=600, restart_backoff_max_seconds=600)
     exchange = client.app.state.services.exchange  # type: ignore[attr-defined]
     exchange.pool.wait_for(lambda s: s.broken == 1, timeout=20)
     broken = client.get(READY)

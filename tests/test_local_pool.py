@@ -27,14 +27,9 @@ from vezaprovisioner.exchange.local.backend import (
     LocalExchange,
     host_argv,
 )
-from vezaprovisioner.exchange.local.pool import (
-    Host,
-    HostPool,
-    HostStartupFailed,
-    PoolLimits,
-    PoolStatus,
-    backoff_delay,
-)
+from vezaprovisioner.exchange.local.host import Host, HostStartupFailed
+from vezaprovisioner.exchange.local.supply import PoolLimits, PoolStatus
+from vezaprovisioner.exchange.local.warm_pool import HostPool, backoff_delay
 
 PLAIN_GUID = "00000000-0000-0000-0000-000000001001"
 
@@ -340,7 +335,8 @@ _ORPHAN_SCRIPT = """
 import sys
 from tests.fakes.local_host import FakePowerShell
 from vezaprovisioner.exchange.local.backend import host_argv
-from vezaprovisioner.exchange.local.pool import HostPool, PoolLimits
+from vezaprovisioner.exchange.local.supply import PoolLimits
+from vezaprovisioner.exchange.local.warm_pool import HostPool
 pool = HostPool(host_argv(sys.argv[1]), sys.argv[2], PoolLimits(pool_size=2))
 pool.start()
 pool.wait_for(lambda s: s.warm == 2, timeout=20)

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO_ROOT
-from vezaprovisioner.journal import JOURNAL_FILE
+from vezaprovisioner.journal.records import JOURNAL_FILE
 from vezaprovisioner.services import Services
 
 METRICS = "/VezaProvisioner/metrics"

@@ -11,7 +11,7 @@ from tests.fakes.clock import FakeClock
 from vezaprovisioner.config import Settings
 from vezaprovisioner.exchange.errors import ExchangeTimeout, WrongRecipientType
 from vezaprovisioner.exchange.port import EnableMailbox, Recipient
-from vezaprovisioner.exchange.simulated import SimulatedExchange
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 from vezaprovisioner.provisioning import (
     AliasMismatch,
     AliasRequired,

@@ -16,8 +16,8 @@ from tests.fakes.clock import FakeClock
 from vezaprovisioner.config import Settings
 from vezaprovisioner.exchange.errors import BackendUnavailable
 from vezaprovisioner.exchange.port import DirectoryUser, EnableMailbox
-from vezaprovisioner.exchange.simulated import SimulatedExchange
-from vezaprovisioner.journal import Journal, RequestContext
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
+from vezaprovisioner.journal.records import Journal, RequestContext
 from vezaprovisioner.recovery import recover
 from vezaprovisioner.services import Services, build_services
 

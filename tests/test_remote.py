@@ -46,7 +46,8 @@ from vezaprovisioner.exchange.errors import (
 )
 from vezaprovisioner.exchange.port import EnableMailbox, EnableRemoteMailbox
 from vezaprovisioner.exchange.remote import RemoteCredentials, RemoteExchange
-from vezaprovisioner.exchange.simulated import SimulatedExchange, load_directory
+from vezaprovisioner.exchange.simulated.directory import load_directory
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 from vezaprovisioner.provisioning import CreateEmail, Provisioner
 
 USERNAME = "svc-veza@contoso.com"

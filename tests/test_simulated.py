@@ -30,13 +30,13 @@ from vezaprovisioner.exchange.port import (
     ExchangePort,
     Recipient,
 )
-from vezaprovisioner.exchange.simulated import (
+from vezaprovisioner.exchange.simulated.directory import (
     DirectoryError,
     SimulatedDirectory,
-    SimulatedExchange,
     load_directory,
     parse_directory,
 )
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "directory.json"
 JDOE_GUID = "74417254-c745-4b6f-8906-c43a3a533ec1"

@@ -22,7 +22,8 @@ from .config import ConfigError, Settings, load_settings
 from .exchange.backends import open_exchange
 from .exchange.errors import ExchangeError
 from .exchange.local.backend import LocalExchange
-from .journal import STATES, IdentityBusy, Journal, JournalUnavailable, RequestContext
+from .journal.claims import IdentityBusy
+from .journal.records import STATES, Journal, JournalUnavailable, RequestContext
 from .provisioning import CreateEmail, ProvisioningError
 from .services import build_services, problem_code
 from .validation import InvalidValue, validate_alias, validate_identity

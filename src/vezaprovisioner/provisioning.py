@@ -2,7 +2,8 @@
 
 No HTTP here: the API and the CLI both call `Provisioner`. Exchange is reached only through the
 `ExchangePort`; the flow passes the resolved GUID to Enable-*, never the caller's free text.
-With a journal, every step is committed before the Exchange call it announces (see journal.py).
+With a journal, every step is committed before the Exchange call it announces (see
+`journal.records`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .exchange.port import (
     ExchangePort,
     Recipient,
 )
-from .journal import Journal, JournalUnavailable, RequestContext
+from .journal.records import Journal, JournalUnavailable, RequestContext
 from .validation import InvalidValue, validate_alias
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ from .exchange.port import (
     REMOTE_MAILBOX_TYPE,
     ExchangePort,
 )
-from .journal import IdentityBusy, Journal, JournalUnavailable, Record, State
+from .journal.claims import Claims, IdentityBusy
+from .journal.records import Journal, JournalUnavailable, Record, State
 from .provisioning import IdentityGuard
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def recover(
             log.info(
                 "recovered request %s: %s (%s)", outcome.request_id, outcome.state, outcome.reason
             )
-    journal.release_dead_claims()
+    Claims(journal).release_dead()
     return decided
 
 

@@ -13,7 +13,8 @@ from .clock import Clock, SystemClock
 from .config import Settings
 from .exchange.backends import open_exchange
 from .exchange.port import ExchangePort
-from .journal import Journal, JournalIdentityGuard, JournalUnavailable, Record
+from .journal.claims import JournalIdentityGuard
+from .journal.records import Journal, JournalUnavailable, Record
 from .metrics import Metrics, TimedExchange, use_multiprocess_dir
 from .provisioning import InProcessIdentityGuard, Provisioner
 from .recovery import recover

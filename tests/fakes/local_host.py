@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from vezaprovisioner.exchange.local.backend import LocalExchange, host_argv
-from vezaprovisioner.exchange.local.pool import HostPool, PoolEvents, PoolLimits, PoolStatus
+from vezaprovisioner.exchange.local.backend import LocalExchange, host_argv, open_hosts
+from vezaprovisioner.exchange.local.supply import HostSupply, PoolEvents, PoolLimits, PoolStatus
 
 FAKE_POWERSHELL = Path(__file__).resolve().with_name("powershell.py")
 TEST_DIRECTORY = Path(__file__).resolve().with_name("directory.json")
@@ -45,7 +45,7 @@ class FakePowerShell:
 
     tmp: Path
     monkeypatch: pytest.MonkeyPatch
-    pools: list[HostPool] = field(default_factory=list)
+    pools: list[HostSupply] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.remote_exchange = self.tmp / "RemoteExchange.ps1"
@@ -100,7 +100,7 @@ class FakePowerShell:
         monotonic: Callable[[], float] = time.monotonic,
         events: PoolEvents | None = None,
         **limits: Any,
-    ) -> HostPool:
+    ) -> HostSupply:
         values: dict[str, Any] = {
             "pool_size": 1,
             "startup_timeout_seconds": 20,
@@ -110,7 +110,7 @@ class FakePowerShell:
             "restart_backoff_max_seconds": 0.2,
         }
         values.update(limits)
-        pool = HostPool(
+        pool = open_hosts(
             host_argv(self.path),
             remote_exchange_path or str(self.remote_exchange),
             PoolLimits(**values),
@@ -121,7 +121,7 @@ class FakePowerShell:
         pool.start()
         return pool
 
-    def exchange(self, **limits: Any) -> tuple[LocalExchange, HostPool]:
+    def exchange(self, **limits: Any) -> tuple[LocalExchange, HostSupply]:
         """A started pool (warm when it returns) and the port over it."""
         pool = self.pool(**limits)
         if pool.limits.pool_size:
@@ -152,6 +152,6 @@ class FakePowerShell:
             pool.close()
 
 
-def wait_warm(pool: HostPool, count: int | None = None, timeout: float = 20.0) -> PoolStatus:
+def wait_warm(pool: HostSupply, count: int | None = None, timeout: float = 20.0) -> PoolStatus:
     want = pool.limits.pool_size if count is None else count
     return pool.wait_for(lambda s: s.warm - s.busy >= want, timeout)

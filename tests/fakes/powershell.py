@@ -53,7 +53,8 @@ import vezaprovisioner.exchange.local as local_package
 from vezaprovisioner.exchange.errors import BackendUnavailable, ExchangeError, ExchangeTimeout
 from vezaprovisioner.exchange.port import DirectoryUser, EnableMailbox, EnableRemoteMailbox
 from vezaprovisioner.exchange.port import Recipient as PortRecipient
-from vezaprovisioner.exchange.simulated import SimulatedExchange, parse_directory
+from vezaprovisioner.exchange.simulated.directory import parse_directory
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 
 SHIPPED_HOST = Path(local_package.__file__).with_name("host.ps1")
 SWITCHES = ["-NoLogo", "-NoProfile", "-NonInteractive", "-ExecutionPolicy", "Bypass", "-File"]

@@ -60,7 +60,7 @@ from vezaprovisioner.exchange.port import (
     EnableRemoteMailbox,
     Recipient,
 )
-from vezaprovisioner.exchange.simulated import SimulatedExchange
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 
 NS: Final = {
     "s": "http://www.w3.org/2003/05/soap-envelope",

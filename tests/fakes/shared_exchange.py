@@ -36,7 +36,8 @@ from vezaprovisioner.exchange.port import (
     EnableRemoteMailbox,
     Recipient,
 )
-from vezaprovisioner.exchange.simulated import SimulatedExchange, load_directory
+from vezaprovisioner.exchange.simulated.directory import load_directory
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 
 Land = Literal["after_delay", "before_reply"]
 _T = TypeVar("_T")

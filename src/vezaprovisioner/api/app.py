@@ -16,7 +16,8 @@ from ..clock import Clock
 from ..config import Settings
 from ..exchange.errors import ExchangeError
 from ..exchange.port import ExchangePort
-from ..journal import IdentityBusy, JournalUnavailable
+from ..journal.claims import IdentityBusy
+from ..journal.records import JournalUnavailable
 from ..logs import configure_logging
 from ..provisioning import ProvisioningError
 from ..services import Services, build_services

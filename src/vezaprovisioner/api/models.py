@@ -15,7 +15,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from ..journal import Record
+from ..journal.records import Record
 from ..provisioning import CreateEmail, MailboxResult, RecipientState
 from ..validation import (
     ALIAS_PATTERN,

@@ -24,7 +24,8 @@ from ..exchange.errors import (
     UnexpectedExchangeError,
     WrongRecipientType,
 )
-from ..journal import IdentityBusy, JournalUnavailable
+from ..journal.claims import IdentityBusy
+from ..journal.records import JournalUnavailable
 from ..provisioning import AliasMismatch, AliasRequired, PathMismatch, ProvisioningError
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from .. import __version__
 from ..auth import Caller
-from ..journal import JournalUnavailable, RequestContext
+from ..journal.records import JournalUnavailable, RequestContext
 from ..metrics import CONTENT_TYPE
 from ..services import Services
 from ..validation import InvalidValue, validate_identity

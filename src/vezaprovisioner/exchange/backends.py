@@ -9,10 +9,11 @@ from ..clock import Clock
 from ..config import ConfigError, Settings
 from .port import ExchangePort
 from .remote import RemoteCredentials, RemoteExchange
-from .simulated import DirectoryError, SimulatedExchange, load_directory
+from .simulated.directory import DirectoryError, load_directory
+from .simulated.engine import SimulatedExchange
 
 if TYPE_CHECKING:
-    from .local.pool import PoolEvents
+    from .local.supply import PoolEvents
 
 
 def open_exchange(
@@ -51,11 +52,11 @@ def open_exchange(
 
 def _open_local(settings: Settings, host_events: PoolEvents | None) -> ExchangePort:
     """The pool of PowerShell hosts; it starts warming in the background before this returns."""
-    from .local.backend import LocalExchange, host_argv
-    from .local.pool import HostPool, PoolLimits
+    from .local.backend import LocalExchange, host_argv, open_hosts
+    from .local.supply import PoolLimits
 
     local = settings.local
-    pool = HostPool(
+    pool = open_hosts(
         host_argv(settings.exchange.powershell_path),
         settings.exchange.remote_exchange_path,
         PoolLimits(

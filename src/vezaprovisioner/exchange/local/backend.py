@@ -9,7 +9,8 @@ state; nothing is retried blindly), a crash, protocol error or refusal → Unexp
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -26,8 +27,11 @@ from ..port import (
     Recipient,
     lookup_parameters,
 )
-from .pool import HostError, HostPool, HostTimeout
+from .host import HostError, HostTimeout
+from .per_command import HostPerCommand
 from .protocol import ErrorRecord
+from .supply import HostSupply, PoolEvents, PoolLimits
+from .warm_pool import HostPool
 
 #: The one host script, shipped as package data next to this module; never generated.
 HOST_SCRIPT: Final = Path(__file__).with_name("host.ps1")
@@ -48,14 +52,27 @@ def host_argv(powershell_path: str) -> list[str]:
     return [powershell_path, *HOST_SWITCHES, str(HOST_SCRIPT)]
 
 
-class LocalExchange:
-    """Implements `ExchangePort` by running cmdlets on a `HostPool`."""
+def open_hosts(
+    argv: Sequence[str],
+    remote_exchange_path: str,
+    limits: PoolLimits,
+    *,
+    events: PoolEvents | None = None,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> HostSupply:
+    """The warm pool, or a host per command when `pool_size` is 0; not started yet."""
+    kind = HostPool if limits.pool_size else HostPerCommand
+    return kind(argv, remote_exchange_path, limits, events=events, monotonic=monotonic)
 
-    def __init__(self, pool: HostPool) -> None:
+
+class LocalExchange:
+    """Implements `ExchangePort` by running cmdlets on a `HostPool` (or a host per command)."""
+
+    def __init__(self, pool: HostSupply) -> None:
         self._pool = pool
 
     @property
-    def pool(self) -> HostPool:
+    def pool(self) -> HostSupply:
         """The pool behind this port (readiness detail, tests, the benchmark)."""
         return self._pool
 

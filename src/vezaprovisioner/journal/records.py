@@ -8,10 +8,8 @@ moves through these states, each change committed before the step it describes:
         └───────────┴──────► created (recovered) | not_created | unknown   (crash recovery)
 
 `received` is written before any Exchange call; `running` once the request holds the claim on
-the user; `enable_sent_at` just before Enable-* is sent. The claim (table `claims`, one row per
-user GUID) is what keeps two worker processes from both running Enable-* for one user: taking it
-is one atomic SQLite transaction, it is released when the request ends, and a claim whose owner
-process is gone or whose age exceeds `journal.stale_claim_seconds` may be taken over.
+the user (see `claims`, which shares this file); `enable_sent_at` just before Enable-* is sent.
+A record whose owner process is gone (see `liveness`) is an orphan for crash recovery.
 
 If the journal cannot be written the request stops with `JournalUnavailable` before any Exchange
 change (the API answers 503 JOURNAL_UNAVAILABLE).
@@ -23,19 +21,17 @@ import logging
 import os
 import socket
 import sqlite3
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-from .clock import Clock
-from .config import JournalSettings
-from .exchange.errors import ExchangeError
+from ..config import JournalSettings
+from ..exchange.errors import ExchangeError
+from .liveness import owner_gone, process_token
 
 JOURNAL_FILE = "journal.sqlite3"
 
@@ -107,14 +103,6 @@ class JournalUnavailable(Exception):
     """The journal could not be written, so nothing was (or will be) sent to Exchange."""
 
 
-class IdentityBusy(Exception):
-    """Another request (maybe in another worker process) holds the claim on this user too long."""
-
-    def __init__(self, message: str, *, retry_after_seconds: int) -> None:
-        super().__init__(message)
-        self.retry_after_seconds = retry_after_seconds
-
-
 @dataclass(frozen=True)
 class RequestContext:
     """Who asked, and under which request id; passed explicitly from the API or the CLI."""
@@ -160,48 +148,8 @@ class Record:
 _COLUMNS = ", ".join(Record.__dataclass_fields__)
 
 
-_process_tokens: dict[int, str] = {}
-
-
-def process_token() -> str:
-    """A random id of this process (per pid, so a forked child gets its own)."""
-    return _process_tokens.setdefault(os.getpid(), uuid.uuid4().hex)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine (a reused id counts as alive)."""
-    if pid <= 0:
-        return False
-    if sys.platform == "win32":  # pragma: no cover - Windows only, verified by reading
-        import ctypes
-        from ctypes import wintypes
-
-        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
-        kernel32.OpenProcess.restype = wintypes.HANDLE
-        kernel32.OpenProcess.argtypes = (wintypes.DWORD, wintypes.BOOL, wintypes.DWORD)
-        kernel32.WaitForSingleObject.restype = wintypes.DWORD
-        kernel32.WaitForSingleObject.argtypes = (wintypes.HANDLE, wintypes.DWORD)
-        kernel32.CloseHandle.argtypes = (wintypes.HANDLE,)
-        synchronize, query_limited_information = 0x00100000, 0x1000
-        handle = kernel32.OpenProcess(synchronize | query_limited_information, False, pid)
-        if not handle:
-            return ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED: it exists
-        try:
-            return bool(kernel32.WaitForSingleObject(handle, 0) == 0x102)  # WAIT_TIMEOUT: running
-        finally:
-            kernel32.CloseHandle(handle)
-    # os.kill(pid, 0) only asks; on Windows it would terminate the process, hence the branch.
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Journal:
-    """The journal file: records and claims. Thread-safe; one instance per process."""
+    """The journal file and its records. Thread-safe; one instance per process."""
 
     def __init__(
         self,
@@ -252,7 +200,7 @@ class Journal:
         return connection
 
     @contextmanager
-    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+    def transaction(self, what: str) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE); any failure becomes JournalUnavailable."""
         with self._lock:
             try:
@@ -292,6 +240,14 @@ class Journal:
         with self._lock:
             self._drop_connection()
 
+    @property
+    def settings(self) -> JournalSettings:
+        return self._settings
+
+    def now(self) -> float:
+        """Wall-clock time as the journal records it (injectable for tests)."""
+        return self._wall()
+
     # ---- the record's life --------------------------------------------------------------------
 
     def receive(
@@ -299,7 +255,7 @@ class Journal:
     ) -> int:
         """Writes the `received` record; returns its row id."""
         now = self._wall()
-        with self._transaction("receive") as db:
+        with self.transaction("receive") as db:
             cursor = db.execute(
                 "INSERT INTO requests (request_id, action, identity, alias, caller, caller_method,"
                 " client_address, state, received_at, updated_at, owner_host, owner_pid,"
@@ -386,61 +342,12 @@ class Journal:
             assignments += ", finished_at = ?, duration_ms = CAST((? - received_at) * 1000 AS INT)"
             values += [now, now]
         marks = ", ".join("?" for _ in allowed_from)
-        with self._transaction(f"mark {state}") as db:
+        with self.transaction(f"mark {state}") as db:
             cursor = db.execute(
                 f"UPDATE requests SET {assignments} WHERE id = ? AND state IN ({marks})",  # noqa: S608 - names are ours
                 (*values, row_id, *allowed_from),
             )
             return cursor.rowcount == 1
-
-    # ---- claims -------------------------------------------------------------------------------
-
-    def try_claim(self, key: str) -> str | None:
-        """Takes the claim on `key` in one transaction; returns its token, or None if held."""
-        now = self._wall()
-        token = uuid.uuid4().hex
-        with self._transaction("claim") as db:
-            held = db.execute(
-                "SELECT owner_host, owner_pid, owner_token, expires_at FROM claims"
-                " WHERE identity_key = ?",
-                (key,),
-            ).fetchone()
-            if held is not None and not self._stale(held[0], held[1], held[2], held[3], now):
-                return None
-            db.execute(
-                "INSERT OR REPLACE INTO claims (identity_key, token, owner_host, owner_pid,"
-                " owner_token, claimed_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    key,
-                    token,
-                    self.host,
-                    os.getpid(),
-                    process_token(),
-                    now,
-                    now + self._settings.stale_claim_seconds,
-                ),
-            )
-        return token
-
-    def release(self, key: str, token: str) -> None:
-        """Gives the claim back (only if it is still ours)."""
-        with self._transaction("release claim") as db:
-            db.execute("DELETE FROM claims WHERE identity_key = ? AND token = ?", (key, token))
-
-    def _stale(self, host: str, pid: int, token: str, expires_at: float, now: float) -> bool:
-        """Expired, or its process is gone: only processes on this machine can be checked.
-
-        A pid equal to ours with another token is a dead predecessor that had our pid (a
-        restarted container's PID 1, say); any other live pid might be reused, so it waits
-        for the expiry instead.
-        """
-        if expires_at <= now:
-            return True
-        if host != self.host:
-            return False
-        if pid == os.getpid():
-            return token != process_token()
-        return not pid_alive(pid)
 
     # ---- reading ------------------------------------------------------------------------------
 
@@ -490,32 +397,17 @@ class Journal:
         return [
             r
             for r in records
-            if self._stale(
-                r.owner_host, r.owner_pid, r.owner_token, r.updated_at + stale_after, now
+            if owner_gone(
+                self.host, r.owner_host, r.owner_pid, r.owner_token, r.updated_at + stale_after, now
             )
         ]
 
     # ---- maintenance --------------------------------------------------------------------------
 
-    def release_dead_claims(self) -> int:
-        """Drops claims whose owner process is gone or that expired; returns how many."""
-        now = self._wall()
-        with self._transaction("release dead claims") as db:
-            held = db.execute(
-                "SELECT identity_key, owner_host, owner_pid, owner_token, expires_at FROM claims"
-            ).fetchall()
-            dead = [
-                key
-                for key, host, pid, owner_token, expires_at in held
-                if self._stale(host, pid, owner_token, expires_at, now)
-            ]
-            db.executemany("DELETE FROM claims WHERE identity_key = ?", [(k,) for k in dead])
-        return len(dead)
-
     def prune(self) -> int:
         """Deletes finished records older than `retention_days`; returns how many."""
         cutoff = self._wall() - self._settings.retention_days * 86_400
-        with self._transaction("prune") as db:
+        with self.transaction("prune") as db:
             cursor = db.execute(
                 "DELETE FROM requests WHERE finished_at IS NOT NULL AND received_at < ?",
                 (cutoff,),
@@ -524,7 +416,7 @@ class Journal:
 
     def check_writable(self) -> str:
         """For readiness: a real write transaction (the schema version is rewritten as is)."""
-        with self._transaction("readiness check") as db:
+        with self.transaction("readiness check") as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             db.execute(f"PRAGMA user_version = {int(version)}")
         return f"writable: {self.path} (schema {version})"
@@ -573,63 +465,3 @@ def _record(row: tuple[Any, ...]) -> Record:
     values = dict(zip(Record.__dataclass_fields__, row, strict=True))
     values["recovered"] = bool(values["recovered"])
     return Record(**values)
-
-
-class IdentityLock(Protocol):
-    """The in-process part of the guard (provisioning.InProcessIdentityGuard)."""
-
-    def hold(self, key: str) -> AbstractContextManager[None]: ...
-
-
-class JournalIdentityGuard:
-    """The per-user guard across threads *and* processes: a lock, then the journal's claim.
-
-    Threads of one process queue on the in-process lock (no polling); processes meet at the claim
-    row, polled with a short backoff up to `journal.claim_wait_seconds`.
-    """
-
-    def __init__(
-        self,
-        journal: Journal,
-        settings: JournalSettings,
-        clock: Clock,
-        local: IdentityLock,
-    ) -> None:
-        self._journal = journal
-        self._settings = settings
-        self._clock = clock
-        self._local = local
-
-    @contextmanager
-    def hold(self, key: str) -> Iterator[None]:
-        key = key.casefold()
-        with self._local.hold(key):
-            token = self._wait_for_claim(key)
-            try:
-                yield
-            finally:
-                try:
-                    self._journal.release(key, token)
-                except JournalUnavailable:
-                    # Never mask the request's own outcome (Exchange may have acted): the claim
-                    # stays until this process ends or it goes stale; on_error counted it.
-                    log.exception("the claim on user %s could not be released", key)
-
-    def _wait_for_claim(self, key: str) -> str:
-        deadline = self._clock.monotonic() + self._settings.claim_wait_seconds
-        delay = 0.01
-        while True:
-            token = self._journal.try_claim(key)
-            if token is not None:
-                return token
-            remaining = deadline - self._clock.monotonic()
-            if remaining <= 0:
-                raise IdentityBusy(
-                    f"another request for user {key} has been running for more than "
-                    f"{self._settings.claim_wait_seconds:g} s (journal.claim_wait_seconds); "
-                    "retry later, or look it up with `vezaprovisioner journal --identity "
-                    f"{key}`.",
-                    retry_after_seconds=5,
-                )
-            self._clock.sleep(min(delay, remaining))
-            delay = min(delay * 2, 0.25)
