@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from vezaprovisioner.aliases import NoAlias, ascii_alias, choose_alias
 from vezaprovisioner.exchange.port import DirectoryUser
-from vezaprovisioner.exchange.simulated import SimulatedExchange
+from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 from vezaprovisioner.validation import validate_alias
 
 EMAILS = "/VezaProvisioner/api/v1/emails"
