@@ -162,8 +162,11 @@ class Provisioner:
         guard: IdentityGuard | None = None,
         journal: Journal | None = None,
         audit: AuditTrail | None = None,
+        outcomes: Callable[[str, Exception | None], None] | None = None,
     ) -> None:
         self._settings = settings
+        #: Told every CREATE_EMAIL outcome: created / already_exists / failed (with the error).
+        self._outcomes = outcomes
         self._exchange = exchange
         self._clock = clock
         self._guard = guard or InProcessIdentityGuard()
@@ -190,8 +193,12 @@ class Provisioner:
             result = self._journalled(request, context)
         except Exception as exc:
             self._audited(request, context, started, error=exc)
+            if self._outcomes is not None:
+                self._outcomes("failed", exc)
             raise
         self._audited(request, context, started, result=result)
+        if self._outcomes is not None:
+            self._outcomes(result.status, None)
         return result
 
     def _journalled(self, request: CreateEmail, context: RequestContext) -> MailboxResult:

@@ -141,6 +141,9 @@ def build_services(
             guard=guard,
             journal=journal,
             audit=audit,
+            outcomes=lambda outcome, error: metrics.create_email.labels(
+                outcome, problem_code(error) if error else ""
+            ).inc(),
         ),
         authenticator=Authenticator(settings.auth),
         journal=journal,
