@@ -28,6 +28,7 @@ OPERATION_IDS = {
     ("post", f"{BASE}/api/v1/actions"): "runAction",
     ("get", f"{BASE}/api/v1/emails/{{identity}}"): "getEmailState",
     ("get", f"{BASE}/api/v1/requests/{{request_id}}"): "getRequest",
+    ("get", f"{BASE}/api/v1/requests"): "listRequests",
     ("get", f"{BASE}/health"): "health",
     ("get", f"{BASE}/health/ready"): "ready",
 }

@@ -259,5 +259,14 @@ class RequestRecordResponse(BaseModel):
         )
 
 
+class RequestListResponse(BaseModel):
+    """A page of journal records, newest first (GET /api/v1/requests)."""
+
+    items: list[RequestRecordResponse]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next (older) page; null on the last page"
+    )
+
+
 def iso_time(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="milliseconds")

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import datetime, timezone
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from .. import __version__
 from ..auth import Caller
-from ..journal.records import JournalUnavailable, RequestContext
+from ..journal.records import JournalUnavailable, RequestContext, State
 from ..metrics import CONTENT_TYPE
 from ..services import Services
 from ..validation import InvalidValue, validate_identity
@@ -30,6 +31,7 @@ from .models import (
     MailboxResponse,
     ReadinessResponse,
     RecipientStateResponse,
+    RequestListResponse,
     RequestRecordResponse,
 )
 from .openapi import problem_responses
@@ -39,6 +41,7 @@ from .validation_errors import validation_problem
 router = APIRouter()
 
 
+MAX_PAGE = 500
 _AUTH_AND_BODY = (401, 403, 413, 415, 422)
 _EXCHANGE = (502, 503, 504)
 
@@ -203,13 +206,82 @@ def _context(request: Request, request_id: str) -> RequestContext:
 
 
 @router.get(
-    "/api/v1/requests/{request_id}",
+    "/api/v1/requests",
+    tags=["requests"],
+    operation_id="listRequests",
+    responses=problem_responses(401, 403, 422),
+)
+def list_requests(
+    services: ServicesDep,
+    since: Annotated[
+        datetime | None, Query(description="Received at or after (ISO 8601; no zone: UTC)")
+    ] = None,
+    until: Annotated[datetime | None, Query(description="Received before (ISO 8601)")] = None,
+    state: Annotated[State | None, Query(description="The record's state")] = None,
+    code: Annotated[
+        str | None, Query(pattern=r"^[A-Z_]{1,64}$", description="The problem code")
+    ] = None,
+    identity: Annotated[
+        str | None,
+        Query(min_length=1, max_length=1024, description="The identity as sent, or the GUID"),
+    ] = None,
+    caller: Annotated[
+        str | None, Query(min_length=1, max_length=256, description="Who asked")
+    ] = None,
+    request_id: Annotated[
+        str | None,
+        Query(min_length=1, max_length=128, description="An X-Request-ID (may hold '/')"),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Records per page")] = 50,
+    cursor: Annotated[
+        str | None,
+        Query(pattern=r"^[0-9]{1,19}$", description="next_cursor of the previous page"),
+    ] = None,
+) -> RequestListResponse:
+    """Journal records, newest first, one page at a time; follow `next_cursor` for more."""
+    if services.journal is None:
+        return RequestListResponse(items=[], next_cursor=None)
+    records = services.journal.page(
+        since=_epoch(since),
+        until=_epoch(until),
+        state=state,
+        code=code,
+        identity=identity,
+        caller=caller,
+        request_id=request_id,
+        before_id=int(cursor) if cursor else None,
+        limit=limit + 1,  # one more tells whether there is a next page
+    )
+    more = len(records) > limit
+    records = records[:limit]
+    return RequestListResponse(
+        items=[RequestRecordResponse.build(record) for record in records],
+        next_cursor=str(records[-1].id) if more else None,
+    )
+
+
+def _epoch(moment: datetime | None) -> float | None:
+    if moment is None:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+@router.get(
+    "/api/v1/requests/{request_id:path}",
     tags=["requests"],
     operation_id="getRequest",
     responses=problem_responses(401, 403, 404, 422),
 )
 def read_request(
-    request_id: Annotated[str, Path(max_length=128, description="The X-Request-ID of a request")],
+    request_id: Annotated[
+        str,
+        Path(
+            min_length=1,
+            max_length=128,
+            description="The X-Request-ID of a request; one holding '/' may be sent as is or "
+            "percent-encoded, or use GET /api/v1/requests?request_id=",
+        ),
+    ],
     services: ServicesDep,
 ) -> RequestRecordResponse:
     """The journal record of a request: who asked, what, its state and what Exchange said."""
