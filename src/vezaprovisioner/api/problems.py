@@ -52,6 +52,12 @@ NOT_FOUND = ProblemKind(404, "NOT_FOUND", "No such resource")
 METHOD_NOT_ALLOWED = ProblemKind(405, "METHOD_NOT_ALLOWED", "Method not allowed")
 INTERNAL_ERROR = ProblemKind(500, "INTERNAL_ERROR", "Internal error")
 SERVICE_NOT_STARTED = ProblemKind(503, "SERVICE_NOT_STARTED", "The service could not start")
+IDEMPOTENCY_KEY_MISMATCH = ProblemKind(
+    422, "IDEMPOTENCY_KEY_MISMATCH", "The Idempotency-Key was used with another body"
+)
+IDEMPOTENCY_KEY_IN_USE = ProblemKind(
+    409, "IDEMPOTENCY_KEY_IN_USE", "A request with this Idempotency-Key is still running"
+)
 
 # Most specific class first is not needed: lookup walks each exception's MRO.
 _KINDS: dict[type[Exception], ProblemKind] = {

@@ -17,11 +17,14 @@ from pydantic import ValidationError
 
 from .. import __version__
 from ..auth import Caller
+from ..journal.idempotency import IdempotencyKeys
 from ..journal.records import JournalUnavailable, RequestContext, State
 from ..metrics import CONTENT_TYPE
 from ..services import Services
 from ..validation import InvalidValue, validate_identity
 from .access import client_address
+from .idempotency import OPENAPI_PARAMETER as IDEMPOTENCY_PARAMETER
+from .idempotency import idempotency_key, run_once
 from .models import (
     SUPPORTED_ACTIONS,
     ActionRequest,
@@ -115,6 +118,7 @@ def _journal_writable(services: Services) -> Check:
 @router.post(
     "/api/v1/emails",
     operation_id="createEmail",
+    openapi_extra={"parameters": [IDEMPOTENCY_PARAMETER]},
     status_code=201,
     tags=["emails"],
     response_model=MailboxResponse,
@@ -125,7 +129,7 @@ def _journal_writable(services: Services) -> Check:
 )
 def create_email(
     body: EmailRequest, request: Request, services: ServicesDep, request_id: RequestIdDep
-) -> JSONResponse:
+) -> Response:
     """CREATE_EMAIL: give an existing AD user a mailbox (201), or report the one it has (200)."""
     return _create(body, request, services, request_id)
 
@@ -133,6 +137,7 @@ def create_email(
 @router.post(
     "/api/v1/actions",
     operation_id="runAction",
+    openapi_extra={"parameters": [IDEMPOTENCY_PARAMETER]},
     status_code=201,
     tags=["actions"],
     response_model=MailboxResponse,
@@ -143,7 +148,7 @@ def create_email(
 )
 def run_action(
     body: ActionRequest, request: Request, services: ServicesDep, request_id: RequestIdDep
-) -> JSONResponse:
+) -> Response:
     """The platform's action envelope; CREATE_EMAIL behaves exactly like POST /api/v1/emails."""
     if body.action not in SUPPORTED_ACTIONS:
         raise Problem(
@@ -160,16 +165,26 @@ def run_action(
 
 def _create(
     body: EmailRequest, request: Request, services: ServicesDep, request_id: str
-) -> JSONResponse:
-    result = services.provisioner.create_email(body.to_command(), _context(request, request_id))
-    response = MailboxResponse.build(result, request_id)
-    created = result.status == "created"
-    headers = {}
-    if created:
-        headers["Location"] = request.url_for("read_email", identity=result.guid).path
-    return JSONResponse(
-        response.model_dump(mode="json"), status_code=201 if created else 200, headers=headers
-    )
+) -> Response:
+    command = body.to_command()
+    context = _context(request, request_id)
+
+    def run() -> Response:
+        result = services.provisioner.create_email(command, context)
+        response = MailboxResponse.build(result, request_id)
+        created = result.status == "created"
+        headers = {}
+        if created:
+            headers["Location"] = request.url_for("read_email", identity=result.guid).path
+        return JSONResponse(
+            response.model_dump(mode="json"), status_code=201 if created else 200, headers=headers
+        )
+
+    key = idempotency_key(request)
+    if key is None or services.journal is None:
+        return run()
+    keys = IdempotencyKeys(services.journal)
+    return run_once(keys, context.caller, key, command, request_id, run)
 
 
 @router.get(

@@ -96,6 +96,19 @@ MIGRATIONS: tuple[str, ...] = (
         expires_at REAL NOT NULL
     );
     """,
+    # Idempotency-Key: the outcome of a request, kept to replay it (see idempotency.py).
+    """
+    CREATE TABLE idempotency_keys (
+        caller TEXT NOT NULL,
+        key TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        status INTEGER,
+        body TEXT,
+        PRIMARY KEY (caller, key)
+    );
+    """,
 )
 
 
