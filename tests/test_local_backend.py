@@ -335,7 +335,11 @@ def test_a_failed_start_is_reported_as_a_broken_host(
     make_settings: Callable[..., Settings], fake_powershell: FakePowerShell
 ) -> None:
     fake_powershell.set(fault="rbac")
-    app = create_app(make_settings(**fake_powershell.settings(restart_backoff_seconds=30)))
+    app = create_app(
+        make_settings(
+            **fake_powershell.settings(restart_backoff_seconds=30, restart_backoff_max_seconds=30)
+        )
+    )
     pool = app.state.services.exchange.pool
     with TestClient(app, headers=AUTH) as client:
         pool.wait_for(lambda s: s.broken == 1, 20)
