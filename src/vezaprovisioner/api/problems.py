@@ -155,6 +155,14 @@ def all_problem_kinds() -> tuple[ProblemKind, ...]:
     return tuple(dict.fromkeys([*named, *_KINDS.values()]))
 
 
+def advice_for_code(code: str) -> str | None:
+    """What to do about a failure with this code, where the table has advice (status page)."""
+    for cls, kind in _KINDS.items():
+        if kind.code == code and issubclass(cls, ExchangeError):
+            return next((_EXCHANGE_ADVICE[c] for c in cls.__mro__ if c in _EXCHANGE_ADVICE), None)
+    return None
+
+
 def _kind_for(exc: Exception) -> ProblemKind:
     for cls in type(exc).__mro__:
         if cls in _KINDS:

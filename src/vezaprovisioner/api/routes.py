@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 
 from .. import __version__
@@ -39,6 +39,7 @@ from .models import (
 )
 from .openapi import problem_responses
 from .problems import ACTION_NOT_SUPPORTED, NOT_FOUND, Problem
+from .status_page import render as render_status
 from .validation_errors import validation_problem
 
 router = APIRouter()
@@ -80,16 +81,21 @@ def health() -> HealthResponse:
 )
 def ready(services: ServicesDep) -> JSONResponse:
     """Readiness: the configuration is valid and the backend answers a cheap probe in time."""
+    checks = readiness_checks(services)
+    ok = all(check.ok for check in checks.values())
+    body = ReadinessResponse(status="ready" if ok else "not_ready", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+def readiness_checks(services: Services) -> dict[str, Check]:
+    """The checks of /health/ready (also shown on /status)."""
     settings = services.settings
     source = str(settings.source) if settings.source else "built in code"
-    checks = {
+    return {
         "configuration": Check(ok=True, detail=f"valid ({source})"),
         "backend": _probe(services),
         "journal": _journal_writable(services),
     }
-    ok = all(check.ok for check in checks.values())
-    body = ReadinessResponse(status="ready" if ok else "not_ready", checks=checks)
-    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 
 def _probe(services: Services) -> Check:
@@ -308,6 +314,13 @@ def read_request(
             f"journal.retention_days ({services.settings.journal.retention_days}) are deleted.",
         )
     return RequestRecordResponse.build(record)
+
+
+@router.get("/status", include_in_schema=False, response_class=HTMLResponse)
+def status_page(services: ServicesDep) -> HTMLResponse:
+    """The admin's page: readiness, backend, the last 24 hours and the last requests."""
+    html = render_status(services, readiness_checks(services))
+    return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
 
 @router.get(

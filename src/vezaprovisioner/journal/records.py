@@ -438,6 +438,15 @@ class Journal:
         )
         return [_record(row) for row in rows]
 
+    def outcome_counts(self, since: float) -> list[tuple[str, str | None, int]]:
+        """(state, code, count) of the records received since `since`, most frequent first."""
+        rows = self._read(
+            "SELECT state, code, COUNT(*) FROM requests WHERE received_at >= ?"
+            " GROUP BY state, code ORDER BY COUNT(*) DESC, state, code",
+            (since,),
+        )
+        return [(str(state), code, int(count)) for state, code, count in rows]
+
     def orphans(self) -> list[Record]:
         """Unfinished records whose process is gone (this machine) or that are stale."""
         now = self._wall()
