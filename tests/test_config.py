@@ -122,3 +122,33 @@ def test_invalid_local_settings_are_refused(tmp_path: Path, text: str, fragment:
     with pytest.raises(ConfigError) as caught:
         load_settings(write(tmp_path, text), environ={})
     assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("backnd = 'simulated'\n", "backnd: unknown key; did you mean backend?"),
+        ("[exchange]\nalais_policy = 'require'\n", "did you mean exchange.alias_policy?"),
+        ("[local]\npool_sise = 2\n", "did you mean local.pool_size?"),
+        ("[exchange]\nxyzzy = 1\n", "exchange.xyzzy: unknown key (check"),
+    ],
+)
+def test_a_typo_gets_the_nearest_key(tmp_path: Path, text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text), environ={})
+    assert fragment in str(caught.value)
+
+
+def test_environment_errors_name_the_variable(tmp_path: Path) -> None:
+    environ = {
+        "VEZAPROVISIONER_LOCAL__POOL_SIZE": "99",
+        "VEZAPROVISIONER_AUTH__MOED": "iis",
+    }
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, ""), environ=environ)
+    message = str(caught.value)
+    assert "local.pool_size (from the environment variable VEZAPROVISIONER_LOCAL__POOL_SIZE)" in (
+        message
+    )
+    assert "auth.moed (from the environment variable VEZAPROVISIONER_AUTH__MOED)" in message
+    assert "did you mean VEZAPROVISIONER_AUTH__MODE?" in message

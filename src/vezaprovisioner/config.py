@@ -9,11 +9,12 @@ silently falls back to a default.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
@@ -339,8 +340,11 @@ class Settings(_Section):
         return data
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """`VEZAPROVISIONER_SECTION__KEY=value` entries as a nested dict (JSON values are decoded)."""
+def _env_overrides(
+    environ: Mapping[str, str], names: dict[tuple[str, ...], str] | None = None
+) -> dict[str, Any]:
+    """`VEZAPROVISIONER_SECTION__KEY=value` entries as a nested dict (JSON values are decoded);
+    `names` collects which variable set which key, for error messages."""
     overrides: dict[str, Any] = {}
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
@@ -356,6 +360,8 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         for key in keys[:-1]:
             target = target.setdefault(key, {})
         target[keys[-1]] = value
+        if names is not None:
+            names[tuple(keys)] = name
     return overrides
 
 
@@ -369,15 +375,58 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]
     return merged
 
 
-def _describe(error: ValidationError, source: str) -> str:
+def _keys_at(location: Sequence[str | int]) -> list[str]:
+    """The keys a section accepts, for the section that holds `location`'s last key."""
+    model: Any = Settings
+    for part in location[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return [name for name in model.model_fields if name != "source"]
+
+
+def _nearest(location: Sequence[str | int]) -> str | None:
+    if not location or not isinstance(location[-1], str):
+        return None
+    close = difflib.get_close_matches(location[-1], _keys_at(location), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _env_name(keys: Sequence[str]) -> str:
+    return ENV_PREFIX + "__".join(keys).upper()
+
+
+def _describe(
+    error: ValidationError, source: str, env_names: Mapping[tuple[str, ...], str] | None = None
+) -> str:
+    env_names = env_names or {}
     lines = [f"{source} has {error.error_count()} problem(s):"]
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        location = item["loc"]
+        where = ".".join(str(part) for part in location) or "(top level)"
+        from_env = next(
+            (
+                env_names[location[:n]]  # type: ignore[index]
+                for n in range(len(location), 0, -1)
+                if location[:n] in env_names
+            ),
+            None,
+        )
+        if from_env:
+            where = f"{where} (from the environment variable {from_env})"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = (
-                "unknown key (check the spelling against the README's configuration reference)"
-            )
+            message = "unknown key"
+            nearest = _nearest(location)
+            if nearest is not None:
+                parent = [str(part) for part in location[:-1]]
+                suggestion = (
+                    _env_name([*parent, nearest]) if from_env else ".".join([*parent, nearest])
+                )
+                message += f"; did you mean {suggestion}?"
+            message += " (check the spelling against the README's configuration reference)"
         lines.append(f"  - {where}: {message}")
     return "\n".join(lines)
 
@@ -400,7 +449,8 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
         raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    data = _merge(data, _env_overrides(env))
+    env_names: dict[tuple[str, ...], str] = {}
+    data = _merge(data, _env_overrides(env, env_names))
     if "source" in data:
         raise ConfigError(f"{path}: 'source' is not a configuration key")
     # Relative paths are relative to the file; joining an absolute path leaves it unchanged.
@@ -417,4 +467,4 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
     try:
         return Settings.model_validate({**data, "source": path})
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, str(path))) from exc
+        raise ConfigError(_describe(exc, str(path), env_names)) from exc
