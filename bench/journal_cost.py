@@ -5,7 +5,7 @@
 Each variant provisions `--requests` distinct users (so every request takes the full path:
 received, claim, running, enable_sent, Enable-Mailbox, created, release) against a simulated
 Exchange whose cmdlets take `--latency-ms`, at concurrency 1 and 16 (threads, as the API's
-thread pool runs them). "without" is the flow with the in-process guard only; "with" adds the
+thread pool runs them). "without" is the flow with the in-process claim only; "with" adds the
 SQLite journal and its cross-process claim, with synchronous=full (the default) and normal.
 Prints per-request wall time (total time / requests) and latency percentiles; the journal's
 cost is the difference. Numbers depend on the disk: run it on the Exchange server's data_dir.
@@ -27,10 +27,9 @@ from vezaprovisioner.clock import SystemClock
 from vezaprovisioner.config import JournalSettings, Settings
 from vezaprovisioner.exchange.simulated.directory import parse_directory
 from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
-from vezaprovisioner.journal.claims import JournalIdentityGuard
+from vezaprovisioner.journal.claims import InProcessClaims, JournalClaims
 from vezaprovisioner.journal.records import Journal, RequestContext
-from vezaprovisioner.provisioning import CreateEmail, InProcessIdentityGuard, Provisioner
-from vezaprovisioner.services import problem_code
+from vezaprovisioner.provisioning import CreateEmail, Provisioner
 
 
 def build(
@@ -44,9 +43,9 @@ def build(
     if variant == "without":
         return Provisioner(settings, exchange, clock), lambda: None
     journal_settings = JournalSettings(synchronous=variant.removeprefix("with/"))  # type: ignore[arg-type]
-    journal = Journal(data_dir, journal_settings, code_of=problem_code)
-    guard = JournalIdentityGuard(journal, journal_settings, clock, InProcessIdentityGuard())
-    return Provisioner(settings, exchange, clock, guard=guard, journal=journal), journal.close
+    journal = Journal(data_dir, journal_settings)
+    claims = JournalClaims(journal, journal_settings, clock, InProcessClaims())
+    return Provisioner(settings, exchange, clock, claims=claims, journal=journal), journal.close
 
 
 def run(variant: str, requests: int, concurrency: int, latency_ms: int) -> dict[str, float]:

@@ -10,7 +10,7 @@ efficiency = measured cmdlet throughput / (pool_size / cmdlet time).
     .venv/bin/python bench/local_pool.py --requests 40 --baseline-requests 8   # a quick look
 
 Each CREATE_EMAIL of a new user makes three cmdlet calls (Get-User, Get-User by GUID inside the
-per-user guard, Enable-Mailbox), so with pool_size 0 every request starts three hosts and pays
+per-user claim, Enable-Mailbox), so with pool_size 0 every request starts three hosts and pays
 the connect time three times (about 16 s a request): the 200-request baseline is most of the
 run's time. `--baseline-requests` runs fewer for a quick look.
 """

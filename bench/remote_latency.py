@@ -3,7 +3,7 @@
 Runs the real flow (`Provisioner`) over `RemoteExchange` -> pypsrp -> WS-Man over TLS on loopback
 -> the fake endpoint (psrpcore), where every cmdlet takes `--delay-ms` (150 ms by default, a
 plausible Exchange cmdlet time). Each iteration enables a fresh user, so every request runs
-Get-User, Get-User (by GUID, under the per-user guard) and Enable-Mailbox. The overhead is the
+Get-User, Get-User (by GUID, under the per-user claim) and Enable-Mailbox. The overhead is the
 end-to-end time minus the cmdlet time (cmdlets run x delay): what the warm pool, the is_alive
 check, PSRP (de)serialization, WS-Man and TLS add.
 

@@ -13,7 +13,6 @@ from fastapi.testclient import TestClient
 from tests.conftest import PASSWORD, USER, basic
 from vezaprovisioner.audit import AuditEvent, AuditTrail
 from vezaprovisioner.config import AuditSettings
-from vezaprovisioner.services import problem_code
 
 EMAILS = "/VezaProvisioner/api/v1/emails"
 
@@ -48,9 +47,7 @@ def test_one_line_per_finished_request_with_who_what_outcome(
 
 
 def test_rotation_by_size(tmp_path: Path) -> None:
-    trail = AuditTrail(
-        tmp_path, AuditSettings(max_bytes=4096, backup_count=2), code_of=problem_code
-    )
+    trail = AuditTrail(tmp_path, AuditSettings(max_bytes=4096, backup_count=2))
     event = AuditEvent(
         "request_finished", "r", "c", "basic", None, "CREATE_EMAIL", "x" * 500, None, "created"
     )

@@ -25,7 +25,7 @@ def test_twenty_parallel_requests_for_one_identity_enable_once(
         load_directory(TEST_DIRECTORY), clock=SystemClock(), latency_ms=20, enable_latency_ms=20
     )
     app = create_app(make_settings(), exchange=exchange)
-    # Several spellings of the same user: the guard is keyed by the resolved GUID.
+    # Several spellings of the same user: the claim is keyed by the resolved GUID.
     identities = ["CONTOSO\\plain", "plain@contoso.com", "plain", "Pat Plain"] * 5
 
     async def run() -> list[httpx.Response]:

@@ -1,4 +1,4 @@
-"""The classifier turns Exchange's real error records (research §3) into the error tree."""
+"""The classifier turns Exchange's real error records (message, reason, error id) into the tree."""
 
 from __future__ import annotations
 

@@ -14,13 +14,12 @@ from starlette.requests import Request
 
 from tests.conftest import PASSWORD, basic
 from vezaprovisioner.api.idempotency import fingerprint, idempotency_key
-from vezaprovisioner.api.problems import Problem
 from vezaprovisioner.config import JournalSettings
 from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
+from vezaprovisioner.failures import Failure
 from vezaprovisioner.journal.idempotency import IdempotencyKeys
 from vezaprovisioner.journal.records import Journal
 from vezaprovisioner.provisioning import CreateEmail
-from vezaprovisioner.services import problem_code
 
 EMAILS = "/VezaProvisioner/api/v1/emails"
 ACTIONS = "/VezaProvisioner/api/v1/actions"
@@ -147,8 +146,8 @@ def test_any_header_value_is_a_sane_key_or_a_validation_problem(raw: bytes) -> N
     refused: str | None = None
     try:
         key = idempotency_key(_request(raw))
-    except Problem as problem:
-        refused, key = problem.kind.code, None
+    except Failure as failure:
+        refused, key = failure.code, None
     if key is None:
         assert refused == "VALIDATION_FAILED"
         return
@@ -169,7 +168,7 @@ class Wall:
 
 def test_keys_expire_with_the_journals_retention(tmp_path: Path) -> None:
     wall = Wall()
-    journal = Journal(tmp_path, JournalSettings(retention_days=1), code_of=problem_code, wall=wall)
+    journal = Journal(tmp_path, JournalSettings(retention_days=1), wall=wall)
     keys = IdempotencyKeys(journal)
     assert keys.begin("c", "k", "f1", "r1").kind == "new"
     keys.finish("c", "k", 201, "{}")
@@ -183,9 +182,7 @@ def test_keys_expire_with_the_journals_retention(tmp_path: Path) -> None:
 
 def test_an_abandoned_running_key_is_taken_over(tmp_path: Path) -> None:
     wall = Wall()
-    journal = Journal(
-        tmp_path, JournalSettings(stale_claim_seconds=60), code_of=problem_code, wall=wall
-    )
+    journal = Journal(tmp_path, JournalSettings(stale_claim_seconds=60), wall=wall)
     keys = IdempotencyKeys(journal)
     assert keys.begin("c", "k", "f", "r1").kind == "new"
     assert keys.begin("c", "k", "f", "r2").kind == "running"

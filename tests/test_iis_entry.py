@@ -31,7 +31,7 @@ from vezaprovisioner.config import Settings
 from vezaprovisioner.iis_entry import (
     DailyFileHandler,
     IisApplication,
-    configure_logging,
+    log_to_daily_file,
     routed_environ,
     server_variables,
 )
@@ -159,7 +159,7 @@ def write_config(tmp_path: Path, **auth: Any) -> Path:
 
 @pytest.fixture(autouse=True)
 def _detach_file_logging() -> Iterator[None]:
-    """configure_logging() adds a handler to the root logger; take it off after each test."""
+    """log_to_daily_file() adds a handler to the root logger; take it off after each test."""
     yield
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, DailyFileHandler)]:
@@ -424,7 +424,7 @@ def test_logs_go_to_a_file_under_data_dir_without_secrets(tmp_path: Path) -> Non
 
 
 def test_the_daily_log_file_switches_at_midnight_without_renaming(tmp_path: Path) -> None:
-    directory = configure_logging(tmp_path)
+    directory = log_to_daily_file(tmp_path)
     handler = next(h for h in logging.getLogger().handlers if isinstance(h, DailyFileHandler))
     try:
         today = logging.LogRecord("vezaprovisioner", logging.INFO, __file__, 1, "today", None, None)

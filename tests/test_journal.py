@@ -20,7 +20,7 @@ from tests.fakes.clock import FakeClock
 from vezaprovisioner.config import JournalSettings, Settings
 from vezaprovisioner.exchange.port import DirectoryUser, EnableMailbox, Recipient
 from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
-from vezaprovisioner.journal.claims import Claims, IdentityBusy, JournalIdentityGuard
+from vezaprovisioner.journal.claims import ClaimTable, IdentityBusy, InProcessClaims, JournalClaims
 from vezaprovisioner.journal.records import (
     JOURNAL_FILE,
     MIGRATIONS,
@@ -28,8 +28,6 @@ from vezaprovisioner.journal.records import (
     JournalUnavailable,
     RequestContext,
 )
-from vezaprovisioner.provisioning import InProcessIdentityGuard
-from vezaprovisioner.services import problem_code
 
 EMAILS = "/VezaProvisioner/api/v1/emails"
 REQUESTS = "/VezaProvisioner/api/v1/requests"
@@ -56,9 +54,7 @@ def make_journal(tmp_path: Path, wall: Wall) -> Iterator[Callable[..., Journal]]
     opened: list[Journal] = []
 
     def make(**settings: Any) -> Journal:
-        journal = Journal(
-            tmp_path / "data", JournalSettings(**settings), code_of=problem_code, wall=wall
-        )
+        journal = Journal(tmp_path / "data", JournalSettings(**settings), wall=wall)
         opened.append(journal)
         return journal
 
@@ -338,21 +334,21 @@ def test_record_filters(make_journal: Callable[..., Journal], wall: Wall) -> Non
 
 def test_a_claim_is_exclusive_until_released(make_journal: Callable[..., Journal]) -> None:
     first, second = make_journal(), make_journal()  # two connections, as two processes have
-    token = Claims(first).try_claim("guid-1")
+    token = ClaimTable(first).try_claim("guid-1")
     assert token is not None
-    assert Claims(second).try_claim("guid-1") is None
-    assert Claims(second).try_claim("guid-2") is not None
-    Claims(first).release("guid-1", token)
-    assert Claims(second).try_claim("guid-1") is not None
+    assert ClaimTable(second).try_claim("guid-1") is None
+    assert ClaimTable(second).try_claim("guid-2") is not None
+    ClaimTable(first).release("guid-1", token)
+    assert ClaimTable(second).try_claim("guid-1") is not None
 
 
 def test_an_expired_claim_is_taken_over(make_journal: Callable[..., Journal], wall: Wall) -> None:
     journal = make_journal(stale_claim_seconds=600)
-    assert Claims(journal).try_claim("guid-1") is not None
+    assert ClaimTable(journal).try_claim("guid-1") is not None
     wall.now += 599
-    assert Claims(journal).try_claim("guid-1") is None
+    assert ClaimTable(journal).try_claim("guid-1") is None
     wall.now += 2
-    assert Claims(journal).try_claim("guid-1") is not None
+    assert ClaimTable(journal).try_claim("guid-1") is not None
 
 
 def test_a_claim_of_a_dead_process_is_taken_over(
@@ -377,9 +373,9 @@ def test_a_claim_of_a_dead_process_is_taken_over(
             (dead_pid,),
         )
         db.commit()
-    assert Claims(journal).try_claim("guid-1") is not None
+    assert ClaimTable(journal).try_claim("guid-1") is not None
     # Another machine's process cannot be checked: only expiry frees its claim.
-    assert Claims(journal).try_claim("guid-2") is None
+    assert ClaimTable(journal).try_claim("guid-2") is None
 
 
 def test_a_dead_predecessor_with_our_pid_is_recognised(
@@ -397,36 +393,36 @@ def test_a_dead_predecessor_with_our_pid_is_recognised(
         )
         db.commit()
     assert [r.id for r in journal.orphans()] == [row]
-    assert Claims(journal).try_claim("guid-1") is not None
+    assert ClaimTable(journal).try_claim("guid-1") is not None
 
 
-def test_the_guard_waits_for_another_process_then_gives_up(
+def test_the_claim_waits_for_another_process_then_gives_up(
     make_journal: Callable[..., Journal], clock: FakeClock
 ) -> None:
     other_process = make_journal()
-    token = Claims(other_process).try_claim("guid-1")
+    token = ClaimTable(other_process).try_claim("guid-1")
     assert token is not None
     settings = JournalSettings(claim_wait_seconds=2)
-    guard = JournalIdentityGuard(make_journal(), settings, clock, InProcessIdentityGuard())
-    with pytest.raises(IdentityBusy, match="claim_wait_seconds"), guard.hold("GUID-1"):
+    claims = JournalClaims(make_journal(), settings, clock, InProcessClaims())
+    with pytest.raises(IdentityBusy, match="claim_wait_seconds"), claims.hold("GUID-1"):
         pass
     assert sum(clock.sleeps) == pytest.approx(2)
-    Claims(other_process).release("guid-1", token)
-    with guard.hold("guid-1"):
-        assert Claims(other_process).try_claim("guid-1") is None
-    assert Claims(other_process).try_claim("guid-1") is not None
+    ClaimTable(other_process).release("guid-1", token)
+    with claims.hold("guid-1"):
+        assert ClaimTable(other_process).try_claim("guid-1") is None
+    assert ClaimTable(other_process).try_claim("guid-1") is not None
 
 
-def test_threads_of_one_process_queue_on_the_guard(
+def test_threads_of_one_process_queue_on_the_claim(
     make_journal: Callable[..., Journal], clock: FakeClock
 ) -> None:
-    guard = JournalIdentityGuard(make_journal(), JournalSettings(), clock, InProcessIdentityGuard())
+    claims = JournalClaims(make_journal(), JournalSettings(), clock, InProcessClaims())
     inside = threading.Event()
     leave = threading.Event()
     order: list[str] = []
 
     def first() -> None:
-        with guard.hold("guid-1"):
+        with claims.hold("guid-1"):
             order.append("first in")
             inside.set()
             leave.wait(10)
@@ -436,7 +432,7 @@ def test_threads_of_one_process_queue_on_the_guard(
     thread.start()
     inside.wait(10)
     leave.set()
-    with guard.hold("guid-1"):
+    with claims.hold("guid-1"):
         order.append("second in")
     thread.join(10)
     assert order == ["first in", "first out", "second in"]
@@ -451,7 +447,7 @@ def test_a_user_claimed_elsewhere_too_long_is_503_identity_busy(
     client = make_client(journal={"claim_wait_seconds": 1})
     other_process = make_journal()
     guid = exchange.get_user("CONTOSO\\plain").guid
-    assert Claims(other_process).try_claim(guid) is not None
+    assert ClaimTable(other_process).try_claim(guid) is not None
     response = post(client, "r-busy", identity="CONTOSO\\plain")
     assert response.status_code == 503
     assert response.json()["code"] == "IDENTITY_BUSY"
@@ -475,7 +471,7 @@ def test_workers_opening_a_fresh_journal_together_all_succeed(tmp_path: Path) ->
             start: threading.Barrier = start,
             failures: list[JournalUnavailable] = failures,
         ) -> None:
-            journal = Journal(folder, JournalSettings(), code_of=problem_code)
+            journal = Journal(folder, JournalSettings())
             start.wait()
             try:
                 journal.check_writable()

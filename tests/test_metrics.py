@@ -64,7 +64,6 @@ def test_backend_gauges_appear_only_when_a_backend_reports_them(
 ) -> None:
     assert "vezaprovisioner_backend_hosts{" not in client.get(METRICS).text
     services: Services = client.app.state.services  # type: ignore[attr-defined]
-    assert services.metrics is not None
     events = services.metrics.backend_events("local")
     events.hosts({"idle": 3, "busy": 1})
     events.queue_depth(2)

@@ -19,8 +19,8 @@ from openapi_spec_validator import validate
 from tests.conftest import REPO_ROOT
 from vezaprovisioner.api.app import create_app
 from vezaprovisioner.api.openapi import DOCS_ASSETS
-from vezaprovisioner.api.problems import all_problem_kinds
 from vezaprovisioner.config import load_settings
+from vezaprovisioner.failures import failure_classes
 
 BASE = "/VezaProvisioner"
 OPERATION_IDS = {
@@ -86,12 +86,13 @@ def test_every_error_is_problem_json_with_the_problem_schema(spec: dict[str, Any
 
 def test_the_problem_code_is_an_enum_of_every_code(spec: dict[str, Any]) -> None:
     problem = spec["components"]["schemas"]["Problem"]
-    assert problem["properties"]["code"]["enum"] == sorted(
-        {kind.code for kind in all_problem_kinds()}
-    )
-    assert {"VALIDATION_FAILED", "IDENTITY_NOT_FOUND", "ALIAS_REQUIRED"} <= set(
-        problem["properties"]["code"]["enum"]
-    )
+    assert problem["properties"]["code"]["enum"] == sorted({cls.code for cls in failure_classes()})
+    assert {
+        "VALIDATION_FAILED",
+        "IDENTITY_NOT_FOUND",
+        "ALIAS_REQUIRED",
+        "IDEMPOTENCY_KEY_MISMATCH",
+    } <= set(problem["properties"]["code"]["enum"])
 
 
 def test_response_headers_are_declared(spec: dict[str, Any]) -> None:

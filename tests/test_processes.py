@@ -147,7 +147,7 @@ def post(url: str, identity: str, request_id: str) -> httpx.Response:
 def test_two_processes_racing_on_one_user_send_one_enable(
     tmp_path: Path, password_hash: str, servers: Callable[..., Server]
 ) -> None:
-    # Enable-Mailbox takes 300 ms, so requests that got past the guard would overlap in it.
+    # Enable-Mailbox takes 300 ms, so requests that got past the claim would overlap in it.
     config = write_config(tmp_path, password_hash, enable_latency_ms=300)
     a, b = servers(config), servers(config)
     plan = [

@@ -12,11 +12,11 @@ from vezaprovisioner.config import Settings
 from vezaprovisioner.exchange.errors import ExchangeTimeout, WrongRecipientType
 from vezaprovisioner.exchange.port import EnableMailbox, Recipient
 from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
+from vezaprovisioner.journal.claims import InProcessClaims
 from vezaprovisioner.provisioning import (
     AliasMismatch,
     AliasRequired,
     CreateEmail,
-    InProcessIdentityGuard,
     Provisioner,
 )
 
@@ -150,8 +150,8 @@ def test_remote_routing_needs_some_valid_alias(
     assert given.alias == "yamada"
 
 
-def test_identity_guard_serialises_one_key_and_forgets_idle_keys() -> None:
-    guard = InProcessIdentityGuard()
-    with guard.hold("ABC"):
-        assert guard._locks["abc"][0].locked()
-    assert guard._locks == {}
+def test_the_in_process_claim_serialises_one_key_and_forgets_idle_keys() -> None:
+    claims = InProcessClaims()
+    with claims.hold("ABC"):
+        assert claims._locks["abc"][0].locked()
+    assert claims._locks == {}

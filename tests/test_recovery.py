@@ -71,9 +71,7 @@ def state_of(journal: Journal, request_id: str) -> tuple[str, str | None, bool]:
 
 
 def run_recovery(services: Services, port: Any = None) -> None:
-    assert services.journal is not None
-    assert services.guard is not None
-    recover(services.journal, port or services.exchange, services.settings, services.guard)
+    recover(services.journal, port or services.exchange, services.settings, services.claims)
 
 
 def guid_of(exchange: SimulatedExchange, identity: str = PLAIN_GUID_IDENTITY) -> str:
@@ -83,7 +81,6 @@ def guid_of(exchange: SimulatedExchange, identity: str = PLAIN_GUID_IDENTITY) ->
 def test_received_only_is_not_created_without_asking_exchange(
     services: Services, exchange: SimulatedExchange, dead_pid: int
 ) -> None:
-    assert services.journal is not None
     request_id = orphan(services.journal, dead_pid)
     run_recovery(services)
     state, detail, recovered = state_of(services.journal, request_id)
@@ -95,7 +92,6 @@ def test_received_only_is_not_created_without_asking_exchange(
 def test_running_before_enable_is_not_created(
     services: Services, exchange: SimulatedExchange, dead_pid: int
 ) -> None:
-    assert services.journal is not None
     request_id = orphan(services.journal, dead_pid, guid=guid_of(exchange))
     run_recovery(services)
     assert state_of(services.journal, request_id)[0] == "not_created"
@@ -104,7 +100,6 @@ def test_running_before_enable_is_not_created(
 def test_enable_sent_and_landed_is_created(
     services: Services, exchange: SimulatedExchange, dead_pid: int
 ) -> None:
-    assert services.journal is not None
     guid = guid_of(exchange)
     request_id = orphan(services.journal, dead_pid, guid=guid, alias="pat", enable_sent=True)
     exchange.enable_mailbox(EnableMailbox(identity=guid, alias="pat"))
@@ -117,7 +112,6 @@ def test_enable_sent_and_landed_is_created(
 def test_enable_sent_but_not_landed_is_not_created(
     services: Services, exchange: SimulatedExchange, dead_pid: int
 ) -> None:
-    assert services.journal is not None
     request_id = orphan(services.journal, dead_pid, guid=guid_of(exchange), enable_sent=True)
     run_recovery(services)
     state, detail, _ = state_of(services.journal, request_id)
@@ -128,7 +122,6 @@ def test_enable_sent_but_not_landed_is_not_created(
 def test_a_mailbox_with_another_alias_is_unknown(
     services: Services, exchange: SimulatedExchange, dead_pid: int
 ) -> None:
-    assert services.journal is not None
     guid = guid_of(exchange)
     request_id = orphan(services.journal, dead_pid, guid=guid, alias="pat", enable_sent=True)
     exchange.enable_mailbox(EnableMailbox(identity=guid, alias="someone.else"))
@@ -141,7 +134,6 @@ def test_a_mailbox_with_another_alias_is_unknown(
 def test_another_recipient_type_is_unknown(
     services: Services, exchange: SimulatedExchange, dead_pid: int
 ) -> None:
-    assert services.journal is not None
     guid = guid_of(exchange, "mailuser")
     request_id = orphan(
         services.journal, dead_pid, identity="mailuser", guid=guid, enable_sent=True
@@ -153,7 +145,6 @@ def test_another_recipient_type_is_unknown(
 
 
 def test_a_user_gone_from_ad_is_unknown(services: Services, dead_pid: int) -> None:
-    assert services.journal is not None
     request_id = orphan(
         services.journal,
         dead_pid,
@@ -180,7 +171,6 @@ class ExchangeDown:
 def test_exchange_unreachable_leaves_the_record_for_the_next_start(
     services: Services, exchange: SimulatedExchange, dead_pid: int
 ) -> None:
-    assert services.journal is not None
     request_id = orphan(services.journal, dead_pid, guid=guid_of(exchange), enable_sent=True)
     run_recovery(services, ExchangeDown(exchange))
     assert state_of(services.journal, request_id)[0] == "running"
@@ -191,7 +181,6 @@ def test_exchange_unreachable_leaves_the_record_for_the_next_start(
 def test_records_of_live_processes_are_left_alone(
     services: Services, exchange: SimulatedExchange
 ) -> None:
-    assert services.journal is not None
     context = RequestContext("live", "veza", "basic")
     row = services.journal.receive(context, "CREATE_EMAIL", PLAIN_GUID_IDENTITY, None)
     services.journal.running(row, guid_of(exchange))
@@ -202,12 +191,10 @@ def test_records_of_live_processes_are_left_alone(
 def test_maintenance_runs_recovery_once_in_the_background(
     services: Services, exchange: SimulatedExchange, dead_pid: int
 ) -> None:
-    assert services.journal is not None
-    assert services.metrics is not None
     request_id = orphan(services.journal, dead_pid)
-    services.start_maintenance()
-    services.start_maintenance()
-    assert services.maintenance_done.wait(10)
+    services.maintenance.start()
+    services.maintenance.start()
+    assert services.maintenance.first_pass_done.wait(10)
     assert state_of(services.journal, request_id)[0] == "not_created"
     exposition = services.metrics.exposition().decode()
     assert 'vezaprovisioner_recovered_requests_total{state="not_created"} 1.0' in exposition
@@ -222,9 +209,8 @@ def test_maintenance_repeats_for_processes_that_die_later(
     services = build_services(
         make_settings(journal={"maintenance_interval_seconds": 1}), exchange=exchange, clock=clock
     )
-    assert services.journal is not None
-    services.start_maintenance()
-    assert services.maintenance_done.wait(10)
+    services.maintenance.start()
+    assert services.maintenance.first_pass_done.wait(10)
     # A worker that was alive at our start dies afterwards (an IIS recycle's old worker).
     request_id = orphan(services.journal, dead_pid)
     deadline = time.monotonic() + 10

@@ -18,14 +18,13 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass
-from typing import Literal
 
 from anyascii import anyascii
 
+from .config import AliasPolicy
 from .exchange.port import DirectoryUser
 from .validation import MAX_ALIAS_LENGTH, InvalidValue, validate_alias
 
-AliasPolicy = Literal["transliterate", "require", "exchange"]
 ALIAS_POLICIES: tuple[AliasPolicy, ...] = ("transliterate", "require", "exchange")
 
 # A conservative subset of Exchange's alias alphabet: what people expect in an address.

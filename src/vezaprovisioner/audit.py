@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,12 +44,8 @@ class AuditEvent:
 class AuditTrail:
     """Writes `AuditEvent`s as JSON lines; thread-safe (logging handlers lock)."""
 
-    def __init__(
-        self, data_dir: Path, settings: AuditSettings, *, code_of: Callable[[Exception], str]
-    ) -> None:
+    def __init__(self, data_dir: Path, settings: AuditSettings) -> None:
         self.path = data_dir / settings.file
-        #: The stable problem code of a failure (api/problems.py's table, injected).
-        self.code_of = code_of
         self._logger = logging.Logger(f"vezaprovisioner.audit:{self.path}")
         self._logger.propagate = False
         self._handler: logging.Handler | None = None

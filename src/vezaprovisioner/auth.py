@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import AuthSettings
+from .failures import Failure
 from .iis import iis_server_variables
 
 REALM = "VezaProvisioner"
@@ -29,20 +30,32 @@ _SCRYPT_P = 1
 _SCRYPT_MAXMEM = 64 * 1024 * 1024
 
 
-class AuthenticationError(Exception):
+class AuthenticationError(Failure):
     """The request is refused before it reaches the flow."""
 
 
 class NotAuthenticated(AuthenticationError):
     """No caller could be identified (401)."""
 
+    code = "AUTHENTICATION_REQUIRED"
+    status = 401
+    title = "Authentication required"
+
 
 class CallerNotAllowed(AuthenticationError):
     """The caller is authenticated but not in auth.allowed_users (403)."""
 
+    code = "CALLER_NOT_ALLOWED"
+    status = 403
+    title = "Caller not allowed"
+
 
 class HttpsRequired(AuthenticationError):
     """The request reached IIS over plain HTTP while auth.require_https is on (403)."""
+
+    code = "HTTPS_REQUIRED"
+    status = 403
+    title = "HTTPS required"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""The `vezaprovisioner` command: serve, check, create-email, journal, hash-password, doctor."""
+"""The `vezaprovisioner` command.
+
+Subcommands: serve, check, create-email, journal, probe, hash-password, doctor.
+"""
 
 from __future__ import annotations
 
@@ -18,17 +21,16 @@ from pathlib import Path, PureWindowsPath
 
 from . import __version__
 from .api.models import RequestRecordResponse
-from .api.problems import problem_for
 from .auth import hash_password
 from .clock import SystemClock
 from .config import ConfigError, Settings, load_settings
 from .exchange.backends import open_exchange
 from .exchange.errors import ExchangeError
 from .exchange.local.backend import LocalExchange
-from .journal.claims import IdentityBusy
+from .failures import Failure
 from .journal.records import STATES, Journal, JournalUnavailable, RequestContext
-from .provisioning import CreateEmail, ProvisioningError
-from .services import build_services, problem_code
+from .provisioning import CreateEmail
+from .services import build_services
 from .validation import InvalidValue, validate_alias, validate_identity
 
 # Exit codes of `create-email`, so scripts can branch without parsing text.
@@ -94,7 +96,7 @@ def _check(args: argparse.Namespace) -> int:
         # Built without side effects: simulated loads its directory file; remote checks its
         # credentials in the environment and connects only on the first command.
         open_exchange(settings, SystemClock()).close()
-    journal = Journal(settings.data_dir, settings.journal, code_of=problem_code)
+    journal = Journal(settings.data_dir, settings.journal)
     try:
         status = journal.check_writable()
     except JournalUnavailable as exc:
@@ -134,12 +136,15 @@ def path_warnings(settings: Settings, *, on_windows: bool = os.name == "nt") -> 
     return warnings
 
 
-def _report_problem(exc: Exception) -> int:
+def _report_problem(exc: Failure) -> int:
     """Prints the problem's code, detail and what Exchange said, as the API would; exit 1."""
-    problem = problem_for(exc)
-    report: dict[str, object] = {"code": problem.kind.code, "detail": problem.detail}
-    if problem.exchange:
-        report["exchange"] = problem.exchange
+    report: dict[str, object] = {"code": exc.code, "detail": exc.detail}
+    if isinstance(exc, ExchangeError) and exc.from_exchange:
+        report["exchange"] = {
+            "reason": exc.reason,
+            "error_id": exc.error_id,
+            "message": exc.message,
+        }
     print(json.dumps(report, indent=2, ensure_ascii=False))
     return EXIT_FAILED
 
@@ -156,7 +161,7 @@ def _create_email(args: argparse.Namespace) -> int:
         result = services.provisioner.create_email(
             CreateEmail(identity=identity, alias=alias), _cli_context()
         )
-    except (ExchangeError, ProvisioningError, JournalUnavailable, IdentityBusy) as exc:
+    except Failure as exc:
         return _report_problem(exc)
     finally:
         services.close()
@@ -189,7 +194,7 @@ def parse_since(text: str) -> float:
 
 def _journal(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    journal = Journal(settings.data_dir, settings.journal, code_of=problem_code)
+    journal = Journal(settings.data_dir, settings.journal)
     if not journal.path.exists():
         print(f"no journal yet at {journal.path}", file=sys.stderr)
         return EXIT_OK
@@ -236,7 +241,7 @@ def _probe(args: argparse.Namespace) -> int:
         report: dict[str, object] = {"backend": settings.backend, "probe": exchange.probe()}
         if identity is not None:
             report["get_user"] = asdict(exchange.get_user(identity))
-    except ExchangeError as exc:
+    except Failure as exc:
         return _report_problem(exc)
     finally:
         services.close()

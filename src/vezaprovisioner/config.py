@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .aliases import AliasPolicy
+from .failures import ServiceNotStarted
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,7 +39,11 @@ _BASE_PATH = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
 _SCRYPT_HASH = re.compile(r"^scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$")
 
 
-class ConfigError(Exception):
+#: exchange.alias_policy: what happens when the caller sends no alias (see aliases.py).
+AliasPolicy = Literal["transliterate", "require", "exchange"]
+
+
+class ConfigError(ServiceNotStarted):
     """The configuration cannot be used; the message lists every problem and how to fix it."""
 
 

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .api.problems import problem_for
 from .clock import Clock, SystemClock
 from .config import ConfigError, Settings, load_settings
 from .exchange.backends import open_exchange
@@ -220,7 +219,7 @@ def _exchange_fix(exc: ExchangeError) -> str:
             "Pass the identity of a user that exists (for example a test user's UPN) and that "
             "the service account can read."
         )
-    advice = problem_for(exc).detail
+    advice = exc.detail
     if isinstance(exc, PermissionDenied):
         return (
             f"{advice} Assign the service account the Mail Recipients role (for example through "

@@ -26,8 +26,9 @@ from a2wsgi import ASGIMiddleware
 
 from .api.app import create_app
 from .api.middleware import REQUEST_ID_HEADER
-from .api.problems import SERVICE_NOT_STARTED, Problem
+from .api.problems import problem_response
 from .config import Settings, load_settings
+from .failures import ServiceNotStarted
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -72,7 +73,7 @@ class DailyFileHandler(logging.FileHandler):
         super().emit(record)
 
 
-def configure_logging(data_dir: Path) -> Path:
+def log_to_daily_file(data_dir: Path) -> Path:
     """Send the process's log records to the daily file under `data_dir`; returns its folder."""
     directory = data_dir / LOG_DIR
     directory.mkdir(parents=True, exist_ok=True)
@@ -158,7 +159,7 @@ class IisApplication:
         with self._lock:
             if self._started is None:
                 settings = load_settings(None, self._environ)
-                log_dir = configure_logging(settings.data_dir)
+                log_dir = log_to_daily_file(settings.data_dir)
                 app = self._build(settings)
                 # a2wsgi starts its event loop thread here, on the first request, not at import.
                 middleware = ASGIMiddleware(cast(Any, app), wait_time=_ASGI_WAIT_SECONDS)
@@ -178,13 +179,12 @@ class IisApplication:
         """Log why the start failed (to a file: stderr goes nowhere) and answer 503."""
         request_id = str(uuid.uuid4())
         self._log_start_failure(request_id)
-        problem = Problem(
-            SERVICE_NOT_STARTED,
+        failure = ServiceNotStarted(
             "VezaProvisioner could not start on this server. The administrator finds the reason "
             "in its start log (deploy/iis/README.md, Troubleshooting); `vezaprovisioner doctor` "
-            "checks the installation.",
+            "checks the installation."
         )
-        response = problem.response(request_id)
+        response = problem_response(failure, request_id)
         status = http.HTTPStatus(response.status_code)
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers]
         start_response(

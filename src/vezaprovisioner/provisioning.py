@@ -9,14 +9,12 @@ With a journal, every step is committed before the Exchange call it announces (s
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import PureWindowsPath
-from typing import Literal, Protocol
+from typing import Literal
 
 from .aliases import AliasChoice, NoAlias, choose_alias
 from .audit import AuditEvent, AuditTrail
@@ -33,6 +31,8 @@ from .exchange.port import (
     ExchangePort,
     Recipient,
 )
+from .failures import Failure, as_failure
+from .journal.claims import InProcessClaims, UserClaims
 from .journal.records import Journal, JournalUnavailable, RequestContext
 from .validation import InvalidValue, validate_alias
 
@@ -42,12 +42,16 @@ _FIRST_RETRY_DELAY_SECONDS = 0.5
 _MAX_RETRY_DELAY_SECONDS = 5.0
 
 
-class ProvisioningError(Exception):
+class ProvisioningError(Failure):
     """The flow refuses a request for a reason of its own (not an Exchange error)."""
 
 
 class PathMismatch(ProvisioningError):
     """The caller named a PowerShell or RemoteExchange.ps1 path other than the configured one."""
+
+    code = "PATH_MISMATCH"
+    status = 400
+    title = "Path differs from the configured one"
 
     def __init__(self, field: str, given: str, configured: str) -> None:
         super().__init__(
@@ -60,6 +64,10 @@ class PathMismatch(ProvisioningError):
 class AliasMismatch(ProvisioningError):
     """The user already has a mailbox, with an alias other than the one requested."""
 
+    code = "ALIAS_MISMATCH"
+    status = 409
+    title = "Mailbox exists with another alias"
+
     def __init__(self, identity: str, existing: Recipient, requested_alias: str) -> None:
         super().__init__(
             f"{identity!r} already has a mailbox with alias {existing.alias!r}, not the requested "
@@ -71,6 +79,10 @@ class AliasMismatch(ProvisioningError):
 class AliasRequired(ProvisioningError):
     """No alias was sent and none may be derived: by exchange.alias_policy, or in hybrid mode
     for the remote routing address."""
+
+    code = "ALIAS_REQUIRED"
+    status = 422
+    title = "An alias is required"
 
 
 @dataclass(frozen=True)
@@ -115,37 +127,6 @@ class RecipientState:
     database: str | None
 
 
-class IdentityGuard(Protocol):
-    """Lets at most one request at a time act on one user (keyed by the user's GUID)."""
-
-    def hold(self, key: str) -> AbstractContextManager[None]: ...
-
-
-class InProcessIdentityGuard:
-    """A lock per user GUID, shared by the threads of one process; unused locks are dropped."""
-
-    def __init__(self) -> None:
-        self._mutex = threading.Lock()
-        self._locks: dict[str, tuple[threading.Lock, int]] = {}
-
-    @contextmanager
-    def hold(self, key: str) -> Iterator[None]:
-        key = key.casefold()
-        with self._mutex:
-            lock, users = self._locks.get(key, (threading.Lock(), 0))
-            self._locks[key] = (lock, users + 1)
-        try:
-            with lock:
-                yield
-        finally:
-            with self._mutex:
-                lock, users = self._locks[key]
-                if users == 1:
-                    del self._locks[key]
-                else:
-                    self._locks[key] = (lock, users - 1)
-
-
 def _same_windows_path(a: str, b: str) -> bool:
     """Case-insensitive, with `/` and `\\` alike, as Windows compares paths."""
     return str(PureWindowsPath(a.strip())).casefold() == str(PureWindowsPath(b.strip())).casefold()
@@ -159,7 +140,7 @@ class Provisioner:
         settings: Settings,
         exchange: ExchangePort,
         clock: Clock,
-        guard: IdentityGuard | None = None,
+        claims: UserClaims | None = None,
         journal: Journal | None = None,
         audit: AuditTrail | None = None,
         outcomes: Callable[[str, Exception | None], None] | None = None,
@@ -169,7 +150,7 @@ class Provisioner:
         self._outcomes = outcomes
         self._exchange = exchange
         self._clock = clock
-        self._guard = guard or InProcessIdentityGuard()
+        self._claims = claims or InProcessClaims()
         self._journal = journal
         self._audit = audit
         self._dc = settings.exchange.domain_controller or None
@@ -248,7 +229,7 @@ class Provisioner:
                 identity=request.identity,
                 alias=request.alias,
                 outcome=result.status if result else "failed",
-                code=self._audit.code_of(error) if error else None,
+                code=as_failure(error).code if error else None,
                 guid=result.guid if result else None,
                 primary_smtp_address=result.primary_smtp_address if result else None,
                 exchange_reason=exchange.reason if exchange else None,
@@ -265,9 +246,9 @@ class Provisioner:
     ) -> MailboxResult:
         self._check_declared_paths(request)
         user = self._resolve_waiting_for_replication(request.identity)
-        with self._guard.hold(user.guid):
+        with self._claims.hold(user.guid):
             claimed(user.guid)
-            # Re-read inside the guard: a request that held it before us may have enabled the user.
+            # Re-read inside the claim: a request that held it before us may have enabled the user.
             user = self._exchange.get_user(user.guid, self._dc)
             kind = user.recipient_type_details
             if kind == self._mailbox_type:

@@ -12,27 +12,31 @@ Get-Recipient), never from a guess:
   later request of this service created the mailbox) → `unknown`, with what was seen. When
   Exchange cannot be read now the record is left for the next start.
 
-Each reconciliation holds the same per-user guard as a request, so a new request for that user
-cannot change it while recovery reads it.
+Each reconciliation holds the same per-user claim as a request, so a new request for that user
+cannot change it while recovery reads it. `Maintenance` runs recovery (and journal retention) in
+the background of every process: once at start, then every `journal.maintenance_interval_seconds`.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from .audit import AuditEvent, AuditTrail
 from .config import Settings
-from .exchange.errors import ExchangeError, IdentityNotFound
+from .exchange.errors import IdentityNotFound
 from .exchange.port import (
     ENABLEABLE_USER_TYPES,
     LOCAL_MAILBOX_TYPE,
     REMOTE_MAILBOX_TYPE,
     ExchangePort,
 )
-from .journal.claims import Claims, IdentityBusy
+from .failures import Failure
+from .journal.claims import ClaimTable, UserClaims
 from .journal.records import Journal, JournalUnavailable, Record, State
-from .provisioning import IdentityGuard
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +51,14 @@ class Reconciled:
 
 
 def recover(
-    journal: Journal, exchange: ExchangePort, settings: Settings, guard: IdentityGuard
+    journal: Journal, exchange: ExchangePort, settings: Settings, claims: UserClaims
 ) -> list[Reconciled]:
     """Reconciles every orphaned record; returns what was decided (skipped ones are absent)."""
     decided: list[Reconciled] = []
     for record in journal.orphans():
         try:
-            outcome = _reconcile(record, journal, exchange, settings, guard)
-        except (ExchangeError, IdentityBusy, JournalUnavailable) as exc:
+            outcome = _reconcile(record, journal, exchange, settings, claims)
+        except Failure as exc:
             log.warning(
                 "recovery of request %s postponed to the next start: %s", record.request_id, exc
             )
@@ -64,7 +68,7 @@ def recover(
             log.info(
                 "recovered request %s: %s (%s)", outcome.request_id, outcome.state, outcome.reason
             )
-    Claims(journal).release_dead()
+    ClaimTable(journal).release_dead()
     return decided
 
 
@@ -73,7 +77,7 @@ def _reconcile(
     journal: Journal,
     exchange: ExchangePort,
     settings: Settings,
-    guard: IdentityGuard,
+    claims: UserClaims,
 ) -> Reconciled | None:
     if record.state == "received" or record.guid is None:
         return _decide(
@@ -90,7 +94,7 @@ def _reconcile(
             "not_created",
             "the process stopped after reading the user but before Enable-* was sent",
         )
-    with guard.hold(record.guid):
+    with claims.hold(record.guid):
         state, reason = _read_outcome(record, record.guid, journal, exchange, settings)
         return _decide(journal, record, state, reason)
 
@@ -140,3 +144,77 @@ def _iso(timestamp: float | None) -> str:
     if timestamp is None:
         return "?"
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+class Maintenance:
+    """The journal's upkeep in the background, once per process: retention, crash recovery."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        journal: Journal,
+        exchange: ExchangePort,
+        claims: UserClaims,
+        metrics: Metrics,
+        audit: AuditTrail | None,
+    ) -> None:
+        self._settings = settings
+        self._journal = journal
+        self._exchange = exchange
+        self._claims = claims
+        self._metrics = metrics
+        self._audit = audit
+        #: Set once the first pass (retention, crash recovery) has run.
+        self.first_pass_done = threading.Event()
+        self._started = False
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        """In the background, once per process: a pass now, then one every
+        `journal.maintenance_interval_seconds` until `stop()`."""
+        if self._started:
+            return
+        self._started = True
+        threading.Thread(target=self._loop, name="journal-maintenance", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _loop(self) -> None:
+        interval = self._settings.journal.maintenance_interval_seconds
+        while True:
+            self.run_once()
+            if self._stopping.wait(interval):
+                return
+
+    def run_once(self) -> None:
+        """One pass: delete records past retention, reconcile orphaned ones."""
+        try:
+            pruned = self._journal.prune()
+            if pruned:
+                log.info("journal retention: %d finished records deleted", pruned)
+            for outcome in recover(self._journal, self._exchange, self._settings, self._claims):
+                self._metrics.recovered.labels(outcome.state).inc()
+                record = self._journal.get(outcome.request_id)
+                if self._audit is not None and record is not None:
+                    self._audit.write(_recovered_event(record))
+        except JournalUnavailable:
+            log.exception("start-up maintenance could not use the journal")
+        finally:
+            self.first_pass_done.set()
+
+
+def _recovered_event(record: Record) -> AuditEvent:
+    return AuditEvent(
+        event="request_recovered",
+        request_id=record.request_id,
+        caller=record.caller,
+        caller_method=record.caller_method,
+        client_address=record.client_address,
+        action=record.action,
+        identity=record.identity,
+        alias=record.alias,
+        outcome=record.state,
+        guid=record.guid,
+        detail=record.detail,
+    )

@@ -1,30 +1,25 @@
-"""Wiring: everything one process needs, built from the settings. No HTTP here."""
+"""Wiring: everything one process needs, built from the settings. No HTTP here, and no behaviour:
+each piece lives in its own module; this one only puts them together."""
 
 from __future__ import annotations
 
 import logging
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .api.problems import problem_for
-from .audit import AuditEvent, AuditTrail
+from .audit import AuditTrail
 from .auth import Authenticator
 from .clock import Clock, SystemClock
 from .config import Settings
 from .exchange.backends import open_exchange
 from .exchange.port import ExchangePort
-from .journal.claims import JournalIdentityGuard
-from .journal.records import Journal, JournalUnavailable, Record
+from .failures import as_failure
+from .journal.claims import InProcessClaims, JournalClaims
+from .journal.records import Journal
 from .metrics import Metrics, TimedExchange, use_multiprocess_dir
-from .provisioning import InProcessIdentityGuard, Provisioner
-from .recovery import recover
+from .provisioning import Provisioner
+from .recovery import Maintenance
 
 log = logging.getLogger(__name__)
-
-
-def problem_code(exc: Exception) -> str:
-    """The stable `code` of a failure, from the one table in api/problems.py."""
-    return problem_for(exc).kind.code
 
 
 @dataclass
@@ -35,74 +30,19 @@ class Services:
     exchange: ExchangePort
     provisioner: Provisioner
     authenticator: Authenticator
-    journal: Journal | None = None
+    journal: Journal
+    metrics: Metrics
+    claims: JournalClaims
+    maintenance: Maintenance
+    #: None when `audit.enabled` is false.
     audit: AuditTrail | None = None
-    metrics: Metrics | None = None
-    guard: JournalIdentityGuard | None = None
-    #: Set once the first maintenance pass (retention, crash recovery) has run.
-    maintenance_done: threading.Event = field(default_factory=threading.Event)
-    _maintenance_started: bool = field(default=False, init=False)
-    _stopping: threading.Event = field(default_factory=threading.Event, init=False)
-
-    def start_maintenance(self) -> None:
-        """In the background, once per process: a maintenance pass now, then one every
-        `journal.maintenance_interval_seconds` until `close()`."""
-        if self._maintenance_started:
-            return
-        self._maintenance_started = True
-        threading.Thread(target=self._maintain, name="journal-maintenance", daemon=True).start()
-
-    def _maintain(self) -> None:
-        interval = self.settings.journal.maintenance_interval_seconds
-        while True:
-            self.run_maintenance()
-            if self._stopping.wait(interval):
-                return
-
-    def run_maintenance(self) -> None:
-        """One pass: delete records past retention, reconcile orphaned ones."""
-        try:
-            if self.journal is not None and self.guard is not None:
-                pruned = self.journal.prune()
-                if pruned:
-                    log.info("journal retention: %d finished records deleted", pruned)
-                exchange = TimedExchange(self.exchange, self.metrics) if self.metrics else None
-                for outcome in recover(
-                    self.journal, exchange or self.exchange, self.settings, self.guard
-                ):
-                    if self.metrics is not None:
-                        self.metrics.recovered.labels(outcome.state).inc()
-                    record = self.journal.get(outcome.request_id)
-                    if self.audit is not None and record is not None:
-                        self.audit.write(_recovered_event(record))
-        except JournalUnavailable:
-            log.exception("start-up maintenance could not use the journal")
-        finally:
-            self.maintenance_done.set()
 
     def close(self) -> None:
-        self._stopping.set()
+        self.maintenance.stop()
         self.exchange.close()
-        if self.journal is not None:
-            self.journal.close()
+        self.journal.close()
         if self.audit is not None:
             self.audit.close()
-
-
-def _recovered_event(record: Record) -> AuditEvent:
-    return AuditEvent(
-        event="request_recovered",
-        request_id=record.request_id,
-        caller=record.caller,
-        caller_method=record.caller_method,
-        client_address=record.client_address,
-        action=record.action,
-        identity=record.identity,
-        alias=record.alias,
-        outcome=record.state,
-        guid=record.guid,
-        detail=record.detail,
-    )
 
 
 def build_services(
@@ -118,36 +58,34 @@ def build_services(
     exchange = exchange or open_exchange(
         settings, clock, host_events=metrics.backend_events(settings.backend)
     )
-    journal = Journal(settings.data_dir, settings.journal, code_of=problem_code)
+    timed = TimedExchange(exchange, metrics)
+    journal = Journal(settings.data_dir, settings.journal)
 
     def journal_failed(error: Exception) -> None:
         metrics.journal_errors.inc()
         log.error("journal error: %s", error)
 
     journal.on_error = journal_failed
-    guard = JournalIdentityGuard(journal, settings.journal, clock, InProcessIdentityGuard())
-    audit = (
-        AuditTrail(settings.data_dir, settings.audit, code_of=problem_code)
-        if settings.audit.enabled
-        else None
-    )
+    claims = JournalClaims(journal, settings.journal, clock, InProcessClaims())
+    audit = AuditTrail(settings.data_dir, settings.audit) if settings.audit.enabled else None
     return Services(
         settings=settings,
         exchange=exchange,
         provisioner=Provisioner(
             settings,
-            TimedExchange(exchange, metrics),
+            timed,
             clock,
-            guard=guard,
+            claims=claims,
             journal=journal,
             audit=audit,
             outcomes=lambda outcome, error: metrics.create_email.labels(
-                outcome, problem_code(error) if error else ""
+                outcome, as_failure(error).code if error else ""
             ).inc(),
         ),
         authenticator=Authenticator(settings.auth),
         journal=journal,
-        audit=audit,
         metrics=metrics,
-        guard=guard,
+        claims=claims,
+        maintenance=Maintenance(settings, journal, timed, claims, metrics, audit),
+        audit=audit,
     )

@@ -17,8 +17,8 @@ IdentityForm = Literal[
 MAX_IDENTITY_LENGTH = 1024
 MAX_ALIAS_LENGTH = 64
 
-# Exchange's alias alphabet (research §2.1/§2.2); "." is handled separately, it must sit
-# between two of these.
+# Exchange's alias alphabet, as its own Alias validation message lists it (the text is in
+# exchange/simulated/naming.py); "." is handled separately, it must sit between two of these.
 _ALIAS_CHARS = frozenset(
     string.ascii_letters
     + string.digits

@@ -1,28 +1,25 @@
 """The outermost middleware: one structured log line and the metrics for every HTTP request.
 
 It sits outside the request-context middleware, so it sees the final status (a crash already
-turned into a 500 problem) and reads the request id, caller and matched route from the scope
-after the app ran. The problem `code` is read from problem+json bodies (small, sent by us).
+turned into a 500 problem) and reads the request id, caller, matched route and the code of the
+failure it was answered with (left by `problems.problem_for_request`) from the scope after the
+app ran.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
-from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..auth import Caller
 from ..iis import iis_server_variables
 from ..logs import event
 from ..metrics import Metrics
-from .problems import PROBLEM_CONTENT_TYPE
+from .problems import FAILURE_CODE_STATE
 
 log = logging.getLogger("vezaprovisioner.access")
-
-_MAX_PROBLEM_BYTES = 64 * 1024
 
 
 def _route_of(scope: Scope, base_path: str) -> str:
@@ -44,18 +41,10 @@ def client_address(scope: Scope) -> str | None:
     return str(client[0]) if client else None
 
 
-def _code_of(body: bytes) -> str | None:
-    try:
-        code = json.loads(body).get("code")
-    except (ValueError, AttributeError):
-        return None
-    return code if isinstance(code, str) else None
-
-
 class AccessLogMiddleware:
     """Logs `request finished` with request id, caller, route, status, code and duration."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics | None, base_path: str) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, base_path: str) -> None:
         self.app = app
         self.metrics = metrics
         self.base_path = base_path
@@ -66,36 +55,25 @@ class AccessLogMiddleware:
             return
         started = time.perf_counter()
         status = 500
-        problem = False
-        problem_body = bytearray()
 
         async def observe(message: Message) -> None:
-            nonlocal status, problem
+            nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                content_type = Headers(raw=message.get("headers", [])).get("content-type", "")
-                problem = content_type.startswith(PROBLEM_CONTENT_TYPE)
-            elif problem and len(problem_body) < _MAX_PROBLEM_BYTES:
-                problem_body.extend(message.get("body", b""))
             await send(message)
 
         try:
             await self.app(scope, receive, observe)
         finally:
-            self._finished(
-                scope,
-                status,
-                _code_of(bytes(problem_body)) if problem else None,
-                time.perf_counter() - started,
-            )
+            self._finished(scope, status, time.perf_counter() - started)
 
-    def _finished(self, scope: Scope, status: int, code: str | None, seconds: float) -> None:
+    def _finished(self, scope: Scope, status: int, seconds: float) -> None:
         state = scope.get("state", {})
+        code = state.get(FAILURE_CODE_STATE)
         caller = state.get("caller")
         route = _route_of(scope, self.base_path)
-        if self.metrics is not None:
-            self.metrics.requests.labels(route, scope["method"], str(status), code or "").inc()
-            self.metrics.request_seconds.labels(route).observe(seconds)
+        self.metrics.requests.labels(route, scope["method"], str(status), code or "").inc()
+        self.metrics.request_seconds.labels(route).observe(seconds)
         event(
             log,
             "request finished",

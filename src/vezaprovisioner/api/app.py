@@ -14,24 +14,25 @@ from .. import __version__
 from ..auth import REALM
 from ..clock import Clock
 from ..config import Settings
-from ..exchange.errors import ExchangeError
 from ..exchange.port import ExchangePort
-from ..journal.claims import IdentityBusy
-from ..journal.records import JournalUnavailable
+from ..failures import (
+    INTERNAL_DETAIL,
+    BadRequest,
+    Failure,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
 from ..logs import configure_logging
-from ..provisioning import ProvisioningError
 from ..services import Services, build_services
 from .access import AccessLogMiddleware
-from .middleware import (
-    AuthenticationMiddleware,
-    BodyLimitMiddleware,
-    RequestContextMiddleware,
-    request_id_of,
-)
+from .middleware import AuthenticationMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from .openapi import DOCS_ASSETS, docs_router, install_openapi
-from .problems import METHOD_NOT_ALLOWED, NOT_FOUND, Problem, problem_for
+from .problems import problem_for_request
 from .routes import router
-from .validation_errors import validation_problem
+from .validation_errors import validation_failure
 
 
 def create_app(
@@ -74,7 +75,7 @@ def create_app_from_services(services: Services) -> FastAPI:
     basic_realm = REALM if services.settings.auth.mode == "basic" else None
     # Added innermost first: the access log wraps the request context, which wraps
     # authentication, which wraps body limits.
-    app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(BodyLimitMiddleware, routes=app.router.routes)
     app.add_middleware(
         AuthenticationMiddleware,
         authenticator=services.authenticator,
@@ -84,27 +85,52 @@ def create_app_from_services(services: Services) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(AccessLogMiddleware, metrics=services.metrics, base_path=base)
     configure_logging(services.settings)
-    services.start_maintenance()
+    services.maintenance.start()
 
-    async def send_problem(request: Request, exc: Exception) -> Response:
-        return problem_for(exc).response(request_id_of(request.scope))
+    async def send_failure(request: Request, exc: Exception) -> Response:
+        return problem_for_request(exc, request.scope)
 
-    async def send_validation_problem(request: Request, exc: Exception) -> Response:
+    async def send_validation_failure(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        return validation_problem(exc.errors()).response(request_id_of(request.scope))
+        return problem_for_request(validation_failure(exc.errors()), request.scope)
 
-    async def send_http_problem(request: Request, exc: Exception) -> Response:
+    async def send_http_failure(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        if exc.status_code == 405:
-            problem = Problem(METHOD_NOT_ALLOWED, f"{request.method} is not allowed here.")
-        else:
-            problem = Problem(
-                NOT_FOUND, f"There is nothing at {request.url.path}; see {base}/docs."
-            )
-        return problem.response(request_id_of(request.scope))
+        failure = http_failure(exc, request.method, request.url.path, base)
+        return problem_for_request(failure, request.scope)
 
-    for handled in (Problem, ExchangeError, ProvisioningError, JournalUnavailable, IdentityBusy):
-        app.add_exception_handler(handled, send_problem)
-    app.add_exception_handler(RequestValidationError, send_validation_problem)
-    app.add_exception_handler(StarletteHTTPException, send_http_problem)
+    app.add_exception_handler(Failure, send_failure)
+    app.add_exception_handler(RequestValidationError, send_validation_failure)
+    app.add_exception_handler(StarletteHTTPException, send_http_failure)
     return app
+
+
+def http_failure(exc: StarletteHTTPException, method: str, path: str, base: str) -> Failure:
+    """The failure for an HTTP error Starlette or FastAPI raised: each status its own failure.
+
+    404 only when no route has this path; 405 keeps the route's Allow header; a body FastAPI
+    could not parse (not UTF-8, JSON nested too deep) is 400.
+    """
+    status = exc.status_code
+    if status == 404:
+        return NotFound(f"There is nothing at {path}; see {base}/docs.")
+    if status == 405:
+        allowed = [m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()]
+        return MethodNotAllowed(
+            f"{method} is not allowed here; use {', '.join(allowed) or 'another method'}.",
+            allowed=allowed,
+        )
+    if status == 413:
+        return PayloadTooLarge(f"The request body is too large ({exc.detail}).")
+    if status == 415:
+        return UnsupportedMediaType(
+            "Send the body as JSON with the header Content-Type: application/json."
+        )
+    if status == 422:
+        return ValidationFailed([{"field": "body", "message": str(exc.detail), "type": "http"}])
+    if status >= 500:
+        return Failure(INTERNAL_DETAIL)
+    return BadRequest(
+        f"The request cannot be read ({exc.detail}); send the body as UTF-8 JSON, e.g. "
+        '{"identity": "CONTOSO\\jdoe"}.'
+    )

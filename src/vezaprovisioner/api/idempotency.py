@@ -20,11 +20,12 @@ from collections.abc import Callable
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..journal.idempotency import IdempotencyKeys
+from ..failures import as_failure
+from ..journal.idempotency import IdempotencyKeyInUse, IdempotencyKeyMismatch, IdempotencyKeys
 from ..journal.records import JournalUnavailable
 from ..provisioning import CreateEmail
-from .problems import IDEMPOTENCY_KEY_IN_USE, IDEMPOTENCY_KEY_MISMATCH, Problem, problem_for
-from .validation_errors import validation_problem
+from .problems import problem_response
+from .validation_errors import validation_failure
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def idempotency_key(request: Request) -> str | None:
     if len(key) >= 2 and key[0] == key[-1] == '"':
         key = key[1:-1]
     if not _KEY.fullmatch(key):
-        raise validation_problem(
+        raise validation_failure(
             [
                 {
                     "loc": (HEADER,),
@@ -85,17 +86,14 @@ def run_once(
     """`run()` at most once per (caller, key); later the stored answer."""
     state = keys.begin(caller, key, fingerprint(command), request_id)
     if state.kind == "mismatch":
-        raise Problem(
-            IDEMPOTENCY_KEY_MISMATCH,
+        raise IdempotencyKeyMismatch(
             f"The Idempotency-Key {key!r} was first used by request {state.request_id} with "
-            "another body; a key names one request. Send a new key for a new request.",
+            "another body; a key names one request. Send a new key for a new request."
         )
     if state.kind == "running":
-        raise Problem(
-            IDEMPOTENCY_KEY_IN_USE,
+        raise IdempotencyKeyInUse(
             f"Request {state.request_id} with this Idempotency-Key is still running; retry "
-            "after Retry-After to get its answer.",
-            headers={"Retry-After": "5"},
+            "after Retry-After to get its answer."
         )
     if state.kind == "replay":
         assert state.status is not None
@@ -110,9 +108,9 @@ def run_once(
     try:
         response = run()
     except Exception as exc:
-        problem = problem_for(exc)
-        if problem.kind.status < 500:
-            _best_effort(lambda: _store(keys, caller, key, problem.response(request_id)))
+        if as_failure(exc).status < 500:
+            answer = problem_response(exc, request_id)
+            _best_effort(lambda: _store(keys, caller, key, answer))
         else:
             _best_effort(lambda: keys.forget(caller, key))
         raise

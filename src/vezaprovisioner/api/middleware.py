@@ -11,18 +11,15 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from collections.abc import Sequence
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..auth import AuthenticationError, Authenticator
-from .problems import (
-    INTERNAL_ERROR,
-    PAYLOAD_TOO_LARGE,
-    UNSUPPORTED_MEDIA_TYPE,
-    Problem,
-    problem_for,
-)
+from ..failures import Failure, PayloadTooLarge, UnsupportedMediaType
+from .problems import problem_for_request
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +34,6 @@ def _is_json(content_type: str) -> bool:
     return media_type == "application/json" or (
         media_type.startswith("application/") and media_type.endswith("+json")
     )
-
-
-def request_id_of(scope: Scope) -> str:
-    """The id RequestContextMiddleware gave this request."""
-    return str(scope["state"]["request_id"])
 
 
 class RequestContextMiddleware:
@@ -73,8 +65,8 @@ class RequestContextMiddleware:
             log.exception("unhandled error in request %s", request_id)
             if started:
                 raise
-            problem = Problem(INTERNAL_ERROR, "An internal error occurred; the log has details.")
-            await problem.response(request_id)(scope, receive, send_with_id)
+            failure = Failure("An internal error occurred; the log has details.")
+            await problem_for_request(failure, scope)(scope, receive, send_with_id)
 
 
 class AuthenticationMiddleware:
@@ -101,41 +93,58 @@ class AuthenticationMiddleware:
                 scope, Headers(scope=scope).get("authorization")
             )
         except AuthenticationError as exc:
-            problem = problem_for(exc, basic_realm=self.basic_realm)
-            await problem.response(request_id_of(scope))(scope, receive, send)
+            response = problem_for_request(exc, scope, basic_realm=self.basic_realm)
+            await response(scope, receive, send)
             return
         scope["state"]["caller"] = caller
         await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:
-    """Accepts only JSON bodies of at most `max_body_bytes`, refused before any route runs."""
+    """Accepts only JSON bodies of at most `max_body_bytes`, refused before any route runs.
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    Only requests a route takes (path and method) are checked: anything else goes on to the
+    router untouched, which answers 404 or 405 (a PUT to a GET route is 405, not 415).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: Sequence[BaseRoute] = (),
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
         self.app = app
+        self.routes = routes
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
+        if (
+            scope["type"] != "http"
+            or scope["method"] not in _BODY_METHODS
+            or not self._routed(scope)
+        ):
             await self.app(scope, receive, send)
             return
-        problem, receive = await self._read_body(Headers(scope=scope), receive)
-        if problem is not None:
-            await problem.response(request_id_of(scope))(scope, receive, send)
+        failure, receive = await self._read_body(Headers(scope=scope), receive)
+        if failure is not None:
+            await problem_for_request(failure, scope)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
+    def _routed(self, scope: Scope) -> bool:
+        """Whether a route takes this path with this method."""
+        return any(route.matches(scope)[0] is Match.FULL for route in self.routes)
+
     async def _read_body(
         self, headers: Headers, receive: Receive
-    ) -> tuple[Problem | None, Receive]:
+    ) -> tuple[Failure | None, Receive]:
         """Reads the (small) body up front, so a too-large one never reaches a route."""
         if not _is_json(headers.get("content-type", "")):
-            return Problem(
-                UNSUPPORTED_MEDIA_TYPE,
-                "Send the body as JSON with the header Content-Type: application/json.",
+            return UnsupportedMediaType(
+                "Send the body as JSON with the header Content-Type: application/json."
             ), receive
-        too_large = Problem(
-            PAYLOAD_TOO_LARGE, f"The request body must be at most {self.max_body_bytes} bytes."
+        too_large = PayloadTooLarge(
+            f"The request body must be at most {self.max_body_bytes} bytes."
         )
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:

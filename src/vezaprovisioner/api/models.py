@@ -28,7 +28,6 @@ from ..validation import (
 )
 
 SUPPORTED_ACTIONS = ("CREATE_EMAIL",)
-UNSUPPORTED_ACTIONS = ("SYNC_IDENTITIES", "MANAGE_RELATIONSHIPS", "DEPROVISION_IDENTITY")
 
 
 def _exchange_rule(check: Any) -> Any:
@@ -165,14 +164,16 @@ class HealthResponse(BaseModel):
     version: str
 
 
-class Check(BaseModel):
+class ReadinessCheck(BaseModel):
+    """One readiness check: whether it passed and what it saw."""
+
     ok: bool
     detail: str
 
 
 class ReadinessResponse(BaseModel):
     status: Literal["ready", "not_ready"]
-    checks: dict[str, Check]
+    checks: dict[str, ReadinessCheck]
 
 
 class ExchangeSaid(BaseModel):

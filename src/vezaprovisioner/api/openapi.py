@@ -21,8 +21,8 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse
 
+from ..failures import failure_classes
 from .models import ProblemDocument
-from .problems import ProblemKind, all_problem_kinds
 
 SECURITY_SCHEME = "basicAuth"
 PROBLEM_SCHEMA = "Problem"
@@ -50,12 +50,17 @@ _WWW_AUTHENTICATE_HEADER = {
 }
 
 
+def problem_codes() -> list[str]:
+    """Every `code` a problem can carry: the codes of the failure tree."""
+    return sorted({cls.code for cls in failure_classes()})
+
+
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The `responses=` entries of a route for the problem+json answers it can give."""
-    kinds = all_problem_kinds()
+    classes = failure_classes()
     responses: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
-        codes = sorted({kind.code for kind in kinds if kind.status == status})
+        codes = sorted({cls.code for cls in classes if cls.status == status})
         responses[status] = {
             "description": f"Problem (RFC 9457); code: {', '.join(codes) or 'see code'}",
             "content": {"application/problem+json": {"schema": {"$ref": _PROBLEM_REF}}},
@@ -63,12 +68,12 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return responses
 
 
-def _problem_schema(kinds: Iterable[ProblemKind]) -> dict[str, dict[str, Any]]:
+def _problem_schema(codes: Iterable[str]) -> dict[str, dict[str, Any]]:
     """The problem document's schema and the schemas it refers to, `code` as an enum."""
     schema = ProblemDocument.model_json_schema(ref_template="#/components/schemas/{model}")
     nested: dict[str, dict[str, Any]] = schema.pop("$defs", {})
     schema["title"] = PROBLEM_SCHEMA
-    schema["properties"]["code"]["enum"] = sorted({kind.code for kind in kinds})
+    schema["properties"]["code"]["enum"] = sorted(codes)
     return {PROBLEM_SCHEMA: schema, **nested}
 
 
@@ -95,7 +100,7 @@ def openapi_document(app: FastAPI, public_paths: frozenset[str]) -> dict[str, An
     )
     components = document.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
-    schemas.update(_problem_schema(all_problem_kinds()))
+    schemas.update(_problem_schema(problem_codes()))
     # FastAPI's own 422 shapes are never sent: every route declares its 422 as a problem.
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)

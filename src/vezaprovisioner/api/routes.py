@@ -1,7 +1,7 @@
 """API v1 routes: health, readiness, CREATE_EMAIL (direct and as a platform action), state look-up.
 
 Routes stay thin: validate, call the provisioning flow, shape the response. Failures are raised
-and turned into problem+json by `problems.problem_for()` in the app's exception handlers.
+(`vezaprovisioner.failures`) and rendered as problem+json by the app's exception handler.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from .. import __version__
 from ..auth import Caller
+from ..failures import ActionNotSupported, NotFound
 from ..journal.idempotency import IdempotencyKeys
 from ..journal.records import JournalUnavailable, RequestContext, State
 from ..metrics import CONTENT_TYPE
@@ -28,19 +29,18 @@ from .idempotency import idempotency_key, run_once
 from .models import (
     SUPPORTED_ACTIONS,
     ActionRequest,
-    Check,
     EmailRequest,
     HealthResponse,
     MailboxResponse,
+    ReadinessCheck,
     ReadinessResponse,
     RecipientStateResponse,
     RequestListResponse,
     RequestRecordResponse,
 )
 from .openapi import problem_responses
-from .problems import ACTION_NOT_SUPPORTED, NOT_FOUND, Problem
 from .status_page import render as render_status
-from .validation_errors import validation_problem
+from .validation_errors import validation_failure
 
 router = APIRouter()
 
@@ -87,38 +87,36 @@ def ready(services: ServicesDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 
-def readiness_checks(services: Services) -> dict[str, Check]:
+def readiness_checks(services: Services) -> dict[str, ReadinessCheck]:
     """The checks of /health/ready (also shown on /status)."""
     settings = services.settings
     source = str(settings.source) if settings.source else "built in code"
     return {
-        "configuration": Check(ok=True, detail=f"valid ({source})"),
+        "configuration": ReadinessCheck(ok=True, detail=f"valid ({source})"),
         "backend": _probe(services),
         "journal": _journal_writable(services),
     }
 
 
-def _probe(services: Services) -> Check:
+def _probe(services: Services) -> ReadinessCheck:
     timeout = services.settings.readiness_timeout_seconds
     future = _probe_executor.submit(services.exchange.probe)
     try:
-        return Check(ok=True, detail=future.result(timeout=timeout))
+        return ReadinessCheck(ok=True, detail=future.result(timeout=timeout))
     except FutureTimeout:
-        return Check(
+        return ReadinessCheck(
             ok=False,
             detail=f"{services.settings.backend} backend did not answer within {timeout:g} s",
         )
     except Exception as exc:  # any failure means "not ready"; the detail says which
-        return Check(ok=False, detail=f"{type(exc).__name__}: {exc}")
+        return ReadinessCheck(ok=False, detail=f"{type(exc).__name__}: {exc}")
 
 
-def _journal_writable(services: Services) -> Check:
-    if services.journal is None:
-        return Check(ok=True, detail="no journal configured")
+def _journal_writable(services: Services) -> ReadinessCheck:
     try:
-        return Check(ok=True, detail=services.journal.check_writable())
+        return ReadinessCheck(ok=True, detail=services.journal.check_writable())
     except JournalUnavailable as exc:
-        return Check(ok=False, detail=str(exc))
+        return ReadinessCheck(ok=False, detail=str(exc))
 
 
 @router.post(
@@ -157,15 +155,14 @@ def run_action(
 ) -> Response:
     """The platform's action envelope; CREATE_EMAIL behaves exactly like POST /api/v1/emails."""
     if body.action not in SUPPORTED_ACTIONS:
-        raise Problem(
-            ACTION_NOT_SUPPORTED,
+        raise ActionNotSupported(
             f"{body.action} is not supported by VezaProvisioner; supported: "
             f"{', '.join(SUPPORTED_ACTIONS)}.",
         )
     try:
         email = EmailRequest.model_validate(body.attributes)
     except ValidationError as exc:
-        raise validation_problem(exc.errors(), prefix=("attributes",)) from exc
+        raise validation_failure(exc.errors(), prefix=("attributes",)) from exc
     return _create(email, request, services, request_id)
 
 
@@ -187,7 +184,7 @@ def _create(
         )
 
     key = idempotency_key(request)
-    if key is None or services.journal is None:
+    if key is None:
         return run()
     keys = IdempotencyKeys(services.journal)
     return run_once(keys, context.caller, key, command, request_id, run)
@@ -209,7 +206,7 @@ def read_email(
     try:
         identity = validate_identity(identity)
     except InvalidValue as exc:
-        raise validation_problem(
+        raise validation_failure(
             [{"loc": ("path", "identity"), "msg": exc.message, "type": "invalid_value"}]
         ) from exc
     return RecipientStateResponse.build(services.provisioner.read_state(identity), request_id)
@@ -260,8 +257,6 @@ def list_requests(
     ] = None,
 ) -> RequestListResponse:
     """Journal records, newest first, one page at a time; follow `next_cursor` for more."""
-    if services.journal is None:
-        return RequestListResponse(items=[], next_cursor=None)
     records = services.journal.page(
         since=_epoch(since),
         until=_epoch(until),
@@ -306,10 +301,9 @@ def read_request(
     services: ServicesDep,
 ) -> RequestRecordResponse:
     """The journal record of a request: who asked, what, its state and what Exchange said."""
-    record = services.journal.get(request_id) if services.journal else None
+    record = services.journal.get(request_id)
     if record is None:
-        raise Problem(
-            NOT_FOUND,
+        raise NotFound(
             f"No journal record has request id {request_id!r}; records older than "
             f"journal.retention_days ({services.settings.journal.retention_days}) are deleted.",
         )
@@ -335,6 +329,6 @@ def status_page(services: ServicesDep) -> HTMLResponse:
 )
 def metrics(services: ServicesDep) -> Response:
     """Prometheus text format."""
-    if services.metrics is None or not services.settings.metrics.enabled:
-        raise Problem(NOT_FOUND, "Metrics are disabled (metrics.enabled = false).")
+    if not services.settings.metrics.enabled:
+        raise NotFound("Metrics are disabled (metrics.enabled = false).")
     return Response(services.metrics.exposition(), media_type=CONTENT_TYPE)

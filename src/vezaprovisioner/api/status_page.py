@@ -16,10 +16,10 @@ from urllib.parse import quote
 
 from .. import __version__
 from ..exchange.local.backend import LocalExchange
+from ..failures import advice_for_code
 from ..journal.records import Record
 from ..services import Services
-from .models import Check
-from .problems import advice_for_code
+from .models import ReadinessCheck as Check
 
 REFRESH_SECONDS = 30
 RECENT = 50

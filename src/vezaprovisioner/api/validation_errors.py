@@ -1,11 +1,11 @@
-"""Turns pydantic's validation errors into one VALIDATION_FAILED problem, one entry per field."""
+"""Turns pydantic's validation errors into one `ValidationFailed`, one entry per field."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .problems import VALIDATION_FAILED, Problem
+from ..failures import ValidationFailed
 
 _LOCATION_PARTS = frozenset({"body", "path", "query"})
 
@@ -30,11 +30,13 @@ def _message(error: Mapping[str, Any]) -> str:
     return str(error.get("msg", "invalid value")).removeprefix("Value error, ")
 
 
-def validation_problem(errors: Iterable[Mapping[str, Any]], prefix: Sequence[str] = ()) -> Problem:
+def validation_failure(
+    errors: Iterable[Mapping[str, Any]], prefix: Sequence[str] = ()
+) -> ValidationFailed:
     """One entry per bad field: {field, message, type}."""
-    entries = [
-        {"field": _field(e, prefix), "message": _message(e), "type": str(e.get("type", ""))}
-        for e in errors
-    ]
-    fields = ", ".join(dict.fromkeys(entry["field"] for entry in entries))
-    return Problem(VALIDATION_FAILED, f"Fix these fields and retry: {fields}.", errors=entries)
+    return ValidationFailed(
+        [
+            {"field": _field(e, prefix), "message": _message(e), "type": str(e.get("type", ""))}
+            for e in errors
+        ]
+    )

@@ -30,7 +30,8 @@ import threading
 from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from pathlib import Path
+from typing import Any, Final, Protocol, cast
 
 import requests
 from pypsrp.complex_objects import PSInvocationState, RunspacePoolState
@@ -39,7 +40,6 @@ from pypsrp.powershell import PowerShell, RunspacePool
 from pypsrp.wsman import WSMan
 
 from ..clock import Clock
-from ..config import ExchangeSettings, RemoteSettings
 from .errors import (
     AmbiguousIdentity,
     BackendUnavailable,
@@ -74,6 +74,43 @@ _RESOURCE_NOT_FOUND: Final = 0x80338000
 _TRANSPORT_ERRORS: Final = (WinRMError, requests.exceptions.RequestException, OSError)
 
 
+class EndpointSettings(Protocol):
+    """What this backend reads of the `[remote]` settings; `config.RemoteSettings` fits it.
+
+    A protocol rather than an import: backends do not depend on the configuration module.
+    """
+
+    @property
+    def server(self) -> str: ...
+    @property
+    def ssl(self) -> bool: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def auth(self) -> str: ...
+    @property
+    def cert_validation(self) -> bool: ...
+    @property
+    def ca_bundle(self) -> Path | None: ...
+    @property
+    def spn_service(self) -> str: ...
+    @property
+    def username_env(self) -> str: ...
+    @property
+    def password_env(self) -> str: ...
+    @property
+    def http_timeout_seconds(self) -> float: ...
+    @property
+    def effective_port(self) -> int: ...
+
+
+class CommandSettings(Protocol):
+    """What this backend reads of the `[exchange]` settings; `config.ExchangeSettings` fits it."""
+
+    @property
+    def command_timeout_seconds(self) -> float: ...
+
+
 @dataclass(frozen=True)
 class RemoteCredentials:
     """Explicit credentials from the environment; both None means the process identity."""
@@ -83,7 +120,7 @@ class RemoteCredentials:
 
     @classmethod
     def from_environment(
-        cls, settings: RemoteSettings, environ: Mapping[str, str]
+        cls, settings: EndpointSettings, environ: Mapping[str, str]
     ) -> RemoteCredentials:
         username = environ.get(settings.username_env) if settings.username_env else None
         password = environ.get(settings.password_env) if settings.password_env else None
@@ -107,8 +144,8 @@ class RemoteExchange:
 
     def __init__(
         self,
-        remote: RemoteSettings,
-        exchange: ExchangeSettings,
+        remote: EndpointSettings,
+        exchange: CommandSettings,
         credentials: RemoteCredentials,
         *,
         clock: Clock,

@@ -3,14 +3,16 @@
 The claim (table `claims` of the journal file, one row per user GUID) is taken in one atomic
 SQLite transaction and released when the request ends; a claim whose owner process is gone (see
 `liveness`) or whose age exceeds `journal.stale_claim_seconds` may be taken over.
-`JournalIdentityGuard` puts an in-process lock in front of it, so threads of one process queue
-without polling and only processes meet at the row.
+`JournalClaims` puts `InProcessClaims` (a lock per user) in front of it, so threads of one process
+queue without polling and only processes meet at the row. Whatever holds claims for the flow is a
+`UserClaims`: the flow, crash recovery and the service all say "claim" for this one idea.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -18,22 +20,28 @@ from typing import Protocol
 
 from ..clock import Clock
 from ..config import JournalSettings
+from ..failures import Failure
 from .liveness import owner_gone, process_token
 from .records import Journal, JournalUnavailable
 
 log = logging.getLogger(__name__)
 
 
-class IdentityBusy(Exception):
+class IdentityBusy(Failure):
     """Another request (maybe in another worker process) holds the claim on this user too long."""
+
+    code = "IDENTITY_BUSY"
+    status = 503
+    title = "Another request for this user is running"
+    retry_after_seconds: int
 
     def __init__(self, message: str, *, retry_after_seconds: int) -> None:
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
 
 
-class Claims:
-    """The claims table of one journal."""
+class ClaimTable:
+    """The claims table of one journal: one row per claimed user."""
 
     def __init__(self, journal: Journal) -> None:
         self._journal = journal
@@ -89,14 +97,39 @@ class Claims:
         return len(dead)
 
 
-class IdentityLock(Protocol):
-    """The in-process part of the guard (provisioning.InProcessIdentityGuard)."""
+class UserClaims(Protocol):
+    """Lets at most one request at a time act on one user (keyed by the user's GUID)."""
 
     def hold(self, key: str) -> AbstractContextManager[None]: ...
 
 
-class JournalIdentityGuard:
-    """The per-user guard across threads *and* processes: a lock, then the journal's claim.
+class InProcessClaims:
+    """The claim within one process: a lock per user GUID its threads queue on; idle ones go."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        key = key.casefold()
+        with self._mutex:
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._mutex:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
+
+
+class JournalClaims:
+    """The claim across threads *and* processes: the in-process claim, then the journal's row.
 
     Threads of one process queue on the in-process lock (no polling); processes meet at the claim
     row, polled with a short backoff up to `journal.claim_wait_seconds`.
@@ -107,9 +140,9 @@ class JournalIdentityGuard:
         journal: Journal,
         settings: JournalSettings,
         clock: Clock,
-        local: IdentityLock,
+        local: UserClaims,
     ) -> None:
-        self._claims = Claims(journal)
+        self._table = ClaimTable(journal)
         self._settings = settings
         self._clock = clock
         self._local = local
@@ -123,7 +156,7 @@ class JournalIdentityGuard:
                 yield
             finally:
                 try:
-                    self._claims.release(key, token)
+                    self._table.release(key, token)
                 except JournalUnavailable:
                     # Never mask the request's own outcome (Exchange may have acted): the claim
                     # stays until this process ends or it goes stale; on_error counted it.
@@ -133,7 +166,7 @@ class JournalIdentityGuard:
         deadline = self._clock.monotonic() + self._settings.claim_wait_seconds
         delay = 0.01
         while True:
-            token = self._claims.try_claim(key)
+            token = self._table.try_claim(key)
             if token is not None:
                 return token
             remaining = deadline - self._clock.monotonic()

@@ -13,7 +13,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ..failures import Failure
 from .records import Journal
+
+
+class IdempotencyKeyMismatch(Failure):
+    """The Idempotency-Key was first used with another body."""
+
+    code = "IDEMPOTENCY_KEY_MISMATCH"
+    status = 422
+    title = "The Idempotency-Key was used with another body"
+    advice = "A key names one request: send a new key for a new request."
+
+
+class IdempotencyKeyInUse(Failure):
+    """A request with the same Idempotency-Key is still running."""
+
+    code = "IDEMPOTENCY_KEY_IN_USE"
+    status = 409
+    title = "A request with this Idempotency-Key is still running"
+    advice = "Retry after Retry-After to get the first request's answer."
+    retry_after_seconds = 5
 
 
 @dataclass(frozen=True)

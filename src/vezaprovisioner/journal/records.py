@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from ..config import JournalSettings
 from ..exchange.errors import ExchangeError
+from ..failures import Failure, as_failure
 from .liveness import owner_gone, process_token
 
 JOURNAL_FILE = "journal.sqlite3"
@@ -112,8 +113,18 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-class JournalUnavailable(Exception):
+class JournalUnavailable(Failure):
     """The journal could not be written, so nothing was (or will be) sent to Exchange."""
+
+    code = "JOURNAL_UNAVAILABLE"
+    status = 503
+    title = "The request journal cannot be written"
+    advice = "Nothing was sent to Exchange; retry after Retry-After."
+    retry_after_seconds = 30
+
+    @property
+    def detail(self) -> str:
+        return f"{self.message} {self.advice}"
 
 
 @dataclass(frozen=True)
@@ -169,12 +180,10 @@ class Journal:
         data_dir: Path,
         settings: JournalSettings,
         *,
-        code_of: Callable[[Exception], str],
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.path = data_dir / JOURNAL_FILE
         self._settings = settings
-        self._code_of = code_of
         self._wall = wall
         #: This machine, as claims and records name it (pids are only checked here).
         self.host = socket.gethostname().casefold()
@@ -322,7 +331,7 @@ class Journal:
 
     def fail(self, row_id: int, error: Exception) -> None:
         """received / running → failed, with the code and what Exchange said."""
-        fields: dict[str, Any] = {"code": self._code_of(error), "detail": str(error)[:2000]}
+        fields: dict[str, Any] = {"code": as_failure(error).code, "detail": str(error)[:2000]}
         if isinstance(error, ExchangeError) and error.from_exchange:
             fields.update(
                 exchange_reason=error.reason,
