@@ -85,6 +85,11 @@ def test_a_refusal_is_replayed_too(client: TestClient, exchange: SimulatedExchan
     assert again.headers["content-type"] == "application/problem+json"
     assert again.json() == first.json()
     assert len(exchange.calls) == calls
+    metrics = client.get("/VezaProvisioner/metrics").text  # the replay is counted with its code
+    assert (
+        'vezaprovisioner_requests_total{code="AMBIGUOUS_IDENTITY",method="POST",'
+        'route="/VezaProvisioner/api/v1/emails",status="409"} 2.0'
+    ) in metrics
 
 
 def test_a_5xx_is_not_stored_so_a_retry_runs_again(

@@ -24,7 +24,7 @@ from ..failures import as_failure
 from ..journal.idempotency import IdempotencyKeyInUse, IdempotencyKeyMismatch, IdempotencyKeys
 from ..journal.records import JournalUnavailable
 from ..provisioning import CreateEmail
-from .problems import problem_response
+from .problems import FAILURE_CODE_STATE, problem_response
 from .validation_errors import validation_failure
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,11 @@ def run_once(
     caller: str,
     key: str,
     command: CreateEmail,
-    request_id: str,
+    request: Request,
     run: Callable[[], Response],
 ) -> Response:
     """`run()` at most once per (caller, key); later the stored answer."""
+    request_id = str(request.scope["state"]["request_id"])
     state = keys.begin(caller, key, fingerprint(command), request_id)
     if state.kind == "mismatch":
         raise IdempotencyKeyMismatch(
@@ -99,6 +100,8 @@ def run_once(
         assert state.status is not None
         assert state.body is not None
         stored = json.loads(state.body)
+        if stored.get("code"):  # a replayed problem is logged and counted with its code
+            request.scope["state"][FAILURE_CODE_STATE] = stored["code"]
         return Response(
             stored["body"],
             status_code=state.status,
@@ -108,9 +111,10 @@ def run_once(
     try:
         response = run()
     except Exception as exc:
-        if as_failure(exc).status < 500:
-            answer = problem_response(exc, request_id)
-            _best_effort(lambda: _store(keys, caller, key, answer))
+        failure = as_failure(exc)
+        if failure.status < 500:
+            answer = problem_response(failure, request_id)
+            _best_effort(lambda: _store(keys, caller, key, answer, failure.code))
         else:
             _best_effort(lambda: keys.forget(caller, key))
         raise
@@ -118,8 +122,11 @@ def run_once(
     return response
 
 
-def _store(keys: IdempotencyKeys, caller: str, key: str, response: Response) -> None:
+def _store(
+    keys: IdempotencyKeys, caller: str, key: str, response: Response, code: str | None = None
+) -> None:
     stored = {
+        "code": code,
         "media_type": response.media_type,
         "headers": {k: v for k, v in response.headers.items() if k in _KEPT_HEADERS},
         "body": bytes(response.body).decode(),

@@ -187,7 +187,7 @@ def _create(
     if key is None:
         return run()
     keys = IdempotencyKeys(services.journal)
-    return run_once(keys, context.caller, key, command, request_id, run)
+    return run_once(keys, context.caller, key, command, request, run)
 
 
 @router.get(
