@@ -12,6 +12,7 @@ app. Prints the median and the worst of `--repeat` runs, in milliseconds.
 from __future__ import annotations
 
 import argparse
+import base64
 import statistics
 import tempfile
 import time
@@ -86,7 +87,9 @@ def main() -> None:
                 "logging": {"file": str(Path(folder) / "service.log")},
             }
         )
-        with TestClient(create_app(settings), auth=("bench", password)) as client:
+        token = base64.b64encode(f"bench:{password}".encode()).decode()
+        headers = {"Authorization": f"Basic {token}"}
+        with TestClient(create_app(settings), headers=headers) as client:
             fill(client, args.records)
             base = "/VezaProvisioner/api/v1/requests"
             deep = client.get(base, params={"limit": 500}).json()["next_cursor"]
