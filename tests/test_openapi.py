@@ -103,6 +103,15 @@ def test_response_headers_are_declared(spec: dict[str, Any]) -> None:
                 assert "Retry-After" in response["headers"], (method, path)
     created = spec["paths"][f"{BASE}/api/v1/emails"]["post"]["responses"]["201"]
     assert "Location" in created["headers"]
+    assert "Idempotent-Replayed" in created["headers"]
+
+
+def test_create_operations_take_an_idempotency_key(spec: dict[str, Any]) -> None:
+    for path in (f"{BASE}/api/v1/emails", f"{BASE}/api/v1/actions"):
+        parameters = spec["paths"][path]["post"]["parameters"]
+        assert [(p["name"], p["in"], p["required"]) for p in parameters] == [
+            ("Idempotency-Key", "header", False)
+        ]
 
 
 def test_identity_and_alias_carry_their_constraints(spec: dict[str, Any]) -> None:

@@ -44,6 +44,11 @@ _LOCATION_HEADER = {
     "description": "The created mailbox's state: GET it for the user's current mail attributes.",
     "schema": {"type": "string", "format": "uri-reference"},
 }
+_REPLAYED_HEADER = {
+    "description": "true when this is the stored answer to an earlier request with the same "
+    "Idempotency-Key (Exchange was not called).",
+    "schema": {"type": "string", "enum": ["true"]},
+}
 _WWW_AUTHENTICATE_HEADER = {
     "description": "The Basic challenge (auth.mode = basic).",
     "schema": {"type": "string"},
@@ -115,8 +120,14 @@ def openapi_document(app: FastAPI, public_paths: frozenset[str]) -> dict[str, An
         for operation in operations.values():
             if path not in public_paths:
                 operation["security"] = [{SECURITY_SCHEME: []}]
+            idempotent = any(
+                parameter.get("name") == "Idempotency-Key"
+                for parameter in operation.get("parameters", [])
+            )
             for status, response in operation.get("responses", {}).items():
                 response["headers"] = _headers_for(status, response)
+                if idempotent and status != "503":
+                    response["headers"]["Idempotent-Replayed"] = _REPLAYED_HEADER
     return document
 
 
