@@ -181,9 +181,9 @@ def test_wrong_remote_exchange_path_fails_fast_with_a_clear_error(
 @pytest.mark.parametrize(
     ("fault", "expected"),
     [
-        ("connect", "could not connect to Exchange (Connecting to remote server EX01"),
+        ("connect", "could not connect to Exchange: no session opened, 4 error records: [1] "),
         ("rbac", "lacks the Mail Recipients management role"),
-        ("exit", "File cannot be loaded. Access denied."),
+        ("exit", "Die Datei kann nicht geladen werden. Der Zugriff wurde verweigert"),
     ],
 )
 def test_startup_errors_are_reported(
@@ -326,7 +326,9 @@ def test_the_fake_refuses_a_host_script_that_is_not_the_shipped_one(
 ) -> None:
     edited = tmp_path / "host.ps1"
     edited.write_bytes(HOST_SCRIPT.read_bytes() + b"\nRemove-Mailbox -Identity x\n")
-    host = Host([fake_powershell.path, *HOST_SWITCHES, str(edited)], "C:\\x.ps1")
+    host = Host(
+        [fake_powershell.path, *HOST_SWITCHES, str(edited)], "C:\\x.ps1", connect_lock_seconds=1
+    )
     with pytest.raises(HostStartupFailed, match=r"differs from the shipped host\.ps1"):
         host.wait_ready(20)
 

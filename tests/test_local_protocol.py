@@ -11,6 +11,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from vezaprovisioner.exchange.local.protocol import (
+    Connecting,
     ErrorRecord,
     ProtocolError,
     Ready,
@@ -18,12 +19,15 @@ from vezaprovisioner.exchange.local.protocol import (
     Request,
     Result,
     StartupFailure,
+    StartupRecord,
+    decode_stderr,
     encode_hello,
     encode_request,
     frame_prefix,
     new_nonce,
     parse_line,
     read_lines,
+    stderr_encoding,
 )
 
 NONCE = "0123456789abcdef0123456789abcdef"
@@ -72,14 +76,41 @@ def test_requests_outside_the_allow_list_are_never_encoded() -> None:
         encode_request(Request(id=1, cmdlet="Get-User", parameters={"ScriptBlock": "x"}))
 
 
-def test_hello_carries_the_nonce_and_path() -> None:
-    hello = encode_hello(NONCE, "C:\\Program Files\\Exchange\\RemoteExchange.ps1")
+def test_hello_carries_the_nonce_path_and_lock_wait() -> None:
+    hello = encode_hello(
+        NONCE, "C:\\Program Files\\Exchange\\RemoteExchange.ps1", connect_lock_seconds=180
+    )
+    # Values are strings only: ConvertFrom-Json in 5.1 is given nothing else to interpret.
     assert json.loads(hello) == {
         "nonce": NONCE,
         "remote_exchange_path": "C:\\Program Files\\Exchange\\RemoteExchange.ps1",
+        "connect_lock_ms": "180000",
     }
     with pytest.raises(ValueError, match="nonce"):
-        encode_hello("not hex", "C:\\x.ps1")
+        encode_hello("not hex", "C:\\x.ps1", connect_lock_seconds=1)
+    with pytest.raises(ValueError, match="connect_lock_seconds"):
+        encode_hello(NONCE, "C:\\x.ps1", connect_lock_seconds=0)
+
+
+def test_only_an_asked_for_transcript_travels_in_the_hello() -> None:
+    plain = json.loads(encode_hello(NONCE, "C:\\x.ps1", connect_lock_seconds=1))
+    assert "transcript" not in plain
+    asked = encode_hello(
+        NONCE, "C:\\x.ps1", connect_lock_seconds=1, transcript="C:\\Temp\\Über.txt"
+    )
+    assert asked.isascii()
+    assert json.loads(asked)["transcript"] == "C:\\Temp\\Über.txt"
+
+
+def test_host_stderr_is_read_in_the_oem_code_page_on_windows() -> None:
+    assert stderr_encoding("win32") == "oem"
+    assert stderr_encoding("linux") == "utf-8"
+    german = "Der Zugriff wurde verweigert. Überprüfen Sie die Größe."
+    for code_page in ("cp850", "cp437"):
+        data = german.encode(code_page)
+        assert decode_stderr(data, code_page) == german
+        assert decode_stderr(data, "utf-8") != german  # read as UTF-8 it arrives garbled
+    assert decode_stderr(b"\xff\xfe ok", "utf-8") == "\ufffd\ufffd ok"
 
 
 def test_nonces_are_fresh() -> None:
@@ -96,6 +127,51 @@ def test_nonces_are_fresh() -> None:
         (
             {"type": "startup_error", "kind": "rbac", "detail": "CONTOSO\\svc"},
             StartupFailure("rbac", "CONTOSO\\svc"),
+        ),
+        ({"type": "connecting"}, Connecting()),
+        (
+            {
+                "type": "startup_error",
+                "kind": "connect",
+                "detail": "no session",
+                "records": [
+                    {
+                        "message": "Access is denied.",
+                        "error_id": "AccessDenied,PSSessionOpenFailed",
+                        "target": "EX02.contoso.com",
+                    },
+                    {"message": "NonInteractive mode.", "error_id": "", "target": ""},
+                ],
+            },
+            StartupFailure(
+                "connect",
+                "no session",
+                records=(
+                    StartupRecord(
+                        "Access is denied.", "AccessDenied,PSSessionOpenFailed", "EX02.contoso.com"
+                    ),
+                    StartupRecord("NonInteractive mode.", "", ""),
+                ),
+            ),
+        ),
+        (
+            {
+                "type": "startup_error",
+                "kind": "module_import",
+                "detail": "no cmdlets",
+                "server": "EX01",
+                "user": "CONTOSO\\svc",
+                "path": "C:\\Users\\svc\\AppData\\Roaming\\Microsoft\\Exchange",
+                "missing": ["Get-User"],
+            },
+            StartupFailure(
+                "module_import",
+                "no cmdlets",
+                server="EX01",
+                user="CONTOSO\\svc",
+                path="C:\\Users\\svc\\AppData\\Roaming\\Microsoft\\Exchange",
+                missing=("Get-User",),
+            ),
         ),
         (
             {
@@ -140,6 +216,14 @@ def test_stray_lines_are_not_messages(line: bytes) -> None:
         (framed({"type": "result", "id": "1", "objects": []}), "'id' must be an integer"),
         (framed({"type": "result", "id": 1, "objects": [{"Name": 5}]}), "text or null"),
         (framed({"type": "startup_error", "kind": "boom", "detail": ""}), "unknown startup"),
+        (
+            framed({"type": "startup_error", "kind": "connect", "detail": "", "records": {}}),
+            "'records' must be a list",
+        ),
+        (
+            framed({"type": "startup_error", "kind": "rbac", "detail": "", "missing": [1]}),
+            "'missing' must be a list",
+        ),
     ],
 )
 def test_broken_frames_are_protocol_errors(line: bytes, problem: str) -> None:
@@ -164,3 +248,29 @@ def test_reader_drops_a_partial_line_at_eof() -> None:
     whole = framed({"type": "result", "id": 1, "objects": []})
     stream = io.BytesIO(whole + whole[:20])
     assert list(read_lines(stream, NONCE)) == [whole]
+
+
+_RECORD = st.fixed_dictionaries(
+    {"message": st.text(), "error_id": st.text(max_size=80), "target": st.text(max_size=80)}
+)
+
+
+@given(records=st.lists(_RECORD, max_size=25), missing=st.lists(st.text(max_size=30)))
+def test_any_startup_records_survive_the_decoding(
+    records: list[dict[str, str]], missing: list[str]
+) -> None:
+    line = framed(
+        {
+            "type": "startup_error",
+            "kind": "connect",
+            "detail": "d",
+            "records": records,
+            "missing": missing,
+        }
+    )
+    failure = parse_line(line, NONCE)
+    assert isinstance(failure, StartupFailure)
+    assert failure.records == tuple(
+        StartupRecord(r["message"], r["error_id"], r["target"]) for r in records
+    )
+    assert failure.missing == tuple(missing)

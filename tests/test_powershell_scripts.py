@@ -67,8 +67,11 @@ _BANNED_COMMANDS = {
     "powershell.exe",
     "pwsh",
     "pwsh.exe",
-    "start-transcript",  # would record every value the script handles
+    "start-transcript",  # would record every value the script handles (see below)
 }
+#: The one transcript allowed: host.ps1's, started only when the hello asks for one, which only
+#: `vezaprovisioner probe --transcript` does (test_local_host_script.py checks the variable).
+_TRANSCRIPT_REQUEST = "$transcriptPath"
 #: .NET and engine entry points that turn strings into code.
 _EVALUATES_STRINGS = re.compile(
     r"\[scriptblock\]::Create|NewScriptBlock|InvokeScript\(|ExpandString\(|"
@@ -143,6 +146,20 @@ def _guarded_by_should_process(command: tree_sitter.Node) -> bool:
     return False
 
 
+def _requested_transcript(command: tree_sitter.Node) -> bool:
+    """Start-Transcript directly in the block of `if ($transcriptPath)`."""
+    if _command_name(command).lower() != "start-transcript":
+        return False
+    node = command
+    while node.parent is not None:
+        parent = node.parent
+        if node.type == "statement_block" and parent.type == "if_statement":
+            condition = next((c for c in parent.children if c.type == "pipeline"), None)
+            return _text(condition) == _TRANSCRIPT_REQUEST
+        node = parent
+    return False
+
+
 def command_line_problems(source: bytes) -> list[str]:
     """Why a script builds or evaluates command lines, or handles secrets unsafely; [] if not."""
     root = _PARSER.parse(source).root_node
@@ -150,7 +167,7 @@ def command_line_problems(source: bytes) -> list[str]:
     for command in _nodes(root, "command"):
         name = _command_name(command)
         line = command.start_point[0] + 1
-        if name.lower() in _BANNED_COMMANDS:
+        if name.lower() in _BANNED_COMMANDS and not _requested_transcript(command):
             problems.append(f"line {line}: {name} is banned")
         if _is_invocation(command) and _COMMAND_LINE_IN_STRING.search(name):
             problems.append(f"line {line}: & runs a command line built in a string: {name}")
@@ -192,6 +209,7 @@ def command_line_problems(source: bytes) -> list[str]:
         b"New-WebAppPool -Name $pool\n",
         b"if ($x) { Set-ItemProperty -LiteralPath $p -Name a -Value 1 }\n",
         b"Start-Transcript -Path $log\n",
+        b"if ($log) { Start-Transcript -Path $log }\n",
     ],
 )
 def test_the_command_line_check_catches(bad: bytes) -> None:

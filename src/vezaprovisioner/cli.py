@@ -223,28 +223,40 @@ def _journal(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    """Start the backend, wait until it is ready or has failed, report; optionally Get-User."""
+    """Start the backend, wait until it is ready or has failed, report; optionally Get-User.
+
+    With --transcript (local backend only) one host starts, and host.ps1 records what
+    RemoteExchange.ps1 and Connect-ExchangeServer printed into that file (Start-Transcript).
+    """
     try:
         identity = validate_identity(args.identity) if args.identity else None
     except InvalidValue as exc:
         print(f"invalid input: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     settings = _settings(args)
-    services = build_services(settings)
+    transcript = str(args.transcript.resolve()) if args.transcript else None
+    if transcript is not None and settings.backend != "local":
+        print(
+            f"--transcript: only the local backend starts PowerShell (backend is "
+            f"{settings.backend!r})",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    exchange = open_exchange(settings, SystemClock(), transcript=transcript)
     try:
-        exchange = services.exchange
         if isinstance(exchange, LocalExchange):
-            exchange.pool.wait_for(
-                lambda s: s.size == 0 or s.warm > 0 or s.failed_starts > 0,
-                timeout=settings.local.startup_timeout_seconds + 5,
-            )
+            exchange.wait_started(settings.local.longest_start_seconds)
         report: dict[str, object] = {"backend": settings.backend, "probe": exchange.probe()}
+        if transcript is not None:
+            report["transcript"] = transcript
         if identity is not None:
             report["get_user"] = asdict(exchange.get_user(identity))
     except Failure as exc:
+        if transcript is not None:
+            print(f"transcript: {transcript}", file=sys.stderr)
         return _report_problem(exc)
     finally:
-        services.close()
+        exchange.close()
     print(json.dumps(report, indent=2, ensure_ascii=False))
     return EXIT_OK
 
@@ -323,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     probe.add_argument("--identity", default=None, help="an AD identity to read (read-only)")
+    probe.add_argument(
+        "--transcript",
+        type=Path,
+        default=None,
+        help="local backend: start one host and write what RemoteExchange.ps1 and "
+        "Connect-ExchangeServer printed to this file (Start-Transcript)",
+    )
     probe.set_defaults(run=_probe)
 
     hashing = commands.add_parser(

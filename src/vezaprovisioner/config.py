@@ -178,8 +178,13 @@ class LocalSettings(_Section):
     queue_size: int = Field(default=32, ge=0, le=1000)
     #: How long a request waits for a free host before 503.
     queue_wait_seconds: float = Field(default=30.0, gt=0, le=600)
-    #: Bound on start + Connect-ExchangeServer (its own limit is 180 s).
+    #: Bound on loading RemoteExchange.ps1, and again on Connect-ExchangeServer (its own
+    #: per-server limit is 180 s).
     startup_timeout_seconds: float = Field(default=180.0, gt=0, le=900)
+    #: How long a starting host waits for its account's connect mutex: hosts of one account
+    #: connect one at a time (they share Exchange's module cache), so the last of N starting
+    #: hosts waits for N - 1 connects.
+    connect_lock_wait_seconds: float = Field(default=600.0, gt=0, le=3600)
     #: Recycle a host after this many commands ...
     max_commands: int = Field(default=1000, ge=1, le=1_000_000)
     #: ... or once it is this old.
@@ -187,6 +192,12 @@ class LocalSettings(_Section):
     #: First wait after a failed start; doubles per failure up to the maximum.
     restart_backoff_seconds: float = Field(default=1.0, gt=0, le=600)
     restart_backoff_max_seconds: float = Field(default=60.0, gt=0, le=3600)
+
+    @property
+    def longest_start_seconds(self) -> float:
+        """The longest one host may take to become ready: loading RemoteExchange.ps1, the wait
+        for the connect mutex, the connect (plus a margin for the process itself)."""
+        return 2 * self.startup_timeout_seconds + self.connect_lock_wait_seconds + 5
 
 
 class AuthSettings(_Section):

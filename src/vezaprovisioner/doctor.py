@@ -27,6 +27,8 @@ from .exchange.errors import (
     IdentityNotFound,
     PermissionDenied,
 )
+from .exchange.local.backend import LocalExchange
+from .exchange.local.startup import TRANSCRIPT_HINT, fix_for
 from .exchange.port import ExchangePort
 from .iis_settings import AppcmdReader, IisConfigReader, IisReadError, read_auth_settings
 from .validation import InvalidValue, validate_identity
@@ -142,9 +144,14 @@ class Doctor:
         except ConfigError as exc:
             return None, _fail(name, f"the backend could not be opened: {exc}", _CONFIG_FIX)
         try:
+            if isinstance(port, LocalExchange):  # its hosts connect in the background
+                port.wait_started(settings.local.longest_start_seconds)
             described = port.probe()
         except ExchangeError as exc:
-            return port, _fail(name, f"the probe failed: {exc.message}", _exchange_fix(exc))
+            fix = _exchange_fix(exc)
+            if isinstance(port, LocalExchange):
+                fix = _local_startup_fix(port, fix)
+            return port, _fail(name, f"the probe failed: {exc.message}", fix)
         return port, _pass(name, described)
 
     def _get_user(self, settings: Settings, port: ExchangePort | None) -> Check:
@@ -232,6 +239,15 @@ def _exchange_fix(exc: ExchangeError) -> str:
             "and exchange.command_timeout_seconds."
         )
     return advice
+
+
+def _local_startup_fix(port: LocalExchange, otherwise: str) -> str:
+    """For a host that could not start: the fix for its startup error kind, and the transcript."""
+    status = port.pool.status()
+    if status.last_startup_error is None:
+        return otherwise
+    first = fix_for(status.last_startup_kind) if status.last_startup_kind else otherwise
+    return f"{first} {TRANSCRIPT_HINT}"
 
 
 def format_report(checks: list[Check]) -> str:

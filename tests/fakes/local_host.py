@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 
 from vezaprovisioner.exchange.local.backend import LocalExchange, host_argv, open_hosts
-from vezaprovisioner.exchange.local.supply import HostSupply, PoolEvents, PoolLimits, PoolStatus
+from vezaprovisioner.exchange.local.supply import (
+    HostOptions,
+    HostSupply,
+    PoolEvents,
+    PoolLimits,
+    PoolStatus,
+)
 
 FAKE_POWERSHELL = Path(__file__).resolve().with_name("powershell.py")
 TEST_DIRECTORY = Path(__file__).resolve().with_name("directory.json")
@@ -52,6 +58,8 @@ class FakePowerShell:
         self.remote_exchange.write_text("# stands in for Exchange's script\n")
         self.log = self.tmp / "fake-log.jsonl"
         self.state = self.tmp / "forest.json"
+        #: Stands for the account's machine-wide connect mutex (the fake flocks it).
+        self.mutex = self.tmp / "connect.mutex"
         # The fake's `#!/usr/bin/env python3` must find this interpreter (it imports the package).
         self.monkeypatch.setenv(
             "PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -60,6 +68,7 @@ class FakePowerShell:
             directory=TEST_DIRECTORY,
             state=self.state,
             log=self.log,
+            mutex=self.mutex,
             fault="",
             fault_identity=None,
             fault_cmdlet=None,
@@ -67,6 +76,7 @@ class FakePowerShell:
         self.monkeypatch.delenv("VZP_FAKE_FAULT_STARTS", raising=False)
         self.monkeypatch.delenv("VZP_FAKE_CONNECT_SECONDS", raising=False)
         self.monkeypatch.delenv("VZP_FAKE_LATENCY_MS", raising=False)
+        self.monkeypatch.delenv("VZP_FAKE_STDERR_ENCODING", raising=False)
 
     @property
     def path(self) -> str:
@@ -99,6 +109,7 @@ class FakePowerShell:
         remote_exchange_path: str | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         events: PoolEvents | None = None,
+        stderr_encoding: str | None = None,
         **limits: Any,
     ) -> HostSupply:
         values: dict[str, Any] = {
@@ -116,6 +127,7 @@ class FakePowerShell:
             PoolLimits(**values),
             monotonic=monotonic,
             events=events,
+            options=HostOptions(stderr_codec=stderr_encoding),
         )
         self.pools.append(pool)
         pool.start()

@@ -17,12 +17,18 @@ if TYPE_CHECKING:
 
 
 def open_exchange(
-    settings: Settings, clock: Clock, *, host_events: PoolEvents | None = None
+    settings: Settings,
+    clock: Clock,
+    *,
+    host_events: PoolEvents | None = None,
+    transcript: str | None = None,
 ) -> ExchangePort:
     """The configured backend, ready for use. Raises ConfigError when it cannot be built.
 
     `host_events` receives the local pool's host lifecycle and counts (the service passes
-    `metrics.BackendEvents`); other backends have no hosts and ignore it.
+    `metrics.BackendEvents`); other backends have no hosts and ignore it. `transcript` is for
+    `vezaprovisioner probe --transcript` only: the local backend then starts one host, which
+    writes a PowerShell transcript of its connect to that file. The service never passes it.
     """
     if settings.backend == "simulated":
         try:
@@ -43,27 +49,30 @@ def open_exchange(
         except ValueError as exc:
             raise ConfigError(f"remote: {exc}") from exc
     if settings.backend == "local":
-        return _open_local(settings, host_events)
+        return _open_local(settings, host_events, transcript)
     raise ConfigError(
         f"backend {settings.backend!r} is not available in this version yet; "
         'use backend = "simulated"'
     )
 
 
-def _open_local(settings: Settings, host_events: PoolEvents | None) -> ExchangePort:
+def _open_local(
+    settings: Settings, host_events: PoolEvents | None, transcript: str | None
+) -> ExchangePort:
     """The pool of PowerShell hosts; it starts warming in the background before this returns."""
     from .local.backend import LocalExchange, host_argv, open_hosts
-    from .local.supply import PoolLimits
+    from .local.supply import HostOptions, PoolLimits
 
     local = settings.local
     pool = open_hosts(
         host_argv(settings.exchange.powershell_path),
         settings.exchange.remote_exchange_path,
         PoolLimits(
-            pool_size=local.pool_size,
+            pool_size=1 if transcript is not None else local.pool_size,
             queue_size=local.queue_size,
             queue_wait_seconds=local.queue_wait_seconds,
             startup_timeout_seconds=local.startup_timeout_seconds,
+            connect_lock_wait_seconds=local.connect_lock_wait_seconds,
             command_timeout_seconds=settings.exchange.command_timeout_seconds,
             max_commands=local.max_commands,
             max_age_seconds=local.max_age_seconds,
@@ -71,6 +80,7 @@ def _open_local(settings: Settings, host_events: PoolEvents | None) -> ExchangeP
             restart_backoff_max_seconds=local.restart_backoff_max_seconds,
         ),
         events=host_events,
+        options=HostOptions(transcript=transcript),
     )
     pool.start()
     return LocalExchange(pool)

@@ -30,7 +30,7 @@ from ..port import (
 from .host import HostError, HostTimeout
 from .per_command import HostPerCommand
 from .protocol import ErrorRecord
-from .supply import HostSupply, PoolEvents, PoolLimits
+from .supply import HostOptions, HostSupply, PoolEvents, PoolLimits, PoolStatus
 from .warm_pool import HostPool
 
 #: The one host script, shipped as package data next to this module; never generated.
@@ -59,10 +59,13 @@ def open_hosts(
     *,
     events: PoolEvents | None = None,
     monotonic: Callable[[], float] = time.monotonic,
+    options: HostOptions | None = None,
 ) -> HostSupply:
     """The warm pool, or a host per command when `pool_size` is 0; not started yet."""
     kind = HostPool if limits.pool_size else HostPerCommand
-    return kind(argv, remote_exchange_path, limits, events=events, monotonic=monotonic)
+    return kind(
+        argv, remote_exchange_path, limits, events=events, monotonic=monotonic, options=options
+    )
 
 
 class LocalExchange:
@@ -104,6 +107,13 @@ class LocalExchange:
         return self._recipient(
             "Enable-RemoteMailbox",
             request.parameters(),
+        )
+
+    def wait_started(self, timeout: float) -> PoolStatus:
+        """Wait (at most `timeout`) until a host is warm or a start has failed: for probe and
+        doctor, which look once."""
+        return self._pool.wait_for(
+            lambda s: s.size == 0 or s.warm > 0 or s.failed_starts > 0, timeout=timeout
         )
 
     def probe(self) -> str:

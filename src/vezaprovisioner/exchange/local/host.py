@@ -20,6 +20,7 @@ from typing import IO
 
 from .process_tree import ProcessTree
 from .protocol import (
+    Connecting,
     ErrorRecord,
     Message,
     ProtocolError,
@@ -28,12 +29,15 @@ from .protocol import (
     Request,
     Result,
     StartupFailure,
+    decode_stderr,
     encode_hello,
     encode_request,
     new_nonce,
     parse_line,
     read_lines,
+    stderr_encoding,
 )
+from .startup import describe
 
 #: How long a recycled or shut-down host may take to release its session before it is killed.
 GRACE_SECONDS = 5.0
@@ -49,7 +53,14 @@ class HostError(Exception):
 
 
 class HostStartupFailed(HostError):
-    """The host never became ready (bad path, no connection, missing role, timeout, exit)."""
+    """The host never became ready (bad path, no connection, missing role, timeout, exit).
+
+    `kind` is the startup error kind host.ps1 reported (see `startup`), None when it reported
+    none (it timed out, exited or could not be started)."""
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class HostTimeout(HostError):
@@ -83,29 +94,6 @@ def backoff_delay(failures: int, first: float, cap: float) -> float:
     return float(min(cap, first * 2 ** min(failures - 1, 30)))
 
 
-def describe_startup_failure(failure: StartupFailure, remote_exchange_path: str) -> str:
-    """The admin's sentence for a startup error the host reported."""
-    if failure.kind == "remote_exchange_path":
-        return (
-            f"RemoteExchange.ps1 was not found ({failure.detail}); set "
-            f"exchange.remote_exchange_path (now {remote_exchange_path!r}) to the file in "
-            "Exchange's bin folder, usually C:\\Program Files\\Microsoft\\Exchange Server\\V15"
-            "\\bin\\RemoteExchange.ps1"
-        )
-    if failure.kind == "connect":
-        said = failure.detail.strip() or "no error text"
-        return (
-            f"Connect-ExchangeServer -auto could not connect to Exchange ({said}); check that "
-            "the service account can open the Exchange Management Shell on this server "
-            "(RemotePowerShellEnabled, the PowerShell virtual directory in IIS, Kerberos)"
-        )
-    return (
-        f"the account {failure.detail} connected to Exchange, but Enable-Mailbox is not "
-        "available to it: it lacks the Mail Recipients management role. Add it to the "
-        "Recipient Management role group (or a role group with Mail Recipients)"
-    )
-
-
 @dataclass(frozen=True)
 class _End:
     """The reader reached the end: the host exited or broke the protocol."""
@@ -121,10 +109,15 @@ class Host:
         argv: Sequence[str],
         remote_exchange_path: str,
         *,
+        connect_lock_seconds: float,
         monotonic: Callable[[], float] = time.monotonic,
         on_end: Callable[[Host], None] | None = None,
+        transcript: str | None = None,
+        stderr_codec: str | None = None,
     ) -> None:
         self.remote_exchange_path = remote_exchange_path
+        self.connect_lock_seconds = connect_lock_seconds
+        self._stderr_codec = stderr_codec or stderr_encoding()
         self.nonce = new_nonce()
         self.started_at = monotonic()
         self.commands = 0
@@ -158,7 +151,14 @@ class Host:
         )
         self._stderr_reader.start()
         try:
-            self._stdin.write(encode_hello(self.nonce, remote_exchange_path))
+            self._stdin.write(
+                encode_hello(
+                    self.nonce,
+                    remote_exchange_path,
+                    connect_lock_seconds=connect_lock_seconds,
+                    transcript=transcript,
+                )
+            )
             self._stdin.flush()
         except OSError:
             pass  # the host already died; wait_ready reports how
@@ -176,25 +176,35 @@ class Host:
 
     def stderr_tail(self) -> str:
         with self._stderr_lock:
-            text = bytes(self._stderr_tail).decode("utf-8", "replace").strip()
+            text = decode_stderr(bytes(self._stderr_tail), self._stderr_codec).strip()
         return " ".join(text.split())
 
     def wait_ready(self, timeout: float) -> Ready:
-        """Block until the host says it is ready; raises HostStartupFailed otherwise."""
-        try:
-            message = self._inbox.get(timeout=timeout)
-        except queue.Empty:
-            self.kill("startup_timeout")
-            raise HostStartupFailed(
-                f"the PowerShell host (pid {self.pid}) was not ready within {timeout:g} s "
-                "(local.startup_timeout_seconds); Connect-ExchangeServer may be hanging"
-            ) from None
+        """Block until the host says it is ready; raises HostStartupFailed otherwise.
+
+        `timeout` bounds loading RemoteExchange.ps1, then again Connect-ExchangeServer; the
+        wait for the connect mutex in between has its own bound (`connect_lock_seconds`).
+        """
+        step = "loading RemoteExchange.ps1 or waiting for the connect mutex"
+        wait = timeout + self.connect_lock_seconds
+        while True:
+            try:
+                message = self._inbox.get(timeout=wait)
+            except queue.Empty:
+                self.kill("startup_timeout")
+                raise HostStartupFailed(
+                    f"the PowerShell host (pid {self.pid}) was not ready within {wait:g} s "
+                    f"({step}; local.startup_timeout_seconds)"
+                ) from None
+            if not isinstance(message, Connecting):
+                break
+            step, wait = "Connect-ExchangeServer may be hanging", timeout
         if isinstance(message, Ready):
             self.ready = message
             return message
         self.kill("startup_failed")
         if isinstance(message, StartupFailure):
-            raise HostStartupFailed(describe_startup_failure(message, self.remote_exchange_path))
+            raise HostStartupFailed(describe(message, self.remote_exchange_path), kind=message.kind)
         if isinstance(message, _End):
             raise HostStartupFailed(self._ended_text("during startup", message))
         raise HostStartupFailed(

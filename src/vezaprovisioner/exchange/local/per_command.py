@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from ..errors import BackendUnavailable
 from .host import HostError
 from .protocol import ErrorRecord, Result
-from .supply import HostSupply, PoolEvents, PoolLimits, PoolStatus
+from .supply import HostOptions, HostSupply, PoolEvents, PoolLimits, PoolStatus
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,11 @@ class HostPerCommand(HostSupply):
         *,
         monotonic: Callable[[], float] = time.monotonic,
         events: PoolEvents | None = None,
+        options: HostOptions | None = None,
     ) -> None:
-        super().__init__(argv, remote_exchange_path, limits, monotonic=monotonic, events=events)
+        super().__init__(
+            argv, remote_exchange_path, limits, monotonic=monotonic, events=events, options=options
+        )
         self._places = threading.BoundedSemaphore(max(1, limits.queue_size))
         self._waiting = 0
 
@@ -48,6 +51,7 @@ class HostPerCommand(HostSupply):
                 starts=self._starts,
                 failed_starts=self._failed_starts,
                 last_startup_error=self._last_error,
+                last_startup_kind=self._last_kind,
             )
 
     def _counts_locked(self) -> tuple[dict[str, int], int]:

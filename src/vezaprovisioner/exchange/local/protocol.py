@@ -12,7 +12,9 @@ ConvertFrom-Json in 5.1 would turn into a date), and the service sends only stri
 
 Service → host (stdin, unframed: nobody else writes to the host's stdin):
 
-* first line, the hello: ``{"nonce": "<32 hex>", "remote_exchange_path": "C:\\\\...ps1"}``;
+* first line, the hello: ``{"nonce": "<32 hex>", "remote_exchange_path": "C:\\\\...ps1",
+  "connect_lock_ms": "180000"}``, plus ``"transcript": "C:\\\\...txt"`` only when
+  `vezaprovisioner probe --transcript` asks for one (the service never does);
 * then one request per line: ``{"id": 7, "cmdlet": "Get-User",
   "parameters": {"Identity": "...", "DomainController": "..."}}``. The host checks the cmdlet and
   every parameter name against its allow-list and splats the values; they never become script.
@@ -22,12 +24,19 @@ process and is sent on stdin only (never on the command line), so banner, verbos
 that RemoteExchange.ps1 or Connect-ExchangeServer manage to print can never be taken for a message;
 such lines are skipped. Messages (``type``):
 
-* ``ready`` ``{server, user}`` — connected, and Enable-Mailbox is available;
-* ``startup_error`` ``{kind, detail}`` — kind is ``remote_exchange_path``, ``connect`` or ``rbac``;
+* ``connecting`` ``{}`` — RemoteExchange.ps1 is loaded and the host holds its account's connect
+  mutex; Connect-ExchangeServer starts now;
+* ``ready`` ``{server, user}`` — connected, and the cmdlets CREATE_EMAIL needs are available;
+* ``startup_error`` ``{kind, detail}`` plus, by kind, ``server``, ``user``, ``path``,
+  ``missing`` (cmdlet names) and ``records`` (``[{message, error_id, target}]``, every error
+  record the failed step left, oldest first); the kinds are in `STARTUP_ERROR_KINDS`;
 * ``result`` ``{id, objects: [{Property: "text" | null}]}`` — the cmdlet's output, flattened;
 * ``error`` ``{id, message, reason, error_id, exception_type}`` — the cmdlet's error record;
 * ``refused`` ``{id, detail}`` — the request named a cmdlet or parameter outside the allow-list,
   or was not valid JSON.
+
+Standard error is not framed: it carries what powershell.exe itself prints (a crash, an error
+outside any step), in the console's OEM code page on Windows; `stderr_encoding` names the codec.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Final
@@ -78,7 +88,18 @@ FLATTENED_PROPERTIES: Final = (
     "Database",
 )
 
-STARTUP_ERROR_KINDS: Final = frozenset({"remote_exchange_path", "connect", "rbac"})
+#: Why a host could not get ready, one kind per step of host.ps1's startup.
+STARTUP_ERROR_KINDS: Final = frozenset(
+    {
+        "transcript",  # Start-Transcript failed (probe --transcript only)
+        "remote_exchange_path",  # no file at exchange.remote_exchange_path
+        "dot_source",  # dot-sourcing it did not define Connect-ExchangeServer
+        "connect_lock",  # another host of the account held the connect mutex too long
+        "connect",  # Connect-ExchangeServer opened no Microsoft.Exchange session
+        "module_import",  # a session, but not one Exchange cmdlet was imported
+        "rbac",  # cmdlets imported, but not Enable-Mailbox (or Get-User, Get-Recipient)
+    }
+)
 _NONCE: Final = re.compile(r"[0-9a-f]{32}")
 
 
@@ -104,11 +125,30 @@ class Ready:
 
 
 @dataclass(frozen=True)
+class Connecting:
+    """The host holds its account's connect mutex and is running Connect-ExchangeServer."""
+
+
+@dataclass(frozen=True)
+class StartupRecord:
+    """One error record a failed startup step left: its text, error id and target server."""
+
+    message: str
+    error_id: str
+    target: str
+
+
+@dataclass(frozen=True)
 class StartupFailure:
     """The host could not get ready; `kind` says which step failed, `detail` what it saw."""
 
     kind: str
     detail: str
+    server: str | None = None
+    user: str | None = None
+    path: str | None = None
+    missing: tuple[str, ...] = ()
+    records: tuple[StartupRecord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -138,7 +178,7 @@ class Refused:
     detail: str
 
 
-Message = Ready | StartupFailure | Result | ErrorRecord | Refused
+Message = Connecting | Ready | StartupFailure | Result | ErrorRecord | Refused
 
 
 def new_nonce() -> str:
@@ -150,11 +190,37 @@ def _ascii_json(value: object) -> bytes:
     return json.dumps(value, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
 
 
-def encode_hello(nonce: str, remote_exchange_path: str) -> bytes:
-    """The first line on the host's stdin."""
+def encode_hello(
+    nonce: str,
+    remote_exchange_path: str,
+    *,
+    connect_lock_seconds: float,
+    transcript: str | None = None,
+) -> bytes:
+    """The first line on the host's stdin. `transcript` only from the probe, never the service."""
     if not _NONCE.fullmatch(nonce):
         raise ValueError("the nonce must be 32 lower-case hex digits")
-    return _ascii_json({"nonce": nonce, "remote_exchange_path": remote_exchange_path})
+    if not 0 < connect_lock_seconds <= 86_400:
+        raise ValueError("connect_lock_seconds must be positive and at most a day")
+    hello = {
+        "nonce": nonce,
+        "remote_exchange_path": remote_exchange_path,
+        "connect_lock_ms": str(round(connect_lock_seconds * 1000)),
+    }
+    if transcript is not None:
+        hello["transcript"] = transcript
+    return _ascii_json(hello)
+
+
+def stderr_encoding(platform: str = sys.platform) -> str:
+    """The codec of the host's standard error: the console's OEM code page on Windows
+    (powershell.exe writes redirected text in it; Python's "oem" codec is CP_OEMCP), else UTF-8."""
+    return "oem" if platform == "win32" else "utf-8"
+
+
+def decode_stderr(data: bytes, encoding: str) -> str:
+    """Standard-error bytes as text; undecodable bytes become U+FFFD, never an exception."""
+    return data.decode(encoding, "replace")
 
 
 def encode_request(request: Request) -> bytes:
@@ -214,6 +280,33 @@ def _objects(value: object) -> tuple[Mapping[str, str | None], ...]:
     return tuple(objects)
 
 
+def _names(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ProtocolError("'missing' must be a list of cmdlet names")
+    return tuple(value)
+
+
+def _records(value: object) -> tuple[StartupRecord, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ProtocolError("'records' must be a list")
+    records = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise ProtocolError("each record must be an object")
+        records.append(
+            StartupRecord(
+                message=_text(item, "message", optional=True) or "",
+                error_id=_text(item, "error_id", optional=True) or "",
+                target=_text(item, "target", optional=True) or "",
+            )
+        )
+    return tuple(records)
+
+
 def decode_message(payload: str) -> Message:
     """One message from the JSON text after the frame prefix."""
     try:
@@ -225,8 +318,18 @@ def decode_message(payload: str) -> Message:
     kind = data.get("type")
     if kind == "ready":
         return Ready(server=_required(data, "server"), user=_required(data, "user"))
+    if kind == "connecting":
+        return Connecting()
     if kind == "startup_error":
-        failure = StartupFailure(kind=_required(data, "kind"), detail=_required(data, "detail"))
+        failure = StartupFailure(
+            kind=_required(data, "kind"),
+            detail=_required(data, "detail"),
+            server=_text(data, "server", optional=True) or None,
+            user=_text(data, "user", optional=True) or None,
+            path=_text(data, "path", optional=True) or None,
+            missing=_names(data.get("missing")),
+            records=_records(data.get("records")),
+        )
         if failure.kind not in STARTUP_ERROR_KINDS:
             raise ProtocolError(f"unknown startup error kind {failure.kind!r}")
         return failure

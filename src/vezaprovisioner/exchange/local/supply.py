@@ -70,6 +70,7 @@ class PoolLimits:
     queue_size: int = 32
     queue_wait_seconds: float = 30.0
     startup_timeout_seconds: float = 180.0
+    connect_lock_wait_seconds: float = 600.0
     command_timeout_seconds: float = 120.0
     max_commands: int = 1000
     max_age_seconds: float = 3600.0
@@ -90,6 +91,8 @@ class PoolStatus:
     starts: int
     failed_starts: int
     last_startup_error: str | None
+    #: The startup error kind host.ps1 reported last (see `startup`); None if none was.
+    last_startup_kind: str | None = None
 
     def describe(self) -> str:
         if self.size == 0:
@@ -104,6 +107,15 @@ class PoolStatus:
         return text
 
 
+@dataclass(frozen=True)
+class HostOptions:
+    """How every host is started besides its command line: `transcript` (the probe's, never
+    the service's) and the codec of its standard error (None: `protocol.stderr_encoding()`)."""
+
+    transcript: str | None = None
+    stderr_codec: str | None = None
+
+
 class HostSupply:
     """Hands out PowerShell hosts for commands; the subclasses decide how hosts are kept."""
 
@@ -115,8 +127,10 @@ class HostSupply:
         *,
         monotonic: Callable[[], float] = time.monotonic,
         events: PoolEvents | None = None,
+        options: HostOptions | None = None,
     ) -> None:
         self._argv = tuple(argv)
+        self._options = options or HostOptions()
         self._remote_exchange_path = remote_exchange_path
         self.limits = limits
         self._monotonic = monotonic  # host ages only; every wait uses real time
@@ -126,6 +140,7 @@ class HostSupply:
         self._starts = 0
         self._failed_starts = 0
         self._last_error: str | None = None
+        self._last_kind: str | None = None
         self._events: PoolEvents = events or _NoEvents()
         self._reported: tuple[dict[str, int], int] | None = None
 
@@ -220,8 +235,11 @@ class HostSupply:
             host = Host(
                 self._argv,
                 self._remote_exchange_path,
+                connect_lock_seconds=self.limits.connect_lock_wait_seconds,
                 monotonic=self._monotonic,
                 on_end=self._host_ended,
+                transcript=self._options.transcript,
+                stderr_codec=self._options.stderr_codec,
             )
             with self._cond:
                 self._live.add(host)
@@ -257,6 +275,7 @@ class HostSupply:
                 log.warning("PowerShell host did not start: %s", exc.message)
                 self._failed_starts += 1
                 self._last_error = exc.message
+                self._last_kind = exc.kind
             if host is not None:
                 self._events.host_killed(
                     host.name, host.end_reason or "startup_failed", pid=host.pid, error=exc.message

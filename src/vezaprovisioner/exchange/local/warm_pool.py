@@ -23,7 +23,7 @@ from typing import Literal
 from ..errors import BackendUnavailable
 from .host import GRACE_SECONDS, Host, HostError, HostRefused, session_failed
 from .protocol import ErrorRecord, Result
-from .supply import HostSupply, PoolEvents, PoolLimits, PoolStatus
+from .supply import HostOptions, HostSupply, PoolEvents, PoolLimits, PoolStatus
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,13 @@ class HostPool(HostSupply):
         *,
         monotonic: Callable[[], float] = time.monotonic,
         events: PoolEvents | None = None,
+        options: HostOptions | None = None,
     ) -> None:
         if limits.pool_size < 1:
             raise ValueError("a HostPool needs pool_size >= 1; use HostPerCommand for 0")
-        super().__init__(argv, remote_exchange_path, limits, monotonic=monotonic, events=events)
+        super().__init__(
+            argv, remote_exchange_path, limits, monotonic=monotonic, events=events, options=options
+        )
         self._idle: deque[Host] = deque()
         self._slots = [_Slot(i) for i in range(limits.pool_size)]
         self._threads: list[threading.Thread] = []
@@ -113,6 +116,7 @@ class HostPool(HostSupply):
                 starts=self._starts,
                 failed_starts=self._failed_starts,
                 last_startup_error=self._last_error,
+                last_startup_kind=self._last_kind,
             )
 
     def _counts_locked(self) -> tuple[dict[str, int], int]:
