@@ -147,6 +147,7 @@ def test_environment_errors_name_the_variable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(write(tmp_path, ""), environ=environ)
     message = str(caught.value)
+    assert "with its VEZAPROVISIONER_* environment overrides has 2 problem(s)" in message
     assert "local.pool_size (from the environment variable VEZAPROVISIONER_LOCAL__POOL_SIZE)" in (
         message
     )

@@ -417,7 +417,8 @@ def _describe(
     error: ValidationError, source: str, env_names: Mapping[tuple[str, ...], str] | None = None
 ) -> str:
     env_names = env_names or {}
-    lines = [f"{source} has {error.error_count()} problem(s):"]
+    lines: list[str] = []
+    blamed_env = False
     for item in error.errors():
         location = item["loc"]
         where = ".".join(str(part) for part in location) or "(top level)"
@@ -430,6 +431,7 @@ def _describe(
             None,
         )
         if from_env:
+            blamed_env = True
             where = f"{where} (from the environment variable {from_env})"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
@@ -443,7 +445,8 @@ def _describe(
                 message += f"; did you mean {suggestion}?"
             message += " (check the spelling against the README's configuration reference)"
         lines.append(f"  - {where}: {message}")
-    return "\n".join(lines)
+    origin = f"{source} with its {ENV_PREFIX}* environment overrides" if blamed_env else source
+    return "\n".join([f"{origin} has {error.error_count()} problem(s):", *lines])
 
 
 def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
