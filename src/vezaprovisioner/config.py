@@ -4,13 +4,15 @@ The file is named by `--config` or `VEZAPROVISIONER_CONFIG`. Any key can be over
 environment as `VEZAPROVISIONER_<KEY>`, with `__` between a section and its key, for example
 `VEZAPROVISIONER_AUTH__MODE=iis` or `VEZAPROVISIONER_EXCHANGE__DOMAIN_CONTROLLER=dc01.contoso.com`.
 Relative paths in the file are relative to the file. Unknown keys are errors, so a typo never
-silently falls back to a default.
+silently falls back to a default. pydantic-settings reads both sources (its TOML source and its
+environment source); this module adds what it does not do: the environment wins key by key over
+the file, relative paths are resolved against the file, a variable naming no key is an error,
+and every message names the key, the variable it came from and the nearest valid key.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
 import sys
@@ -19,6 +21,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import EnvSettingsSource, TomlConfigSettingsSource
 
 from .failures import ServiceNotStarted
 
@@ -355,29 +358,53 @@ class Settings(_Section):
         return data
 
 
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' environment source (prefix, `__` between section and key, JSON for
+    lists and tables), over the mapping it is given instead of the process environment."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._given = {name.lower(): value for name, value in environ.items()}
+        super().__init__(
+            Settings,  # type: ignore[arg-type]  # reads only model_fields and model_config
+            env_prefix=ENV_PREFIX,
+            env_nested_delimiter="__",
+            case_sensitive=False,
+        )
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return self._given
+
+
 def _env_overrides(
     environ: Mapping[str, str], names: dict[tuple[str, ...], str] | None = None
 ) -> dict[str, Any]:
-    """`VEZAPROVISIONER_SECTION__KEY=value` entries as a nested dict (JSON values are decoded);
-    `names` collects which variable set which key, for error messages."""
-    overrides: dict[str, Any] = {}
+    """`VEZAPROVISIONER_SECTION__KEY=value` entries as a nested dict, read by pydantic-settings;
+    `names` collects which variable set which key, for error messages. A variable naming no
+    section or key is kept as is, so validation reports it as an unknown key."""
+    overrides: dict[str, Any] = dict(_Environment(environ)())
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() == CONFIG_ENV:
             continue
         keys = name[len(ENV_PREFIX) :].lower().split("__")
-        value: Any = raw
-        if raw[:1] in "[{":
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                value = raw
-        target = overrides
-        for key in keys[:-1]:
-            target = target.setdefault(key, {})
-        target[keys[-1]] = value
         if names is not None:
             names[tuple(keys)] = name
+        if keys[0] not in Settings.model_fields:  # pydantic-settings skips these silently
+            overrides[keys[0]] = raw if len(keys) == 1 else {"__".join(keys[1:]): raw}
     return overrides
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The file, read by pydantic-settings' TOML source; a missing or broken file is an error."""
+    try:
+        path.read_bytes()  # the source would treat a missing file as empty
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+    try:
+        return dict(TomlConfigSettingsSource(Settings, toml_file=path)())  # type: ignore[arg-type]
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: not UTF-8 ({exc.reason})") from exc
 
 
 def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -461,12 +488,7 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
             )
         path = Path(named)
     path = path.resolve()
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    data = _read_toml(path)
     env_names: dict[tuple[str, ...], str] = {}
     data = _merge(data, _env_overrides(env, env_names))
     if "source" in data:
