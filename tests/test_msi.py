@@ -1,10 +1,11 @@
 """deploy/msi/build_msi.py: the MSI builds from a bundle, its tables say what Windows will do,
 and it carries the bundle file for file.
 
-No Windows here, so the tables are read back with msiinfo and the custom actions are replayed by a
-small model of the parts of Windows Installer they rely on: the InstallExecuteSequence order,
-conditions (the subset the package uses), "[PROPERTY]" formatting, and the splitting of the
-resulting command line into argv (CommandLineToArgvW rules, which powershell.exe follows).
+The tables are read back with msiinfo and the custom actions are replayed by a small model of
+the parts of Windows Installer they rely on: the launch conditions, the InstallExecuteSequence
+order, conditions (the subset the package uses), "[PROPERTY]" formatting, and the splitting of
+the resulting command line into argv (CommandLineToArgvW rules, which powershell.exe follows).
+tests/test_msi_wine.py runs the same MSI through a real Windows Installer engine (Wine's).
 That argv is then bound against deploy/iis/install.ps1's and uninstall.ps1's param() blocks
 (parsed with tree-sitter-powershell) the way PowerShell's binder would, so the MSI and the
 scripts cannot drift apart.
@@ -13,6 +14,7 @@ scripts cannot drift apart.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import tree_sitter
@@ -32,6 +35,19 @@ from hypothesis import strategies as st
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = REPO_ROOT / "deploy" / "msi" / "build_msi.py"
+
+
+def _load_build_msi() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("build_msi", BUILD_SCRIPT)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_msi_module = _load_build_msi()
+DEFAULT_HELP_URL: str = build_msi_module.DEFAULT_HELP_URL
 #: Pinned on purpose: a new UpgradeCode makes the next MSI install beside the old one instead of
 #: upgrading it. Never change this value (see deploy/msi/README.md).
 UPGRADE_CODE = "{71AB0217-5251-4548-A08C-66881B77A871}"
@@ -41,6 +57,11 @@ INSTALLDIR = "C:\\Program Files\\VezaProvisioner\\"
 INSTALLROOT = "C:\\VezaProvisioner"
 SYSTEM64 = "C:\\Windows\\system32\\"
 POWERSHELL = SYSTEM64 + "WindowsPowerShell\\v1.0\\powershell.exe"
+PYTHON = "C:\\Program Files\\Python312\\python.exe"
+#: What AppSearch finds on a server with a 64-bit CPython 3.12 installed for all users.
+PYTHON_312: dict[tuple[str, str], str] = {
+    ("SOFTWARE\\Python\\PythonCore\\3.12\\InstallPath", "ExecutablePath"): PYTHON
+}
 POWERSHELL_OPTIONS = [
     "-NoLogo",
     "-NoProfile",
@@ -56,8 +77,10 @@ EXE_PROPERTY = 50
 SET_PROPERTY = 51
 CONTINUE = 0x40  # "ignore return code"
 ASYNC = 0x80
+ROLLBACK = 0x100
+COMMIT = 0x200
 IN_SCRIPT = 0x400  # deferred
-ROLLBACK_OR_COMMIT = 0x300
+ROLLBACK_OR_COMMIT = ROLLBACK | COMMIT
 NO_IMPERSONATE = 0x800
 
 _TOOLS = ("wixl", "msibuild", "msiinfo", "msiextract")
@@ -170,12 +193,15 @@ def extracted(msi: Path, into: Path) -> Path:
 
 # --- a model of what Windows Installer does with these tables --------------------------------
 
-_TOKEN = re.compile(r'\s*(?:(NOT|AND|OR)\b|(<>|=|\(|\))|"([^"]*)"|([A-Za-z_][A-Za-z0-9_.]*))')
+_TOKEN = re.compile(
+    r'\s*(?:(NOT|AND|OR)\b|(<>|=|><|>>|<<|\(|\))|"([^"]*)"|([A-Za-z_][A-Za-z0-9_.]*))'
+)
 
 
 def condition_holds(condition: str, props: Mapping[str, str]) -> bool:
-    """Evaluate the condition subset the package uses: properties, "strings", =, <>, NOT, AND,
-    OR and parentheses; an empty condition is true, as in the sequence tables."""
+    """Evaluate the condition subset the package uses: properties, "strings", =, <>, the
+    substring operators >< (contains), >> (ends with) and << (starts with), NOT, AND, OR and
+    parentheses; an empty condition is true, as in the sequence tables."""
     tokens: list[tuple[str, str]] = []
     position = 0
     while position < len(condition.rstrip()):
@@ -213,10 +239,22 @@ def condition_holds(condition: str, props: Mapping[str, str]) -> bool:
 
     def comparison() -> bool:
         left = term()
-        if peek() in (("operator", "="), ("operator", "<>")):
+        operators = {"=", "<>", "><", ">>", "<<"}
+        next_token = peek()
+        if next_token is not None and next_token[0] == "operator" and next_token[1] in operators:
             operator = take()[1]
             right = term()
-            return (left == right) if operator == "=" else (left != right)
+            assert isinstance(left, str)
+            assert isinstance(right, str)
+            if operator in ("><", ">>", "<<") and not (left and right):
+                return False  # Windows Installer: a substring test with an empty side is false
+            return {
+                "=": left == right,
+                "<>": left != right,
+                "><": right in left,
+                ">>": left.endswith(right),
+                "<<": left.startswith(right),
+            }[operator]
         return bool(left)
 
     def negation() -> bool:
@@ -297,18 +335,29 @@ class Launch:
     argv: list[str]
 
 
+class Refused(Exception):
+    """A launch condition is false: Windows Installer shows its message and changes nothing."""
+
+
 Registry = dict[tuple[str, str], str]
 """HKLM (64-bit view) as the model sees it: (key, value name) → value."""
 
 
 def replay(
-    msi: Path, command_line_properties: Mapping[str, str], registry: Registry | None = None
+    msi: Path,
+    command_line_properties: Mapping[str, str],
+    registry: Registry | None = None,
+    *,
+    rollback: bool = False,
 ) -> list[Launch]:
     """Walk InstallExecuteSequence in order, as one installation session: AppSearch reads
-    `registry`; the set-property actions whose condition holds set their property; the deferred
-    EXE actions that would be scheduled are collected, formatted as Windows Installer formats
-    them when it writes the installation script; Write/RemoveRegistryValues update `registry`."""
-    registry = {} if registry is None else registry
+    `registry` (by default, a server with Python 3.12); LaunchConditions raises Refused when a
+    condition is false; the set-property actions whose condition holds set their property; the
+    deferred EXE actions that would be scheduled are collected, formatted as Windows Installer
+    formats them when it writes the installation script (rollback actions only with
+    `rollback`: they run only when the installation fails); Write/RemoveRegistryValues update
+    `registry`."""
+    registry = dict(PYTHON_312) if registry is None else registry
     props = {**properties(msi), **command_line_properties}
     props.update(INSTALLDIR=INSTALLDIR, System64Folder=SYSTEM64)
     removing = props.get("REMOVE") == "ALL"
@@ -317,7 +366,11 @@ def replay(
     for name, (_, condition) in sorted(sequence(msi).items(), key=lambda item: item[1][0]):
         if not condition_holds(condition, props):
             continue
-        if name == "AppSearch":
+        if name == "LaunchConditions":
+            for row in table(msi, "LaunchCondition"):
+                if not condition_holds(row["Condition"], props):
+                    raise Refused(format_text(row["Description"], props))
+        elif name == "AppSearch":
             locators = {row["Signature_"]: row for row in table(msi, "RegLocator")}
             for search in table(msi, "AppSearch"):
                 locator = locators[search["Signature_"]]
@@ -340,6 +393,8 @@ def replay(
                 props[action["Source"]] = format_text(action["Target"], props)
             else:
                 assert base_type == EXE_PROPERTY, f"{name}: unexpected type {action['Type']}"
+                if int(action["Type"]) & ROLLBACK and not rollback:
+                    continue
                 command_line = format_text(action["Target"], props)
                 launches.append(
                     Launch(name, props[action["Source"]], split_command_line(command_line))
@@ -360,6 +415,8 @@ def install_argv(*extra: str, site: str = "Default Web Site") -> list[str]:
         "VezaProvisioner",
         "-AppPoolName",
         "VezaProvisionerPool",
+        "-PythonExe",
+        PYTHON,
         *extra,
         "-FromMsi",
     ]
@@ -428,7 +485,7 @@ def test_msi_carries_the_bundle_file_for_file(msi: Path, bundle: Path, tmp_path:
 def test_files_go_to_program_files_as_64_bit_components(msi: Path) -> None:
     directories = {row["Directory"]: row for row in table(msi, "Directory")}
     assert directories["INSTALLDIR"]["Directory_Parent"] == "ProgramFiles64Folder"
-    assert directories["INSTALLDIR"]["DefaultDir"] == "VezaProvisioner"
+    assert directories["INSTALLDIR"]["DefaultDir"] == "VEZAPR~1|VezaProvisioner"
     components = table(msi, "Component")
     assert components
     assert all(
@@ -477,6 +534,21 @@ def test_refuses_versions_windows_installer_cannot_compare(
     assert not list(tmp_path.iterdir())
 
 
+def test_the_msi_takes_the_bundles_version_and_refuses_another(
+    bundle: Path, tmp_path: Path
+) -> None:
+    """install.ps1 installs the bundle's VERSION: the MSI must not claim another one."""
+    versioned = tmp_path / "versioned"
+    shutil.copytree(bundle, versioned)
+    (versioned / "VERSION").write_text("0.3.1\n")
+    assert build(versioned, tmp_path / "ok").name == "VezaProvisioner-0.3.1-x64.msi"
+    assert build(versioned, tmp_path / "same", "--version", "0.3.1").is_file()
+    result = run_build("--bundle", versioned, "--output-dir", tmp_path / "no", "--version", "0.3.2")
+    assert result.returncode == 1
+    assert "differs from the bundle's VERSION 0.3.1" in result.stderr
+    assert not (tmp_path / "no").exists()
+
+
 def test_refuses_a_bundle_without_the_iis_scripts(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "bundle")
     (bundle / "deploy" / "iis" / "uninstall.ps1").unlink()
@@ -492,8 +564,6 @@ def test_a_bundle_holding_only_deploy_is_installed_as_is(tmp_path: Path) -> None
         (bundle / "deploy" / "iis" / name).write_text(name)
     built = build(bundle, tmp_path / "dist")
     assert tree_digest(extracted(built, tmp_path / "out")) == tree_digest(bundle)
-    links = {row["Source"]: row["Target"] for row in table(built, "CustomAction")}
-    assert links["ARPHELPLINK"] == "[INSTALLDIR]deploy\\iis\\README.md"
 
 
 @pytest.mark.parametrize(
@@ -528,23 +598,51 @@ def test_refuses_a_zip_that_writes_outside_its_folder(tmp_path: Path) -> None:
 # --- properties ------------------------------------------------------------------------------
 
 
+PUBLIC = [
+    "INSTALLROOT",
+    "SITE",
+    "APPALIAS",
+    "APPPOOL",
+    "POWERSHELLPATH",
+    "REMOTEEXCHANGEPATH",
+    "PYTHONEXE",
+    "ALLOWEDUSERS",
+    "REMOVEDATA",
+]
+
+
 def test_public_properties_reach_the_elevated_session(msi: Path) -> None:
     props = properties(msi)
     # No value in the Property table: empty means "not given" (defaults come from actions).
-    public = [
-        "INSTALLROOT",
-        "SITE",
-        "APPALIAS",
-        "APPPOOL",
-        "POWERSHELLPATH",
-        "REMOTEEXCHANGEPATH",
-        "ALLOWEDUSERS",
-        "REMOVEDATA",
-    ]
-    assert not [name for name in public if name in props]
+    assert not [name for name in PUBLIC if name in props]
     secure = props["SecureCustomProperties"].split(";")
-    for name in [*public, "UPGRADEFOUND", "NEWERVERSIONFOUND"]:
+    for name in [*PUBLIC, "UPGRADEFOUND", "NEWERVERSIONFOUND"]:
         assert name in secure
+
+
+def test_what_appsearch_finds_reaches_the_elevated_session_in_a_ui_run(msi: Path) -> None:
+    """In a run with a UI (double-click, msiexec without /q, Programs and Features), AppSearch
+    runs in the client's InstallUISequence and only public properties listed in
+    SecureCustomProperties are handed to the elevated server (ICE52 flags private ones). Wine
+    cannot drive a UI run, so this is checked in the tables: every property AppSearch sets (the
+    remembered values and the Python search) is public (upper case) and secure, AppSearch runs
+    in both sequences, and the restore actions read exactly those properties."""
+    secure = set(properties(msi)["SecureCustomProperties"].split(";"))
+    found = {row["Property"] for row in table(msi, "AppSearch")}
+    assert {f"VPSAVED{name}" for name in ("INSTALLROOT", "SITE", "APPALIAS", "APPPOOL")} <= found
+    assert {f"VPPYTHON31{minor}" for minor in "0123"} <= found
+    for name in found:
+        assert name == name.upper(), f"{name} is private: lost in a UI run"
+        assert name in secure, f"{name} is not in SecureCustomProperties"
+    ui = {row["Action"] for row in table(msi, "InstallUISequence")}
+    assert {"AppSearch", "LaunchConditions", "FindRelatedProducts"} <= ui
+    restores = {
+        row["Source"]: row["Target"]
+        for row in table(msi, "CustomAction")
+        if row["Action"].startswith("VpRestore")
+    }
+    for target in restores.values():
+        assert target.strip("[]") in found
 
 
 def test_no_password_ever_passes_through_the_msi(msi: Path) -> None:
@@ -562,14 +660,30 @@ def test_programs_and_features_entry(msi: Path) -> None:
     props = properties(msi)
     assert props["ARPCOMMENTS"]
     assert props["ARPNOMODIFY"] == "1"
-    launches = {  # the ARP properties are set at install time, because they point into INSTALLDIR
+    # Links to a web page (a local .md file would not open from Programs and Features).
+    assert props["ARPHELPLINK"] == props["ARPURLINFOABOUT"] == DEFAULT_HELP_URL
+    assert DEFAULT_HELP_URL.startswith("https://")
+    launches = {
         row["Source"]: row["Target"]
         for row in table(msi, "CustomAction")
         if int(row["Type"]) & BASE_TYPE_MASK == SET_PROPERTY
     }
-    assert launches["ARPHELPLINK"] == "[INSTALLDIR]README.md"
-    assert launches["ARPURLINFOABOUT"] == "[INSTALLDIR]README.md"
-    assert launches["ARPINSTALLLOCATION"] == "[INSTALLDIR]"
+    assert launches["ARPINSTALLLOCATION"] == "[INSTALLDIR]"  # set at install time
+
+
+def test_the_help_url_is_set_at_build_time(bundle: Path, tmp_path: Path) -> None:
+    url = "https://intranet.contoso.com/apps/veza-provisioner?lang=en"
+    built = build(bundle, tmp_path, "--help-url", url)
+    assert properties(built)["ARPHELPLINK"] == properties(built)["ARPURLINFOABOUT"] == url
+    for bad in ("C:\\Program Files\\VezaProvisioner\\README.md", "https://a b", "ftp://x"):
+        result = run_build("--bundle", bundle, "--output-dir", tmp_path / "bad", "--help-url", bad)
+        assert result.returncode == 1
+        assert "--help-url" in result.stderr
+
+
+def test_windows_installer_logs_every_run(msi: Path) -> None:
+    """MsiLogging: a verbose log even without /l*v (Programs and Features, double-click)."""
+    assert set("voicewarmup") <= set(properties(msi)["MsiLogging"])
 
 
 # --- custom actions --------------------------------------------------------------------------
@@ -598,8 +712,194 @@ def test_iis_actions_run_inside_the_transaction_around_the_files(msi: Path) -> N
     assert conditions["VpRemoveIis"] == 'REMOVE="ALL" AND NOT UPGRADINGPRODUCTCODE'
 
 
+def test_set_property_actions_are_type_51(msi: Path) -> None:
+    """wixl writes 2099 (51 with the no-impersonate bit, invalid for them: ICE68)."""
+    types = {row["Action"]: int(row["Type"]) for row in table(msi, "CustomAction")}
+    assert 2099 not in types.values()
+    setters = [a for a, t in types.items() if t & BASE_TYPE_MASK == SET_PROPERTY]
+    assert len(setters) > 15
+    assert all(types[action] == SET_PROPERTY for action in setters)
+
+
+def test_install_ps1_has_a_rollback_action_that_undoes_what_it_created(msi: Path) -> None:
+    """VpRollbackIis is deferred, not impersonated, has the rollback bit and ignores its exit
+    code (a rollback must not stop halfway); it is scheduled right before install.ps1 under the
+    same condition, so it is in the rollback script whenever install.ps1 runs (first install,
+    upgrade, repair) and runs before the engine deletes the new files, uninstall.ps1 included."""
+    action = custom_actions(msi)["VpRollbackIis"]
+    action_type = int(action["Type"])
+    assert action_type & BASE_TYPE_MASK == EXE_PROPERTY
+    assert action_type & IN_SCRIPT
+    assert action_type & ROLLBACK
+    assert not action_type & COMMIT
+    assert action_type & NO_IMPERSONATE
+    assert action_type & CONTINUE
+    assert action["Source"] == "VpPowerShellExe"
+    order = sequence(msi)
+    assert order["VpRollbackIis"][0] == order["VpConfigureIis"][0] - 1
+    assert order["VpRollbackIis"][1] == order["VpConfigureIis"][1]
+    assert order["InstallFiles"][0] < order["VpRollbackIis"][0]
+    for session in ({}, {"REINSTALL": "ALL"}, {"UPGRADEFOUND": "{OLD}", "SITE": "Exchange"}):
+        rollback, install = replay(msi, session, rollback=True)
+        assert (rollback.action, install.action) == ("VpRollbackIis", "VpConfigureIis")
+        script, arguments = script_arguments(rollback)
+        assert script.name == "uninstall.ps1"
+        _, bound = bind(script_signature(script), arguments)
+        assert "Rollback" in bound
+        assert "FromMsi" in bound
+        assert "RemoveData" not in bound
+        # The same installation it undoes.
+        for name, parameter in (("InstallRoot", "-InstallRoot"), ("SiteName", "-SiteName")):
+            assert bound[name] == install.argv[install.argv.index(parameter) + 1]
+    assert replay(msi, {"REMOVE": "ALL"}, rollback=True)[0].action == "VpRemoveIis"
+
+
+def test_what_install_ps1_records_the_rollback_undoes() -> None:
+    """install.ps1 lists what its run created (Add-Created <kind>); uninstall.ps1 -Rollback
+    handles every kind it lists, and reads the list install.ps1 writes."""
+    install = (IIS_DIR / "install.ps1").read_text(encoding="utf-8")
+    uninstall = (IIS_DIR / "uninstall.ps1").read_text(encoding="utf-8")
+    recorded = set(re.findall(r"Add-Created '(\w+)'", install))
+    assert recorded == {"folder", "file", "fastcgi", "pool", "application"}
+    handled = set(re.findall(r"\$kind -eq '(\w+)'", uninstall))
+    assert recorded == handled
+    assert "Join-Path $InstallRoot 'logs\\created-this-run.txt'" in install
+    assert "Join-Path $LogsDir 'created-this-run.txt'" in uninstall
+    # A list is never replayed: install.ps1 deletes it on success (its last statement in the
+    # try block), -Rollback once it has undone it. Otherwise a run that failed before starting
+    # its list (a parameter refused) would roll back the previous, successful run.
+    success = install[install.index("if ($CreatedList) {") :]
+    assert success.index("[System.IO.File]::Delete($CreatedList)") < success.index("catch {")
+    assert "Remove-Item -LiteralPath $CreatedList -Force" in uninstall
+    for creation in ("New-WebApplication", "New-WebAppPool", "Add-WebConfigurationProperty"):
+        following = install[install.index(creation) :][:400]
+        assert "Add-Created" in following, f"{creation} is not recorded for the rollback"
+
+
+def test_table_values_fit_their_columns(msi: Path) -> None:
+    """ICE03: CustomAction.Target, LaunchCondition.Condition/Description and sequence
+    conditions hold at most 255 characters."""
+    for row in table(msi, "CustomAction"):
+        assert len(row["Target"]) <= 255, row["Action"]
+    for row in table(msi, "LaunchCondition"):
+        assert len(row["Condition"]) <= 255
+        assert len(row["Description"]) <= 255, row["Description"]
+    for row in table(msi, "InstallExecuteSequence"):
+        assert len(row["Condition"]) <= 255, row["Action"]
+
+
+_SHORT = re.compile(r"[A-Za-z0-9$%'`@~!(){}^#&_-]{1,8}(\.[A-Za-z0-9$%'`@~!(){}^#&_-]{1,3})?")
+
+
+def test_every_file_and_folder_has_an_8_3_name(msi: Path) -> None:
+    """ICE03 and SHORTFILENAMES=1: each name is a short name, or "SHORT|long", and the short
+    names are unique (ignoring case) among a folder's files and subfolders."""
+    directory_of = {row["Component"]: row["Directory_"] for row in table(msi, "Component")}
+    in_folder: dict[str, list[str]] = {}
+    for row in table(msi, "Directory"):
+        if row["DefaultDir"] not in (".", "SourceDir"):
+            in_folder.setdefault(row["Directory_Parent"], []).append(row["DefaultDir"])
+    for row in table(msi, "File"):
+        in_folder.setdefault(directory_of[row["Component_"]], []).append(row["FileName"])
+    assert sum(map(len, in_folder.values())) > 10
+    for names in in_folder.values():
+        shorts = [name.split("|")[0] for name in names]
+        assert all(_SHORT.fullmatch(short) for short in shorts), shorts
+        assert len({short.upper() for short in shorts}) == len(shorts), shorts
+    assert any("|Admin Guide.txt" in name for names in in_folder.values() for name in names)
+
+
+@given(
+    names=st.lists(
+        st.text(st.characters(codec="ascii", exclude_characters='<>:"/\\|?*'), min_size=1),
+        max_size=30,
+        unique_by=str.upper,
+    )
+)
+def test_short_names_are_valid_and_unique(names: list[str]) -> None:
+    shorts = build_msi_module.short_names(names)
+    assert set(shorts) == set(names)
+    assert all(_SHORT.fullmatch(short) for short in shorts.values()), shorts
+    assert len({short.upper() for short in shorts.values()}) == len(names)
+
+
 def test_install_runs_install_ps1_with_the_defaults(msi: Path) -> None:
     assert replay(msi, {}) == [Launch("VpConfigureIis", POWERSHELL, install_argv())]
+
+
+def _python(*versions: str) -> Registry:
+    return {
+        (
+            f"SOFTWARE\\Python\\PythonCore\\{v}\\InstallPath",
+            "ExecutablePath",
+        ): f"C:\\Py{v}\\python.exe"
+        for v in versions
+    }
+
+
+def _python_argument(launch: Launch) -> str:
+    return launch.argv[launch.argv.index("-PythonExe") + 1]
+
+
+def test_python_is_checked_before_anything_changes(msi: Path) -> None:
+    """The launch condition refuses an installation without a 64-bit CPython 3.10-3.13
+    registered for all users (PEP 514, HKLM, 64-bit view); the newest one found goes to
+    install.ps1 -PythonExe; PYTHONEXE on the command line wins, and is remembered."""
+    with pytest.raises(Refused, match=r"64-bit Python 3\.10-3\.13.*PYTHONEXE="):
+        replay(msi, {}, {})
+    with pytest.raises(Refused):  # 3.9 and free-threaded 3.13t are not supported
+        replay(msi, {}, _python("3.9", "3.13t", "3.12-32"))
+    for versions, chosen in [
+        (("3.10",), "3.10"),
+        (("3.10", "3.11"), "3.11"),
+        (("3.13", "3.10", "3.12"), "3.13"),
+        (("3.12", "3.11"), "3.12"),
+    ]:
+        (launch,) = replay(msi, {}, _python(*versions))
+        assert _python_argument(launch) == f"C:\\Py{chosen}\\python.exe"
+    registry: Registry = {}
+    (given_exe,) = replay(msi, {"PYTHONEXE": "D:\\Python\\python.exe"}, registry)
+    assert _python_argument(given_exe) == "D:\\Python\\python.exe"
+    (upgrade,) = replay(msi, {"UPGRADEFOUND": "{OLD}"}, registry)  # remembered
+    assert _python_argument(upgrade) == "D:\\Python\\python.exe"
+    locators = {row["Signature_"]: row for row in table(msi, "RegLocator")}
+    for search in table(msi, "AppSearch"):
+        if search["Property"].startswith("VPPYTHON"):
+            locator = locators[search["Signature_"]]
+            assert (locator["Root"], locator["Name"]) == ("2", "ExecutablePath")  # HKLM
+            assert int(locator["Type"]) == 0x2 | 0x10  # raw value, 64-bit view
+
+
+_PASSED_ON = ["INSTALLROOT", "SITE", "APPALIAS", "APPPOOL", "POWERSHELLPATH", "REMOTEEXCHANGEPATH"]
+
+
+@given(
+    name=st.sampled_from([*_PASSED_ON, "PYTHONEXE", "ALLOWEDUSERS"]),
+    value=st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1),
+    bad=st.sampled_from(["trailing", "quote"]),
+)
+def test_a_value_that_would_shift_the_arguments_is_refused(
+    msi: Path, name: str, value: str, bad: str
+) -> None:
+    """A trailing backslash escapes the closing quote (CommandLineToArgvW) and a double quote
+    ends the value early: either shifts every later argument, so the launch conditions refuse
+    both, from the command line and from the remembered values, before anything changes."""
+    value = value + "\\" if bad == "trailing" else value[:1] + '"' + value[1:]
+    with pytest.raises(Refused, match=name):
+        replay(msi, {name: value})
+    if name in _PASSED_ON or name == "PYTHONEXE":
+        remembered = {
+            "INSTALLROOT": "InstallRoot",
+            "APPALIAS": "AppAlias",
+            "APPPOOL": "AppPool",
+            "POWERSHELLPATH": "PowerShellPath",
+            "REMOTEEXCHANGEPATH": "RemoteExchangePath",
+            "PYTHONEXE": "PythonExe",
+            "SITE": "Site",
+        }[name]
+        registry: Registry = {**PYTHON_312, ("SOFTWARE\\VezaProvisioner", remembered): value}
+        with pytest.raises(Refused, match=name):
+            replay(msi, {}, registry)
 
 
 def test_install_passes_the_admins_properties(msi: Path) -> None:
@@ -630,6 +930,8 @@ def test_install_passes_the_admins_properties(msi: Path) -> None:
             "Veza",
             "-AppPoolName",
             "VezaPool",
+            "-PythonExe",
+            PYTHON,
             "-PowerShellPath",
             shell,
             "-RemoteExchangePath",
@@ -656,7 +958,7 @@ def test_uninstall_runs_uninstall_ps1_and_keeps_data_unless_asked(msi: Path) -> 
 
 
 def test_properties_are_remembered_for_repair_upgrade_and_uninstall(msi: Path) -> None:
-    registry: Registry = {}
+    registry: Registry = dict(PYTHON_312)
     custom = {
         "INSTALLROOT": "D:\\Veza",
         "SITE": "Exchange Back End",
@@ -685,7 +987,7 @@ def test_properties_are_remembered_for_repair_upgrade_and_uninstall(msi: Path) -
         "Veza",
     ]
     assert "-RemoteExchangePath" not in uninstall.argv
-    assert not registry
+    assert registry == PYTHON_312
 
 
 def test_upgrade_removing_the_old_version_leaves_iis_alone(msi: Path) -> None:
@@ -725,7 +1027,27 @@ def test_upgrade_table_replaces_older_and_same_versions_and_refuses_downgrades(m
     assert "NOT NEWERVERSIONFOUND" in conditions
     order = {action: number for action, (number, _) in sequence(msi).items()}
     assert order["FindRelatedProducts"] < order["InstallValidate"]
-    assert order["InstallValidate"] < order["RemoveExistingProducts"] < order["InstallInitialize"]
+
+
+def test_a_failed_upgrade_rolls_back_to_the_old_version(msi: Path) -> None:
+    """RemoveExistingProducts right after InstallInitialize: the old version is removed inside
+    this installation's transaction, so when install.ps1 (or anything later) fails, Windows
+    Installer rolls the removal back too: old files, remembered values and Programs and
+    Features entry. Before InstallInitialize (it was at 1401) it ran in its own transaction
+    and a failure left neither version. Nothing that changes the machine comes between
+    InstallInitialize and it. (Wine runs RemoveExistingProducts as a separate msiexec process,
+    so tests/test_msi_wine.py cannot show this; it checks the rollback action instead.)"""
+    order = {action: number for action, (number, _) in sequence(msi).items()}
+    removal = order["RemoveExistingProducts"]
+    assert order["InstallInitialize"] < removal
+    changing = [
+        action for action, number in order.items() if order["InstallInitialize"] < number < removal
+    ]
+    assert changing == []
+    for action in ("RemoveRegistryValues", "VpRemoveIis", "RemoveFiles", "InstallFiles"):
+        assert removal < order[action]
+    for action in ("WriteRegistryValues", "VpRollbackIis", "VpConfigureIis"):
+        assert removal < order[action] < order["InstallFinalize"]
 
 
 def test_build_leaves_only_the_msi_behind(bundle: Path, tmp_path: Path) -> None:
@@ -911,6 +1233,7 @@ def test_the_binding_model_catches_what_powershell_would_refuse() -> None:
 _SESSIONS = {
     "install": {},
     "install with every property": {
+        "PYTHONEXE": "C:\\Program Files\\Python313\\python.exe",
         "INSTALLROOT": "D:\\Veza",
         "SITE": "Exchange Back End",
         "APPALIAS": "Veza",
@@ -951,7 +1274,8 @@ def test_msi_defaults_are_the_scripts_defaults(msi: Path) -> None:
         _, bound = bind(signature, arguments)
         for name, value in bound.items():
             default = signature.parameters[name.lower()].default
-            if value is not None and default is not None:
+            # install.ps1 searches for Python itself when run by hand; the MSI searched already.
+            if value is not None and default is not None and name != "PythonExe":
                 assert value == default, f"{script.name} -{name}: MSI {value!r}, script {default!r}"
 
 
@@ -966,8 +1290,10 @@ def test_the_msi_log_names_the_transcripts_the_scripts_write(msi: Path) -> None:
     """Windows Installer keeps no output of an EXE action; the verbose MSI log records property
     changes, so VpScriptLog carries where the scripts' transcripts are, under INSTALLROOT."""
     note = {row["Source"]: row["Target"] for row in table(msi, "CustomAction")}["VpScriptLog"]
-    assert "[INSTALLROOT]\\logs\\install-msi.log" in note
+    assert "[INSTALLROOT]\\logs" in note
+    assert "install-msi.log" in note
     assert "uninstall-msi.log" in note
+    assert "rollback-msi.log" in note
     number, condition = sequence(msi)["VpSetScriptLog"]
     assert condition == ""
     assert number > sequence(msi)["VpDefaultInstallRoot"][0]  # INSTALLROOT has its value then

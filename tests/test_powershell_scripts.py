@@ -388,7 +388,13 @@ def test_uninstall_removes_only_the_pool_install_created() -> None:
     )
     assert "AppPoolName" not in uninstall
     removals = re.findall(r"Remove-WebAppPool -Name (\$\w+)", uninstall)
-    assert removals == ["$pool"]
+    # The MSI's rollback (-Rollback) removes a pool the failed run listed as created, right
+    # after creating it; the uninstall proper the pool the marker names.
+    assert removals == ["$what", "$pool"]
+    assert re.search(
+        r"WriteAllText\(\$PoolMarker, \$AppPoolName, \$Utf8\)\n\s*Add-Created 'pool'", install
+    )
+    assert "$kind -eq 'pool'" in uninstall
     assert "$pool = (Get-Content -LiteralPath $PoolMarker -TotalCount 1).Trim()" in uninstall
 
 

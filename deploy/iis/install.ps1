@@ -101,6 +101,9 @@ $IdentityChecks = @('exchange', 'get-user')
 $Utf8 = New-Object System.Text.UTF8Encoding($false)
 $LogFile = ''
 $PendingIdentity = ''
+# Under the MSI: what this run created, one "kind<TAB>what" line each, so that the MSI's rollback
+# action (uninstall.ps1 -Rollback) removes exactly that when the installation fails.
+$CreatedList = ''
 
 function Write-Line {
     # The script's output: the console and, under the MSI, the transcript file (Windows
@@ -119,6 +122,14 @@ function Open-Transcript {
     [System.IO.Directory]::CreateDirectory($folder) | Out-Null
     $script:LogFile = Join-Path $folder $Name
     [System.IO.File]::WriteAllText($script:LogFile, '', $Utf8)
+}
+
+function Add-Created {
+    # Records one thing this run created (under the MSI only; see $CreatedList).
+    param([string] $Kind, [string] $What)
+    if ($script:CreatedList) {
+        [System.IO.File]::AppendAllText($script:CreatedList, "$Kind`t$What" + [Environment]::NewLine, $Utf8)
+    }
 }
 
 function Invoke-Step {
@@ -271,7 +282,13 @@ function Invoke-Doctor {
 
 try {
     if ($FromMsi -and -not $WhatIfPreference) {
+        $rootExisted = Test-Path -LiteralPath $InstallRoot
         Open-Transcript 'install-msi.log'
+        $CreatedList = Join-Path $InstallRoot 'logs\created-this-run.txt'
+        [System.IO.File]::WriteAllText($CreatedList, '', $Utf8)
+        if (-not $rootExisted) {
+            Add-Created 'folder' $InstallRoot
+        }
         $who = [System.Security.Principal.WindowsIdentity]::GetCurrent().Name
         Write-Line "$(Get-Date -Format o) $PSCommandPath (parameter set $($PSCmdlet.ParameterSetName)), run by Windows Installer as $who"
     }
@@ -377,6 +394,7 @@ try {
         foreach ($dir in @($InstallRoot, $AppDir, $ConfigDir, $DataDir)) {
             if (-not (Test-Path -LiteralPath $dir) -and $PSCmdlet.ShouldProcess($dir, 'Create folder')) {
                 New-Item -ItemType Directory -Path $dir | Out-Null
+                Add-Created 'folder' $dir
             }
         }
     }
@@ -384,6 +402,7 @@ try {
     Invoke-Step 'Install VezaProvisioner from the wheelhouse (offline)' 'Check that the bundle matches this Python version (3.10-3.13, 64-bit); delete the venv folder and run again if it is damaged.' {
         if (-not (Test-Path -LiteralPath $VenvPython) -and $PSCmdlet.ShouldProcess($VenvDir, 'Create virtual environment')) {
             Invoke-Native $PythonExe @('-m', 'venv', $VenvDir)
+            Add-Created 'folder' $VenvDir
         }
         # Windows keeps loaded .pyd files locked: an upgrade stops the pool's processes first.
         if ((Test-Path -LiteralPath "IIS:\AppPools\$AppPoolName") -and
@@ -399,10 +418,21 @@ try {
             }
         }
         if ($PSCmdlet.ShouldProcess($VenvDir, "Install vezaprovisioner $Version from $Wheelhouse")) {
+            # Exactly the bundle's pins for this Python (requirements-cp3XY.txt), each wheel
+            # checked against its SHA-256: nothing else, nothing from the network.
+            $tag = (& $VenvPython -c 'import sys; print(''cp{0}{1}''.format(*sys.version_info))' | Select-Object -First 1)
+            $requirements = Join-Path $BundleRoot "requirements-$tag.txt"
+            if ($LASTEXITCODE -ne 0 -or -not (Test-Path -LiteralPath $requirements)) {
+                throw "The bundle has no pinned requirements for this Python ($tag): $requirements."
+            }
             Invoke-Native $VenvPython @('-m', 'pip', 'install', '--no-index', '--find-links', $Wheelhouse,
-                '--upgrade', '--disable-pip-version-check', "vezaprovisioner==$Version")
+                '--require-hashes', '--only-binary', ':all:', '--disable-pip-version-check', '-r', $requirements)
             if (-not (Test-Path -LiteralPath $WfastcgiPy)) {
                 throw "$WfastcgiPy is missing after the install."
+            }
+            $installed = (& $VenvPython -c 'import importlib.metadata as m; print(m.version(''vezaprovisioner''))' | Select-Object -First 1)
+            if ($LASTEXITCODE -ne 0 -or "$installed".Trim() -ne $Version) {
+                throw "The venv holds vezaprovisioner $installed, but the bundle's VERSION says $Version."
             }
         }
     }
@@ -426,6 +456,7 @@ try {
             }
             $utf8 = New-Object System.Text.UTF8Encoding($false)
             [System.IO.File]::WriteAllText($ConfigFile, $text, $utf8)
+            Add-Created 'file' $ConfigFile
         }
     }
 
@@ -458,6 +489,7 @@ try {
                 fullPath  = $VenvPython
                 arguments = $WfastcgiPy
             }
+            Add-Created 'fastcgi' "$VenvPython|$WfastcgiPy"
         }
         $entry = "system.webServer/fastCgi/application[@fullPath='$VenvPython' and @arguments='$WfastcgiPy']"
         $tuning = [ordered]@{
@@ -483,6 +515,7 @@ try {
             New-WebAppPool -Name $AppPoolName | Out-Null
             # uninstall.ps1 removes only a pool this file names: never one the admin built.
             [System.IO.File]::WriteAllText($PoolMarker, $AppPoolName, $Utf8)
+            Add-Created 'pool' $AppPoolName
         }
         if ($KeepPoolIdentity -and $PSCmdlet.ShouldProcess($AppPoolName, 'No Managed Code, load user profile (identity unchanged)')) {
             Set-ItemProperty -LiteralPath $poolPath -Name managedRuntimeVersion -Value ''
@@ -538,6 +571,7 @@ try {
         if (-not $existing) {
             if ($PSCmdlet.ShouldProcess($Location, 'Create application')) {
                 New-WebApplication -Site $SiteName -Name $AppName -PhysicalPath $AppDir -ApplicationPool $AppPoolName | Out-Null
+                Add-Created 'application' $Location
             }
         }
         elseif ($PSCmdlet.ShouldProcess($Location, "Point at $AppDir in pool $AppPoolName")) {
@@ -606,6 +640,11 @@ try {
     }
     if ($LogFile) {
         Write-Line "This transcript: $LogFile"
+    }
+    if ($CreatedList) {
+        # Succeeded: nothing to roll back. A list left over would make a later rollback remove
+        # what this run created, should the next run fail before it starts its own list.
+        [System.IO.File]::Delete($CreatedList)
     }
 }
 catch {

@@ -16,6 +16,17 @@
     written configuration and the install transcript. The data folder (journal, audit, service
     logs) stays unless -RemoveData is given.
 
+    -Rollback: run by VezaProvisioner.msi's rollback action when an installation, upgrade or
+    repair fails after install.ps1 started. It removes exactly what that run of install.ps1
+    created, newest first, as listed in <InstallRoot>\logs\created-this-run.txt (the
+    application and its settings, the pool, the FastCGI registration, the configuration file,
+    the venv and folders), and nothing that was there before: an upgrade's failure leaves the
+    old application, pool and data alone. The logs folder stays, with the failed run's
+    transcript and this one's (rollback-msi.log). install.ps1 deletes the list when it
+    succeeds, and -Rollback when it is done, so a list is never replayed: a run that fails
+    before it starts its list (PowerShell refusing a parameter) leaves no list, and nothing
+    is removed.
+
 .EXAMPLE
     .\uninstall.ps1 -WhatIf
     .\uninstall.ps1 -RemoveFiles
@@ -32,7 +43,9 @@ param(
     [switch] $RemoveData,
     # Run by VezaProvisioner.msi: a transcript file, and the venv, app folder and configuration go
     # too (the MSI removes only the files it installed).
-    [switch] $FromMsi
+    [switch] $FromMsi,
+    # Run by the MSI's rollback action: remove only what the failed install.ps1 run created.
+    [switch] $Rollback
 )
 
 Set-StrictMode -Version Latest
@@ -45,6 +58,14 @@ $VenvPython = Join-Path $VenvDir 'Scripts\python.exe'
 $WfastcgiPy = Join-Path $VenvDir 'Lib\site-packages\wfastcgi.py'
 $ConfigDir = Join-Path $InstallRoot 'config'
 $LogsDir = Join-Path $InstallRoot 'logs'
+# Written by install.ps1 under the MSI: what its run created, one "kind<TAB>what" per line.
+$CreatedList = Join-Path $LogsDir 'created-this-run.txt'
+$AuthSections = @(
+    'system.webServer/security/authentication/anonymousAuthentication',
+    'system.webServer/security/authentication/windowsAuthentication',
+    'system.webServer/security/authentication/basicAuthentication',
+    'system.webServer/security/access'
+)
 # Written by install.ps1 when it created the pool; names the only pool this script may remove.
 $PoolMarker = Join-Path $ConfigDir 'created-app-pool.txt'
 $Utf8 = New-Object System.Text.UTF8Encoding($false)
@@ -77,10 +98,71 @@ try {
     }
     if ($FromMsi -and -not $WhatIfPreference) {
         [System.IO.Directory]::CreateDirectory($LogsDir) | Out-Null
-        $LogFile = Join-Path $LogsDir 'uninstall-msi.log'
+        $LogFile = Join-Path $LogsDir $(if ($Rollback) { 'rollback-msi.log' } else { 'uninstall-msi.log' })
         [System.IO.File]::WriteAllText($LogFile, '', $Utf8)
         $who = [System.Security.Principal.WindowsIdentity]::GetCurrent().Name
         Write-Line "$(Get-Date -Format o) $PSCommandPath, run by Windows Installer as $who"
+    }
+
+    if ($Rollback) {
+        Invoke-Step 'Undo what the failed install.ps1 run created' "Remove what $CreatedList lists by hand (IIS Manager, then the folders)." {
+            $entries = @()
+            if (Test-Path -LiteralPath $CreatedList) {
+                $entries = @(Get-Content -LiteralPath $CreatedList | Where-Object { $_ })
+            }
+            if ($entries.Count -eq 0) {
+                Write-Line '    install.ps1 created nothing'
+            }
+            [array]::Reverse($entries)
+            if ($entries -match "^(application|pool|fastcgi)`t") {
+                Import-Module WebAdministration
+            }
+            foreach ($entry in $entries) {
+                $kind, $what = $entry -split "`t", 2
+                if ($kind -eq 'application' -and $what -eq $Location -and
+                    (Get-WebApplication -Site $SiteName -Name $AppName) -and
+                    $PSCmdlet.ShouldProcess($Location, 'Remove application and its settings')) {
+                    Remove-WebApplication -Site $SiteName -Name $AppName
+                    foreach ($filter in $AuthSections) {
+                        Clear-WebConfiguration -PSPath $AppHost -Location $Location -Filter $filter -ErrorAction SilentlyContinue
+                    }
+                }
+                elseif ($kind -eq 'pool' -and (Test-Path -LiteralPath "IIS:\AppPools\$what") -and
+                    $PSCmdlet.ShouldProcess($what, 'Remove application pool')) {
+                    Remove-WebAppPool -Name $what
+                }
+                elseif ($kind -eq 'fastcgi' -and $PSCmdlet.ShouldProcess($what, 'Remove FastCGI application')) {
+                    $fullPath, $arguments = $what -split '\|', 2
+                    Remove-WebConfigurationProperty -PSPath $AppHost -Filter 'system.webServer/fastCgi' -Name '.' -AtElement @{
+                        fullPath  = $fullPath
+                        arguments = $arguments
+                    } -ErrorAction SilentlyContinue
+                }
+                elseif ($kind -eq 'file' -and (Test-Path -LiteralPath $what) -and
+                    $PSCmdlet.ShouldProcess($what, 'Delete file')) {
+                    Remove-Item -LiteralPath $what -Force
+                }
+                elseif ($kind -eq 'folder' -and $what -eq $InstallRoot -and (Test-Path -LiteralPath $what)) {
+                    # The root stays for its logs folder: the failed run's transcript and this one.
+                    foreach ($child in @(Get-ChildItem -LiteralPath $what -Force | Where-Object { $_.Name -ne 'logs' })) {
+                        if ($PSCmdlet.ShouldProcess($child.FullName, 'Delete')) {
+                            Remove-Item -LiteralPath $child.FullName -Recurse -Force
+                        }
+                    }
+                }
+                elseif ($kind -eq 'folder' -and (Test-Path -LiteralPath $what) -and
+                    $PSCmdlet.ShouldProcess($what, 'Delete folder')) {
+                    Remove-Item -LiteralPath $what -Recurse -Force
+                }
+                Write-Line "    undone: $kind $what"
+            }
+        }
+        # Undone: the list must not be replayed by a later rollback.
+        if ((Test-Path -LiteralPath $CreatedList) -and $PSCmdlet.ShouldProcess($CreatedList, 'Delete file')) {
+            Remove-Item -LiteralPath $CreatedList -Force
+        }
+        Write-Line "Rolled back what install.ps1 created; its transcript is $(Join-Path $LogsDir 'install-msi.log')."
+        exit 0
     }
 
     Invoke-Step 'Check administrator rights' 'Start PowerShell with "Run as administrator" and run this script again.' {
@@ -99,13 +181,7 @@ try {
     }
 
     Invoke-Step 'Remove its authentication and SSL settings' 'Close IIS Manager and run again.' {
-        $sections = @(
-            'system.webServer/security/authentication/anonymousAuthentication',
-            'system.webServer/security/authentication/windowsAuthentication',
-            'system.webServer/security/authentication/basicAuthentication',
-            'system.webServer/security/access'
-        )
-        foreach ($filter in $sections) {
+        foreach ($filter in $AuthSections) {
             if ($PSCmdlet.ShouldProcess("$Location $filter", 'Clear')) {
                 Clear-WebConfiguration -PSPath $AppHost -Location $Location -Filter $filter -ErrorAction SilentlyContinue
             }

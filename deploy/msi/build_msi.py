@@ -6,22 +6,25 @@ deploy\\iis\\install.ps1 (see VezaProvisioner.wxs for the custom actions). wixl 
 harvester that fits, so this script generates the file list: one component per file, with ids
 derived from the file's path, so the same path keeps the same component across versions.
 
-    python3 deploy/msi/build_msi.py --bundle dist/vezaprovisioner-0.1.0-win-amd64.zip
+    python3 deploy/msi/build_msi.py --bundle dist/vezaprovisioner-0.1.0-win-amd64.zip \
+        [--sign org-codesigning.pfx] [--help-url https://intranet.example/veza]
 
-Needs the Debian packages wixl (the compiler) and msitools (msibuild, msiinfo, msiextract).
+Needs the Debian packages wixl (the compiler) and msitools (msibuild, msiinfo, msiextract), and
+osslsigncode for --sign (Authenticode: every .ps1 of the bundle, then the MSI).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from xml.etree import ElementTree as ET
 
@@ -35,12 +38,16 @@ REQUIRED_FILES = (
     PurePosixPath("deploy/iis/install.ps1"),
     PurePosixPath("deploy/iis/uninstall.ps1"),
 )
-#: Where Programs and Features' help link points, the first one the bundle has.
-README_CANDIDATES = (
-    PurePosixPath("README.md"),
-    PurePosixPath("deploy/iis/README.md"),
-    PurePosixPath("deploy/msi/README.md"),
+#: Where Programs and Features' help and "about" links point unless --help-url says otherwise:
+#: the product page (a web page: a local file would not open from Programs and Features).
+DEFAULT_HELP_URL = (
+    "https://docs.veza.com/4yItIzMvkpAvMVFAamTf/integrations/integrations/exchange-online"
 )
+#: The environment variable holding the signing certificate's password (never an argument,
+#: which other users of the build machine could read in the process list).
+SIGN_PASSWORD_ENV = "VEZAPROVISIONER_SIGN_PASSWORD"  # noqa: S105 - a variable name
+#: What osslsigncode appends to a signed PowerShell script.
+PS1_SIGNATURE_START = "# SIG # Begin signature block"
 #: Public properties the admin may pass on the msiexec command line. Listed in
 #: SecureCustomProperties so they reach the elevated (server-side) part of the installation.
 PUBLIC_PROPERTIES = (
@@ -50,9 +57,18 @@ PUBLIC_PROPERTIES = (
     "APPPOOL",
     "POWERSHELLPATH",
     "REMOTEEXCHANGEPATH",
+    "PYTHONEXE",
     "ALLOWEDUSERS",
     "REMOVEDATA",
 )
+#: CustomAction types build_msi.py writes itself, because wixl 0.101 cannot: the rollback bit
+#: (msidbCustomActionTypeRollback 0x100) on the deferred, no-impersonate EXE action whose return
+#: code is ignored (50 | 0x40 | 0x400 | 0x800 = 3186).
+ROLLBACK_ACTIONS = ("VpRollbackIis",)
+#: wixl writes set-property actions as 51 | 0x800 (no-impersonate, meaningless for them; ICE68).
+_WIXL_SET_PROPERTY, _SET_PROPERTY = 2099, 51
+#: Characters an 8.3 short file name may hold besides letters and digits.
+_SHORT_NAME_PART = re.compile(r"[A-Za-z0-9$%'`@~!(){}^#&_-]+")
 #: Characters Windows forbids in file names (besides the separators).
 _WINDOWS_FORBIDDEN = re.compile(r'[<>:"|?*\\\x00-\x1f]')
 #: Windows Installer compares only the first three fields, each within these bounds.
@@ -200,12 +216,57 @@ def files_fragment(files: Sequence[PurePosixPath], source_dir: str) -> str:
     return ET.tostring(wix, encoding="unicode", xml_declaration=True) + "\n"
 
 
-def help_link(files: Sequence[PurePosixPath]) -> str:
-    """The installed README that Programs and Features links to, as a formatted MSI string."""
-    for candidate in README_CANDIDATES:
-        if candidate in files:
-            return "[INSTALLDIR]" + str(candidate).replace("/", "\\")
-    raise BuildError(f"the bundle has no README ({', '.join(map(str, README_CANDIDATES))})")
+def check_help_url(url: str) -> str:
+    """`url` when it can be a Programs and Features link: http(s), no spaces, quotes or brackets."""
+    if not re.fullmatch(r"https?://[^\s\"'<>\[\]{}]+", url):
+        raise BuildError(f"--help-url {url!r}: give an http:// or https:// address without spaces")
+    return url
+
+
+def _is_short_name(name: str) -> bool:
+    """Whether `name` is a valid 8.3 name already (then it needs no separate short form)."""
+    stem, dot, extension = name.partition(".")
+    return (
+        0 < len(stem) <= 8
+        and bool(_SHORT_NAME_PART.fullmatch(stem))
+        and (not dot or (0 < len(extension) <= 3 and bool(_SHORT_NAME_PART.fullmatch(extension))))
+    )
+
+
+def short_names(names: Iterable[str]) -> dict[str, str]:
+    """An 8.3 name for each entry (file or folder) of one folder, unique in it (Windows compares
+    them without case): the name itself when it is one, else STEM~N.EXT from its letters.
+
+    Windows Installer uses them when SHORTFILENAMES is set or the volume has no long names;
+    a name without one fails ICE03. They do not affect component rules, so they may change
+    between versions.
+    """
+    entries = sorted(set(names))
+    taken = {name.upper() for name in entries if _is_short_name(name)}
+    result: dict[str, str] = {}
+    for name in entries:
+        if _is_short_name(name):
+            result[name] = name
+            continue
+        stem, dot, extension = name.rpartition(".")
+        if not dot or not stem:
+            stem, extension = name, ""
+        base = re.sub(r"[^A-Z0-9_-]", "", stem.upper()) or "F"
+        extension = re.sub(r"[^A-Z0-9_-]", "", extension.upper())[:3]
+        number = 1
+        while True:
+            suffix = f"~{number}"
+            candidate = base[: 8 - len(suffix)] + suffix + (f".{extension}" if extension else "")
+            if candidate.upper() not in taken:
+                break
+            number += 1
+        taken.add(candidate.upper())
+        result[name] = candidate
+    return result
+
+
+def _with_short(name: str, short: str) -> str:
+    return name if short == name else f"{short}|{name}"
 
 
 # The SQL below is built from our own constants, the validated version and a GUID: never text
@@ -227,6 +288,21 @@ def _sql_upgrade_row(upgrade_code: str, version: str) -> tuple[str, str]:
         "DELETE FROM `Upgrade` WHERE `ActionProperty` = 'UPGRADEFOUND'",
         f"INSERT INTO `Upgrade` ({columns}) VALUES ({values})",  # noqa: S608
     )
+
+
+def _sql_action_types() -> list[str]:
+    """The CustomAction types wixl cannot write: set-property actions as plain 51, and the
+    rollback bit on the rollback actions."""
+    queries = [
+        f"UPDATE `CustomAction` SET `Type` = {_SET_PROPERTY} "  # noqa: S608
+        f"WHERE `Type` = {_WIXL_SET_PROPERTY}"
+    ]
+    for action in ROLLBACK_ACTIONS:
+        queries.append(
+            f"UPDATE `CustomAction` SET `Type` = {50 | 0x40 | 0x100 | 0x400 | 0x800} "  # noqa: S608
+            f"WHERE `Action` = '{action}'"
+        )
+    return queries
 
 
 def _tool(name: str) -> str:
@@ -256,15 +332,118 @@ def msi_property(msi: Path, name: str) -> str:
     raise BuildError(f"{msi}: no property {name}")
 
 
-def build_msi(bundle: Path, version: str, output_dir: Path) -> Path:
-    """Compile the MSI for `bundle` into `output_dir` and return its path."""
-    version = msi_version(version)
+def _export(msi: Path, table: str, work: Path) -> tuple[list[str], list[list[str]]]:
+    """`table`'s .idt export: its three header lines, and its rows as lists of fields."""
+    lines = _run([_tool("msiinfo"), "export", str(msi), table]).split("\n")
+    lines = [line.removesuffix("\r") for line in lines]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines[:3], [line.split("\t") for line in lines[3:]]
+
+
+def _import(msi: Path, table: str, header: list[str], rows: list[list[str]], work: Path) -> None:
+    path = work / f"{table}.idt"
+    path.write_text("\r\n".join([*header, *("\t".join(row) for row in rows)]) + "\r\n", "utf-8")
+    _run([_tool("msibuild"), str(msi), "-i", str(path)])
+
+
+def add_short_names(msi: Path, work: Path) -> None:
+    """Give every long file and folder name its 8.3 form ("SHORT~1.TXT|long name.txt")."""
+    dir_header, dirs = _export(msi, "Directory", work)
+    file_header, files = _export(msi, "File", work)
+    _, components = _export(msi, "Component", work)
+    component_dir = {row[0]: row[2] for row in components}  # Component, ComponentId, Directory_
+    # Names in the same folder share one namespace, files and folders alike.
+    folders: dict[str, list[str]] = {}
+    for _directory, parent, default_dir in dirs:
+        if parent and default_dir not in (".", "SourceDir"):
+            folders.setdefault(parent, []).append(default_dir)
+    for row in files:
+        folders.setdefault(component_dir[row[1]], []).append(row[2])
+    shorts = {parent: short_names(names) for parent, names in folders.items()}
+    for row in dirs:
+        if row[1] and row[2] not in (".", "SourceDir"):
+            row[2] = _with_short(row[2], shorts[row[1]][row[2]])
+    for row in files:
+        row[2] = _with_short(row[2], shorts[component_dir[row[1]]][row[2]])
+    _import(msi, "Directory", dir_header, dirs, work)
+    _import(msi, "File", file_header, files, work)
+
+
+def sign(path: Path, certificate: Path, timestamp_url: str | None, work: Path) -> None:
+    """Authenticode-sign `path` in place with osslsigncode (SHA-256); the password of the
+    PKCS#12 `certificate` comes from SIGN_PASSWORD_ENV, through a file only this user reads."""
+    password = work / "sign-password"
+    password.touch(mode=0o600)
+    password.write_text(os.environ.get(SIGN_PASSWORD_ENV, ""), encoding="utf-8")
+    signed = work / f"signed-{path.name}"
+    command = [_tool_sign(), "sign", "-pkcs12", str(certificate), "-readpass", str(password)]
+    command += ["-h", "sha256", "-n", "VezaProvisioner"]
+    if timestamp_url:
+        command += ["-ts", timestamp_url]
+    try:
+        _run([*command, "-in", str(path), "-out", str(signed)])
+    finally:
+        password.unlink()
+    shutil.move(signed, path)
+
+
+def _tool_sign() -> str:
+    path = shutil.which("osslsigncode")
+    if path is None:
+        raise BuildError("osslsigncode not found: install it with `apt-get install osslsigncode`")
+    return path
+
+
+def sign_scripts(root: Path, certificate: Path, timestamp_url: str | None, work: Path) -> None:
+    """Sign every .ps1 under `root` that is not signed yet (the bundle build signs its own)."""
+    for script in sorted(root.rglob("*.ps1")):
+        if PS1_SIGNATURE_START not in script.read_text(encoding="utf-8", errors="replace"):
+            sign(script, certificate, timestamp_url, work)
+
+
+def bundle_version(root: Path, requested: str | None) -> str:
+    """The MSI's version: the bundle's VERSION, which install.ps1 installs and checks; a
+    `requested` version (--version) must be the same. A bundle without VERSION (not made by
+    deploy/bundle/build.py) takes `requested`, or the package version."""
+    path = root / "VERSION"
+    if not path.is_file():
+        return msi_version(requested or package_version())
+    found = msi_version(path.read_text(encoding="utf-8").strip())
+    if requested is not None and msi_version(requested) != found:
+        raise BuildError(
+            f"--version {requested} differs from the bundle's VERSION {found}: the MSI would"
+            " claim one version and install another (omit --version)"
+        )
+    return found
+
+
+def build_msi(
+    bundle: Path,
+    version: str | None,
+    output_dir: Path,
+    *,
+    help_url: str = DEFAULT_HELP_URL,
+    certificate: Path | None = None,
+    timestamp_url: str | None = None,
+) -> Path:
+    """Compile the MSI for `bundle` into `output_dir` and return its path; with `certificate`,
+    its scripts and the MSI are Authenticode-signed. `version`: see bundle_version."""
+    if version is not None:
+        msi_version(version)  # refuse it before any work
+    help_url = check_help_url(help_url)
     wixl, msibuild = _tool("wixl"), _tool("msibuild")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    output = output_dir / f"VezaProvisioner-{version}-x64.msi"
+    if certificate is not None and not certificate.is_file():
+        raise BuildError(f"--sign {certificate}: no such file")
     with tempfile.TemporaryDirectory(prefix="vezaprovisioner-msi-") as temp:
         work = Path(temp)
         root = stage_bundle(bundle, work)
+        version = bundle_version(root, version)
+        output = output_dir / f"VezaProvisioner-{version}-x64.msi"
+        if certificate is not None:
+            if root.resolve() == bundle.resolve():  # a folder: sign a copy, never the original
+                root = Path(shutil.copytree(root, work / "signed-bundle", symlinks=True))
+            sign_scripts(root, certificate, timestamp_url, work)
         files = bundle_files(root)
         link = work / "source"
         link.symlink_to(root.resolve(), target_is_directory=True)
@@ -272,7 +451,7 @@ def build_msi(bundle: Path, version: str, output_dir: Path) -> Path:
         fragment.write_text(files_fragment(files, link.name), encoding="utf-8")
         built = work / output.name
         # The fragment comes first: wixl searches the input files' folders in order.
-        defines = [f"Version={version}", f"HelpLink={help_link(files)}"]
+        defines = [f"Version={version}", f"HelpLink={help_url}"]
         _run(
             [
                 wixl,
@@ -287,12 +466,23 @@ def build_msi(bundle: Path, version: str, output_dir: Path) -> Path:
         )
         # wixl writes SecureCustomProperties for its upgrade properties only, and a Property
         # element of the same name would clash: extend its row instead.
-        secure = ";".join([msi_property(built, "SecureCustomProperties"), *PUBLIC_PROPERTIES])
-        _run([msibuild, str(built), "-q", _sql_set_property("SecureCustomProperties", secure)])
+        # Every property AppSearch sets is public and secure too: in a run with a UI, AppSearch
+        # runs in the client, and only secure public properties reach the elevated server.
+        _, searches = _export(built, "AppSearch", work)
+        found = sorted({row[0] for row in searches})
+        secure = ";".join(
+            [msi_property(built, "SecureCustomProperties"), *PUBLIC_PROPERTIES, *found]
+        )
+        queries = [_sql_set_property("SecureCustomProperties", secure)]
         # wixl 0.101 drops IncludeMaximum and MigrateFeatures: write the upgrade row in full.
         upgrade_code = msi_property(built, "UpgradeCode").upper()
-        for query in _sql_upgrade_row(upgrade_code, version):
-            _run([msibuild, str(built), "-q", query])
+        queries += _sql_upgrade_row(upgrade_code, version)
+        queries += _sql_action_types()
+        _run([msibuild, str(built), *(arg for query in queries for arg in ("-q", query))])
+        add_short_names(built, work)
+        if certificate is not None:
+            sign(built, certificate, timestamp_url, work)
+        output_dir.mkdir(parents=True, exist_ok=True)
         shutil.move(built, output)
     return output
 
@@ -306,17 +496,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the offline bundle: vezaprovisioner-<version>-win-amd64.zip or its unpacked folder",
     )
     parser.add_argument(
-        "--version", help="the product version (default: the package's, from pyproject.toml)"
+        "--version",
+        help="the product version (default: the bundle's VERSION; without one, the package's"
+        " from pyproject.toml); must equal the bundle's VERSION",
     )
     parser.add_argument(
         "--output-dir", type=Path, default=REPO_ROOT / "dist", help="default: dist/"
     )
+    parser.add_argument(
+        "--help-url",
+        default=DEFAULT_HELP_URL,
+        help="the web page Programs and Features links to (default: the product page)",
+    )
+    parser.add_argument(
+        "--sign",
+        type=Path,
+        metavar="PFX",
+        help="Authenticode-sign every .ps1 and the MSI with this PKCS#12 certificate (its"
+        f" password in ${SIGN_PASSWORD_ENV}); without it, the artifacts are unsigned",
+    )
+    parser.add_argument(
+        "--timestamp-url",
+        help="an RFC 3161 time-stamping server, so signatures outlive the certificate",
+    )
     args = parser.parse_args(argv)
     try:
-        output = build_msi(args.bundle, args.version or package_version(), args.output_dir)
+        output = build_msi(
+            args.bundle,
+            args.version,
+            args.output_dir,
+            help_url=args.help_url,
+            certificate=args.sign,
+            timestamp_url=args.timestamp_url,
+        )
     except BuildError as error:
         print(f"build_msi.py: {error}", file=sys.stderr)
         return 1
+    if args.sign is None:
+        print(
+            "build_msi.py: UNSIGNED build: UAC shows 'Unknown publisher', and AllSigned,"
+            " AppLocker or WDAC policies block the MSI and its scripts (deploy/msi/README.md)",
+            file=sys.stderr,
+        )
     print(output)
     return 0
 
