@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -395,3 +396,60 @@ def test_configurable_base_path(make_client: Callable[..., TestClient]) -> None:
     assert client.get("/VezaProvisioner/health").status_code == 404
     created = client.post("/Provisioning/Exchange/api/v1/emails", json={"identity": "plain"})
     assert created.headers["location"].startswith("/Provisioning/Exchange/api/v1/emails/")
+
+
+INVISIBLES = ["\u200b", "\u202e", "\u2066", "\ufeff", "\u00ad", "\x00", "\x1b", "\ud800"]
+
+
+def _raw_text_shows_none_of(response: Any, characters: str) -> bool:
+    text = response.content.decode("utf-8", "surrogatepass")
+    return not any(ch in text for ch in characters)
+
+
+@pytest.mark.parametrize("char", INVISIBLES)
+def test_invisible_characters_are_refused_by_name_and_never_reflected(
+    client: TestClient, exchange: SimulatedExchange, char: str
+) -> None:
+    shown = f"U+{ord(char):04X}"
+    body = json.dumps({"identity": f"jd{char}oe", "alias": f"j{char}d"})  # "\ud800" escapes
+    response = client.post(EMAILS, content=body, headers={"Content-Type": "application/json"})
+    problem = assert_problem(response, 422, "VALIDATION_FAILED")
+    messages = {entry["field"]: entry["message"] for entry in problem["errors"]}
+    assert shown in messages["identity"]
+    assert shown in messages["alias"]
+    assert {entry["type"] for entry in problem["errors"]} == {"invisible_character"}
+    assert _raw_text_shows_none_of(response, char)
+    assert exchange.calls == []
+
+
+@pytest.mark.parametrize("char", ["\u202e", "\x00"])
+def test_an_unknown_field_is_named_without_reflecting_its_invisible_characters(
+    client: TestClient, char: str
+) -> None:
+    response = client.post(EMAILS, json={"identity": "plain", f"x{char}": 1})
+    problem = assert_problem(response, 422, "VALIDATION_FAILED")
+    assert [entry["field"] for entry in problem["errors"]] == [f"x<U+{ord(char):04X}>"]
+    assert _raw_text_shows_none_of(response, char)
+
+
+@pytest.mark.parametrize("char", ["\u202e", "\u200b", "\x7f"])
+def test_invisible_characters_in_paths_are_never_reflected(client: TestClient, char: str) -> None:
+    encoded = "".join(f"%{b:02X}" for b in char.encode())
+    state = client.get(f"{EMAILS}/jd{encoded}oe")
+    assert (
+        f"U+{ord(char):04X}"
+        in assert_problem(state, 422, "VALIDATION_FAILED")["errors"][0]["message"]
+    )
+    nowhere = client.get(f"/VezaProvisioner/no{encoded}where")
+    assert f"<U+{ord(char):04X}>" in assert_problem(nowhere, 404, "NOT_FOUND")["detail"]
+    for response in (state, nowhere):
+        assert _raw_text_shows_none_of(response, char)
+
+
+def test_a_path_identity_that_is_not_utf8_is_refused(
+    client: TestClient, exchange: SimulatedExchange
+) -> None:
+    response = client.get(f"{EMAILS}/jd%ED%A0%80oe")  # a surrogate, encoded as bytes
+    problem = assert_problem(response, 422, "VALIDATION_FAILED")
+    assert "U+FFFD" in problem["errors"][0]["message"]
+    assert exchange.calls == []

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
 
+from tests.conftest import AUTH
 from tests.fakes.clock import FakeClock
 from vezaprovisioner import __version__
 from vezaprovisioner.api.app import create_app
@@ -22,14 +24,32 @@ def test_health_touches_no_backend(client: TestClient, exchange: SimulatedExchan
     assert exchange.calls == []
 
 
+READY = "/VezaProvisioner/health/ready"
+DETAILS = "/VezaProvisioner/health/ready/details"
+
+
 def test_ready_when_the_backend_answers(client: TestClient) -> None:
-    response = client.get("/VezaProvisioner/health/ready")
+    response = client.get(DETAILS)
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "ready"
     assert body["checks"]["configuration"]["ok"] is True
     assert body["checks"]["backend"] == {"ok": True, "detail": body["checks"]["backend"]["detail"]}
     assert "simulated" in body["checks"]["backend"]["detail"]
+
+
+def test_public_readiness_says_only_what_passed(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    anonymous = make_client(authenticated=False)
+    public = anonymous.get(READY)
+    assert public.status_code == 200
+    assert public.json() == {
+        "status": "ready",
+        "checks": {"configuration": {"ok": True}, "backend": {"ok": True}, "journal": {"ok": True}},
+    }
+    assert str(tmp_path) not in public.text
+    assert anonymous.get(DETAILS).status_code == 401
 
 
 class ProbeOverride:
@@ -51,7 +71,18 @@ def test_not_ready_when_the_probe_fails(
 
     port: Any = ProbeOverride(exchange, failing)
     client = TestClient(create_app(make_settings(), exchange=port, clock=clock))
-    response = client.get("/VezaProvisioner/health/ready")
+    public = client.get(READY)
+    assert public.status_code == 503
+    assert public.json() == {
+        "status": "not_ready",
+        "checks": {
+            "configuration": {"ok": True},
+            "backend": {"ok": False},
+            "journal": {"ok": True},
+        },
+    }
+    assert "starting" not in public.text
+    response = client.get(DETAILS, headers=AUTH)
     assert response.status_code == 503
     body = response.json()
     assert body["status"] == "not_ready"
@@ -73,7 +104,7 @@ def test_not_ready_when_the_probe_hangs(
     settings = make_settings(readiness_timeout_seconds=0.05)
     try:
         response = TestClient(create_app(settings, exchange=port, clock=clock)).get(
-            "/VezaProvisioner/health/ready"
+            DETAILS, headers=AUTH
         )
     finally:
         release.set()

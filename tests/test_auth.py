@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import logging
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import AUTH, PASSWORD, USER, basic
 from tests.fakes.clock import FakeClock
 from vezaprovisioner.api.app import create_app
-from vezaprovisioner.auth import hash_password, verify_password
+from vezaprovisioner.auth import (
+    AuthenticationError,
+    NotAuthenticated,
+    _basic_credentials,
+    hash_password,
+    verify_password,
+)
 from vezaprovisioner.config import Settings
 from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 from vezaprovisioner.iis import iis_server_variables
@@ -55,16 +64,74 @@ def test_basic_mode_refuses_without_valid_credentials(
     assert exchange.calls == []
 
 
-def test_basic_mode_accepts_configured_user_case_insensitively(
+def test_basic_mode_matches_user_names_exactly_by_default(
     make_client: Callable[..., TestClient],
 ) -> None:
     client = make_client(authenticated=False)
-    ok = client.post(EMAILS, json={"identity": "plain"}, headers=basic(USER.upper(), PASSWORD))
+    upper = client.post(EMAILS, json={"identity": "plain"}, headers=basic(USER.upper(), PASSWORD))
+    assert upper.status_code == 401
+    ok = client.post(EMAILS, json={"identity": "plain"}, headers=AUTH)
     assert ok.status_code == 201
     again = client.post(EMAILS, json={"identity": "plain"}, headers=AUTH)  # verified-password cache
     assert again.status_code == 200
     wrong = client.post(EMAILS, json={"identity": "plain"}, headers=basic(USER, PASSWORD + "x"))
     assert wrong.status_code == 401  # the cache never accepts another password
+
+
+def test_case_insensitive_users_names_the_caller_as_configured(
+    make_client: Callable[..., TestClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vezaprovisioner.access")
+    client = make_client(authenticated=False, auth={"case_insensitive_users": True})
+    created = client.post(EMAILS, json={"identity": "plain"}, headers=basic(USER.upper(), PASSWORD))
+    assert created.status_code == 201
+    logged = [getattr(r, "fields", {}).get("caller") for r in caplog.records]
+    assert logged == [USER]
+    request_id = created.json()["request_id"]
+    record = client.get(f"/VezaProvisioner/api/v1/requests/{request_id}", headers=AUTH)
+    assert record.json()["caller"] == USER  # not "VEZA-SVC" as typed
+
+
+def test_case_insensitive_users_refuses_names_that_differ_only_in_case(
+    make_settings: Callable[..., Settings], password_hash: str
+) -> None:
+    doubled = {"users": {"VEZA-SVC": password_hash}}  # beside the fixture's "veza-svc"
+    assert make_settings(auth=doubled).auth.users.keys() == {USER, "VEZA-SVC"}
+    with pytest.raises(ValueError, match="same user"):
+        make_settings(auth={"case_insensitive_users": True, **doubled})
+
+
+@pytest.mark.parametrize(
+    ("user", "password"),
+    [(USER, PASSWORD + "\0"), (USER, "\0" + PASSWORD), (USER + "\0", PASSWORD), (USER, "a\x7fb")],
+)
+def test_basic_mode_refuses_control_characters_in_credentials(
+    make_client: Callable[..., TestClient], user: str, password: str
+) -> None:
+    client = make_client(authenticated=False)
+    response = client.post(EMAILS, json={"identity": "plain"}, headers=basic(user, password))
+    assert response.status_code == 401
+    assert "control character" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Authorization", AUTH["Authorization"]), ("Authorization", AUTH["Authorization"])],
+        [("Authorization", AUTH["Authorization"]), ("Authorization", "Basic Zm9vOmJhcg==")],
+        [("Authorization", f"{AUTH['Authorization']}, Basic Zm9vOmJhcg==")],  # joined by a server
+    ],
+)
+def test_basic_mode_refuses_more_than_one_authorization_header(
+    make_client: Callable[..., TestClient],
+    exchange: SimulatedExchange,
+    headers: list[tuple[str, str]],
+) -> None:
+    client = make_client(authenticated=False)
+    response = client.post(EMAILS, json={"identity": "plain"}, headers=headers)
+    assert response.status_code == 400
+    assert response.json()["code"] == "MULTIPLE_AUTHORIZATION_HEADERS"
+    assert exchange.calls == []
 
 
 def test_authentication_happens_before_the_body_is_read(
@@ -198,3 +265,50 @@ def test_iis_variables_are_read_from_the_wsgi_environ_only() -> None:
     assert variables is not None
     assert variables.authenticated_user == "CONTOSO\\a"
     assert variables.https
+
+
+# --- parsing the Authorization header (properties) ----------------------------------------------
+
+_NO_SURROGATES = st.characters(codec="utf-8")  # no lone surrogates: they cannot be sent
+
+
+@given(st.text(_NO_SURROGATES), st.text(_NO_SURROGATES))
+def test_basic_credentials_come_back_exactly_or_are_refused(user: str, password: str) -> None:
+    header = basic(user, password)["Authorization"]
+    has_control = any(unicodedata.category(ch) == "Cc" for ch in user + password)
+    try:
+        parsed = _basic_credentials([header])
+    except NotAuthenticated:
+        assert has_control
+        return
+    assert not has_control
+    if ":" not in user:
+        assert parsed == (user, password)
+    else:  # the first colon separates them, as RFC 7617 says
+        assert parsed == tuple(f"{user}:{password}".split(":", 1))
+
+
+@given(st.lists(st.text(), max_size=3))
+def test_any_authorization_headers_give_credentials_or_an_authentication_error(
+    headers: list[str],
+) -> None:
+    try:
+        name, password = _basic_credentials(headers)
+    except AuthenticationError:
+        return
+    assert len(headers) == 1
+    assert not any(unicodedata.category(ch) == "Cc" for ch in name + password)
+
+
+def test_the_iis_caller_is_the_account_and_the_typed_name_is_its_alias() -> None:
+    typed_upn = {"AUTH_USER": "veza@contoso.com", "REMOTE_USER": "veza@contoso.com"}
+    variables = iis_server_variables({"wsgi_environ": {**typed_upn, "LOGON_USER": "CONTOSO\\veza"}})
+    assert variables is not None
+    assert variables.authenticated_user == "CONTOSO\\veza"
+    assert variables.user_names == ("CONTOSO\\veza", "veza@contoso.com")
+    same = iis_server_variables({"wsgi_environ": {**typed_upn, "LOGON_USER": "VEZA@contoso.com"}})
+    assert same is not None
+    assert same.user_names == ("VEZA@contoso.com",)  # one account, one name, whatever the case
+    no_logon = iis_server_variables({"wsgi_environ": typed_upn})
+    assert no_logon is not None
+    assert no_logon.authenticated_user == "veza@contoso.com"

@@ -179,3 +179,14 @@ def test_the_environment_wins_key_by_key_over_the_file(tmp_path: Path) -> None:
     assert settings.exchange.retention_policy == "Keep"  # the file's other keys stay
     assert settings.auth.allowed_users == ("CONTOSO\\svc-veza",)
     assert settings.data_dir == tmp_path / "state"  # relative to the file, as in the file
+
+
+def test_under_iis_pool_size_defaults_to_one_unless_the_file_sets_it() -> None:
+    from vezaprovisioner.config import IIS_POOL_SIZE, Settings, for_iis
+
+    assert IIS_POOL_SIZE == 1
+    assert Settings().local.pool_size == 2  # uvicorn: one process, concurrent requests
+    assert for_iis(Settings()).local.pool_size == 1
+    chosen = Settings.model_validate({"local": {"pool_size": 3}})
+    assert for_iis(chosen).local.pool_size == 3
+    assert for_iis(chosen) is chosen

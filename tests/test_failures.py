@@ -26,7 +26,9 @@ from vezaprovisioner.auth import (
     AuthenticationError,
     CallerNotAllowed,
     HttpsRequired,
+    MultipleAuthorizations,
     NotAuthenticated,
+    TooManyFailedLogins,
 )
 from vezaprovisioner.config import ConfigError
 from vezaprovisioner.exchange.errors import (
@@ -136,6 +138,10 @@ BUILDERS: dict[type[Failure], st.SearchStrategy[Failure]] = {
     NotAuthenticated: st.builds(NotAuthenticated, text),
     CallerNotAllowed: st.builds(CallerNotAllowed, text),
     HttpsRequired: st.builds(HttpsRequired, text),
+    MultipleAuthorizations: st.builds(MultipleAuthorizations, text),
+    TooManyFailedLogins: st.builds(
+        lambda m, s: TooManyFailedLogins(m, retry_after_seconds=s), text, st.integers(1, 3600)
+    ),
     ProvisioningError: st.builds(ProvisioningError, text),
     PathMismatch: st.builds(
         PathMismatch, st.sampled_from(["powershell_path", "remote_exchange_path"]), text, text

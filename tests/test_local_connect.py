@@ -30,7 +30,7 @@ from vezaprovisioner.config import Settings
 from vezaprovisioner.doctor import Doctor
 from vezaprovisioner.exchange.local.startup import FIXES, TRANSCRIPT_HINT
 
-READY = "/VezaProvisioner/health/ready"
+READY = "/VezaProvisioner/health/ready/details"
 EMAILS = "/VezaProvisioner/api/v1/emails"
 
 

@@ -174,3 +174,38 @@ def test_build_info_process_metrics_and_no_created_series(client: TestClient) ->
         assert ("process_resident_memory_bytes", frozenset()) in parsed
         assert ("process_cpu_seconds_total", frozenset()) in parsed
     assert "_created" not in text
+
+
+def series(text: str) -> set[tuple[str, frozenset[tuple[str, str]]]]:
+    return set(samples(text))
+
+
+def test_invented_methods_and_paths_add_no_series(
+    make_client: Callable[..., TestClient],
+) -> None:
+    """Label values come from closed sets, so a flood of inventions cannot grow /metrics."""
+    client = make_client(metrics={"require_auth": False})
+    stranger = make_client(authenticated=False, metrics={"require_auth": False})
+
+    def invent(n: int) -> None:
+        for c in (client, stranger):
+            c.request(f"X{n}METHOD", f"/VezaProvisioner/api/v1/emails/{n}")
+            c.request(f"PROPFIND{n}", f"/nowhere/{n}/\u202e")
+            c.get(f"/VezaProvisioner/invented/{n}?q={n}")
+            c.request("BREW", f"/VezaProvisioner/health/{n}")
+
+    invent(0)
+    client.get(METRICS)  # its own series exist from here on
+    before = series(client.get(METRICS).text)
+    for n in range(1, 60):
+        invent(n)
+    after = series(client.get(METRICS).text)
+    assert after == before
+    labels = {
+        dict(key[1]).get(name)
+        for key in after
+        if key[0] == "vezaprovisioner_requests_total"
+        for name in ("method", "route")
+    }
+    assert "other" in labels
+    assert "unmatched" in labels

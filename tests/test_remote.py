@@ -503,7 +503,7 @@ def test_the_api_creates_a_mailbox_through_the_remote_backend(
     monkeypatch.setenv("VEZA_EXCHANGE_USERNAME", USERNAME)
     monkeypatch.setenv("VEZA_EXCHANGE_PASSWORD", PASSWORD)
     with TestClient(create_app(remote_settings()), headers=AUTH) as client:
-        ready = client.get("/VezaProvisioner/health/ready")
+        ready = client.get("/VezaProvisioner/health/ready/details")
         created = client.post(
             "/VezaProvisioner/api/v1/emails", json={"identity": "CONTOSO\\plain", "alias": "pp"}
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 import uuid
 from collections.abc import Callable
 from typing import get_args
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from vezaprovisioner.validation import (
     ALIAS_PATTERN,
     IDENTITY_PATTERN,
+    INVISIBLE_CATEGORIES,
     MAX_ALIAS_LENGTH,
     MAX_IDENTITY_LENGTH,
     IdentityForm,
@@ -22,6 +24,7 @@ from vezaprovisioner.validation import (
     identity_form,
     validate_alias,
     validate_identity,
+    visible,
 )
 
 # Written out independently of the module, straight from the Exchange documentation.
@@ -29,7 +32,7 @@ ALIAS_ALPHABET = (
     string.ascii_letters
     + string.digits
     + "!#$%&'*+-/=?^_`{|}~"
-    + "".join(chr(c) for c in range(0xA1, 0x100))
+    + "".join(chr(c) for c in range(0xA1, 0x100) if c != 0xAD)  # U+00AD: soft hyphen, invisible
 )
 GUID = "6f9619ff-8b86-d011-b42d-00c04fc964ff"
 
@@ -109,6 +112,12 @@ def test_wildcard_in_identity_is_rejected(raw: str, position: int) -> None:
         ("\u2028", "U+2028"),
         ("\u2029", "U+2029"),
         ("\ud800", "U+D800"),
+        ("\u200b", "U+200B"),
+        ("\u202e", "U+202E"),
+        ("\u2066", "U+2066"),
+        ("\ufeff", "U+FEFF"),
+        ("\u00ad", "U+00AD"),
+        ("\ufffd", "U+FFFD"),
     ],
 )
 def test_control_characters_in_identity_are_rejected(char: str, shown: str) -> None:
@@ -189,10 +198,44 @@ def test_identity_validation_only_raises_invalid_value(raw: str) -> None:
     assert identity == raw.strip() == identity.strip()
     assert 1 <= len(identity) <= MAX_IDENTITY_LENGTH
     assert "*" not in identity
-    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in identity)  # category Cc
+    assert not any(unicodedata.category(c) in INVISIBLE_CATEGORIES for c in identity)
 
 
-_CLEAN_CHARS = st.characters(exclude_categories=("Cc", "Cs", "Zl", "Zp"), exclude_characters="*")
+_CLEAN_CHARS = st.characters(
+    exclude_categories=("Cc", "Cf", "Cs", "Zl", "Zp"), exclude_characters="*\ufffd"
+)
+_INVISIBLE = st.characters(categories=("Cc", "Cf", "Cs"))
+_VISIBLE_TEXT = st.text(st.characters(categories=("L", "N")), min_size=1, max_size=20)
+
+
+@given(_VISIBLE_TEXT, _INVISIBLE, _VISIBLE_TEXT)
+def test_an_invisible_character_in_an_identity_is_named_never_shown(
+    before: str, bad: str, after: str
+) -> None:
+    with pytest.raises(InvalidValue) as caught:
+        validate_identity(before + bad + after)
+    message = caught.value.message
+    assert f"U+{ord(bad):04X}" in message
+    assert f"position {len(before) + 1}" in message
+    assert message.isprintable()
+
+
+@given(_aliases(MAX_ALIAS_LENGTH - 1), _INVISIBLE, st.data())
+def test_an_invisible_character_in_an_alias_is_named_never_shown(
+    alias: str, bad: str, data: st.DataObject
+) -> None:
+    index = data.draw(st.integers(min_value=0, max_value=len(alias)))
+    with pytest.raises(InvalidValue) as caught:
+        validate_alias(alias[:index] + bad + alias[index:])
+    assert f"U+{ord(bad):04X}" in caught.value.message
+    assert caught.value.message.isprintable()
+
+
+@given(st.text())
+def test_visible_shows_every_character_that_would_not_show(text: str) -> None:
+    shown = visible(text)
+    assert shown.isprintable()
+    assert all(f"<U+{ord(c):04X}>" in shown for c in text if not c.isprintable())
 
 
 @given(st.text(alphabet=_CLEAN_CHARS, min_size=1, max_size=300).filter(str.strip))

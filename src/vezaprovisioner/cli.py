@@ -62,9 +62,8 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from .api.app import create_app
+    from .standalone import serve
 
     settings = _settings(args)
     try:  # before the app (and a backend's PowerShell hosts) start
@@ -83,8 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
         f"http://{args.host}:{port}{settings.base_path}",
         file=sys.stderr,
     )
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level))
-    server.run(sockets=[sock])
+    serve(app, settings.server, host=args.host, port=port, log_level=args.log_level, sock=sock)
     return EXIT_OK
 
 

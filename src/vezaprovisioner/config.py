@@ -210,17 +210,44 @@ class AuthSettings(_Section):
     allowed_users: tuple[str, ...] = ()
     require_https: bool = True
     users: dict[str, str] = Field(default_factory=dict)
+    #: Basic mode: match user names ignoring case (Windows-style names); the configured
+    #: spelling is what logs, the journal and the audit trail show.
+    case_insensitive_users: bool = False
+    #: Basic mode: password checks that may fail (scrypt) per client address per minute ...
+    failed_logins_per_client_per_minute: int = Field(default=10, ge=1, le=10_000)
+    #: ... and for all clients together; beyond either, 429 with Retry-After and no scrypt work.
+    failed_logins_per_minute: int = Field(default=60, ge=1, le=100_000)
+    #: Basic mode: threads that run scrypt (about 16 MiB each), off the event loop.
+    password_check_threads: int = Field(default=2, ge=1, le=8)
 
     @field_validator("users")
     @classmethod
     def _scrypt_hashes(cls, users: dict[str, str]) -> dict[str, str]:
         for name, hashed in users.items():
+            if not name or ":" in name or any(not ch.isprintable() for ch in name):
+                raise ValueError(
+                    f"the user name {name!r} cannot be sent with HTTP Basic authentication; "
+                    "use printable characters without ':'"
+                )
             if not _SCRYPT_HASH.fullmatch(hashed):
                 raise ValueError(
                     f"the entry for {name!r} is not a password hash; "
                     "run `vezaprovisioner hash-password` and paste what it prints"
                 )
         return users
+
+    @model_validator(mode="after")
+    def _names_stay_apart(self) -> AuthSettings:
+        if self.case_insensitive_users:
+            seen: dict[str, str] = {}
+            for name in self.users:
+                other = seen.setdefault(name.casefold(), name)
+                if other != name:
+                    raise ValueError(
+                        f"[auth.users] has {other!r} and {name!r}, which are the same user with "
+                        "case_insensitive_users = true; keep one"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _someone_can_log_in(self) -> AuthSettings:
@@ -281,6 +308,22 @@ class MetricsSettings(_Section):
     multiprocess_dir: str = ""
 
 
+class ServerSettings(_Section):
+    """`vezaprovisioner serve` (uvicorn) only; under IIS, IIS's own limits apply."""
+
+    #: A request's headers must be complete this long after its first byte; else the
+    #: connection closes (slowloris).
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    #: Once the headers are in, the whole body must arrive within this long.
+    body_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    #: An idle connection waits this long for its next request (uvicorn's timeout_keep_alive).
+    keep_alive_seconds: int = Field(default=5, ge=1, le=300)
+    #: Open connections in total; beyond it uvicorn answers 503 (its limit_concurrency).
+    max_connections: int = Field(default=256, ge=1, le=100_000)
+    #: Open connections from one client address; more are closed as soon as they open.
+    max_connections_per_client: int = Field(default=32, ge=1, le=100_000)
+
+
 class Settings(_Section):
     """Everything the service needs, validated at start."""
 
@@ -300,6 +343,7 @@ class Settings(_Section):
     audit: AuditSettings = AuditSettings()
     logging: LoggingSettings = LoggingSettings()
     metrics: MetricsSettings = MetricsSettings()
+    server: ServerSettings = ServerSettings()
     #: The file the settings came from (None when built in code); shown by `check` and readiness.
     source: Path | None = None
 
@@ -474,6 +518,23 @@ def _describe(
         lines.append(f"  - {where}: {message}")
     origin = f"{source} with its {ENV_PREFIX}* environment overrides" if blamed_env else source
     return "\n".join([f"{origin} has {error.error_count()} problem(s):", *lines])
+
+
+#: Warm hosts per FastCGI process under IIS unless `[local] pool_size` is set: wfastcgi serves
+#: one request at a time per process, so a second host would only hold an Exchange session.
+IIS_POOL_SIZE = 1
+
+
+def for_iis(settings: Settings) -> Settings:
+    """The settings as the IIS entry uses them: `local.pool_size` defaults to `IIS_POOL_SIZE`.
+
+    IIS runs up to `maxInstances` FastCGI processes, each with its own pool, and sends each
+    process one request at a time; concurrency comes from the processes, not the pool.
+    """
+    if "pool_size" in settings.local.model_fields_set:
+        return settings
+    local = settings.local.model_copy(update={"pool_size": IIS_POOL_SIZE})
+    return settings.model_copy(update={"local": local})
 
 
 def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:

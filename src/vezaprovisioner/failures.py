@@ -14,7 +14,9 @@
     ├── AuthenticationError           (auth.py)
     │   ├── NotAuthenticated      401 AUTHENTICATION_REQUIRED
     │   ├── CallerNotAllowed      403 CALLER_NOT_ALLOWED
-    │   └── HttpsRequired         403 HTTPS_REQUIRED
+    │   ├── HttpsRequired         403 HTTPS_REQUIRED
+    │   ├── MultipleAuthorizations    400 MULTIPLE_AUTHORIZATION_HEADERS
+    │   └── TooManyFailedLogins   429 TOO_MANY_FAILED_LOGINS  (with Retry-After)
     ├── ProvisioningError             (provisioning.py) the flow refuses the request
     │   ├── PathMismatch          400 PATH_MISMATCH
     │   ├── AliasMismatch         409 ALIAS_MISMATCH

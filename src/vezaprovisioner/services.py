@@ -39,6 +39,7 @@ class Services:
 
     def close(self) -> None:
         self.maintenance.stop()
+        self.authenticator.close()
         self.exchange.close()
         self.journal.close()
         if self.audit is not None:
@@ -82,7 +83,7 @@ def build_services(
                 outcome, as_failure(error).code if error else ""
             ).inc(),
         ),
-        authenticator=Authenticator(settings.auth),
+        authenticator=Authenticator(settings.auth, clock=clock),
         journal=journal,
         metrics=metrics,
         claims=claims,

@@ -19,25 +19,49 @@ MAX_ALIAS_LENGTH = 64
 
 # Exchange's alias alphabet, as its own Alias validation message lists it (the text is in
 # exchange/simulated/naming.py); "." is handled separately, it must sit between two of these.
+# U+00AD (soft hyphen) is in that range but invisible (category Cf), so it is left out.
 _ALIAS_CHARS = frozenset(
     string.ascii_letters
     + string.digits
     + "!#$%&'*+-/=?^_`{|}~"
-    + "".join(chr(c) for c in range(0xA1, 0x100))
+    + "".join(chr(c) for c in range(0xA1, 0x100) if c != 0xAD)
 )
 _ALIAS_RULE = (
     "an alias may contain only letters a-z and A-Z, digits 0-9, the characters "
-    "! # $ % & ' * + - / = ? ^ _ ` { | } ~, the characters U+00A1 to U+00FF, "
+    "! # $ % & ' * + - / = ? ^ _ ` { | } ~, the characters U+00A1 to U+00FF except U+00AD, "
     "and periods that sit between two other allowed characters"
 )
+# Control characters, invisible format characters (U+200B zero width space, U+202E right-to-left
+# override, U+2066 left-to-right isolate, U+FEFF, ...: "jd\u202eeod" shows as "jdoe"), lone
+# surrogates, and the line/paragraph separators U+2028/U+2029.
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+# What a server decodes bytes that are not UTF-8 to (a path like %ED%A0%80).
+_REPLACEMENT_CHARACTER = "\ufffd"
+
+
+def _excluded_class() -> str:
+    """A regex class body of the BMP characters an identity must not hold: '*', the replacement
+    character and every character of INVISIBLE_CATEGORIES (computed from Unicode's table)."""
+    codes = [c for c in range(0x10000) if unicodedata.category(chr(c)) in INVISIBLE_CATEGORIES]
+    codes += [ord("*"), ord(_REPLACEMENT_CHARACTER)]
+    ranges: list[tuple[int, int]] = []
+    for code in sorted(set(codes)):
+        if ranges and code == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], code)
+        else:
+            ranges.append((code, code))
+    return "".join(f"\\u{a:04X}" if a == b else f"\\u{a:04X}-\\u{b:04X}" for a, b in ranges)
+
+
 #: The alias rule as an ECMAScript/Python regular expression, for the OpenAPI document; it
 #: accepts exactly what validate_alias accepts (tests/test_validation.py checks both agree).
-ALIAS_PATTERN = r"^(?!\.)(?!.*\.\.)(?!.*\.$)[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u00A1-\u00FF.]{1,64}$"
-#: The characters an identity must not contain (control characters, line/paragraph separators
-#: and the wildcard `*`); what it cannot say (not only whitespace) the description does.
-IDENTITY_PATTERN = r"^[^*\u0000-\u001F\u007F-\u009F\u2028\u2029]+$"
-# Control characters, lone surrogates, and the line/paragraph separators U+2028/U+2029.
-_BAD_IDENTITY_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+ALIAS_PATTERN = (
+    r"^(?!\.)(?!.*\.\.)(?!.*\.$)[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u00A1-\u00AC\u00AE-\u00FF.]{1,64}$"
+)
+#: The characters (of the Basic Multilingual Plane) an identity must not hold, for the OpenAPI
+#: document; what it cannot say (not only whitespace, astral format characters) validation does.
+IDENTITY_PATTERN = f"^[^{_excluded_class()}]+$"
 
 _HEX = "[0-9A-Fa-f]"
 _BARE_GUID = rf"(?:{_HEX}{{32}}|{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}})"
@@ -53,9 +77,19 @@ _MAX_SAM_LENGTH = 20
 class InvalidValue(ValueError):
     """A value breaks Exchange's rules; `message` is a sentence the caller can act on."""
 
+    #: The field error's `type` in a VALIDATION_FAILED problem.
+    kind = "invalid_value"
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class InvisibleCharacter(InvalidValue):
+    """The value holds a character that would not show: control, format (Cf), surrogate,
+    separator. The message names it by code point; it never contains the character."""
+
+    kind = "invisible_character"
 
 
 def _describe_char(ch: str) -> str:
@@ -68,10 +102,16 @@ def _describe_char(ch: str) -> str:
     if category == "Cc":
         label = "control character"
     elif category == "Cs":
-        label = "surrogate"
+        label = "unpaired surrogate"
     else:
         label = unicodedata.name(ch, "invisible character").lower()
     return f"{code} ({label})"
+
+
+def visible(text: str) -> str:
+    """`text` with every character that would not show as itself (control, format, surrogate,
+    separator, unassigned) written as `<U+XXXX>`, for reflecting caller input in a response."""
+    return "".join(ch if ch.isprintable() else f"<U+{ord(ch):04X}>" for ch in text)
 
 
 def validate_identity(raw: str) -> str:
@@ -93,10 +133,16 @@ def validate_identity(raw: str) -> str:
                 f"The identity has {_describe_char(ch)} at position {position}; '*' is not "
                 "allowed because Exchange treats it as a wildcard that can match other users."
             )
-        if unicodedata.category(ch) in _BAD_IDENTITY_CATEGORIES:
-            raise InvalidValue(
+        if ch == _REPLACEMENT_CHARACTER:
+            raise InvisibleCharacter(
+                f"The identity has U+FFFD (replacement character) at position {position}: it "
+                "arrived as bytes that are not UTF-8; percent-encode the identity's UTF-8 bytes."
+            )
+        if unicodedata.category(ch) in INVISIBLE_CATEGORIES:
+            raise InvisibleCharacter(
                 f"The identity has {_describe_char(ch)} at position {position}; control "
-                "characters and line or paragraph separators are not allowed."
+                "characters, invisible formatting characters, surrogates and line or paragraph "
+                "separators are not allowed."
             )
     return identity
 
@@ -143,7 +189,8 @@ def validate_alias(raw: str) -> str:
                     "two other allowed characters (not first, not last, never two in a row)."
                 )
         elif ch not in _ALIAS_CHARS:
-            raise InvalidValue(
+            invisible = not ch.isprintable() or unicodedata.category(ch) in INVISIBLE_CATEGORIES
+            raise (InvisibleCharacter if invisible else InvalidValue)(
                 f"The alias has {_describe_char(ch)} at position {index + 1}, which is not "
                 f"allowed; {_ALIAS_RULE}."
             )

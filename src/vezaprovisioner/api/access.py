@@ -9,6 +9,7 @@ app ran.
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,14 +23,32 @@ from .problems import FAILURE_CODE_STATE
 log = logging.getLogger("vezaprovisioner.access")
 
 
+#: Metric labels come only from closed sets, whatever a caller sends: the route's template or
+#: this, a method of this list or "other", a status code, a failure code or "other".
+UNMATCHED_ROUTE = "unmatched"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER = "other"
+_FAILURE_CODE = re.compile(r"[A-Z][A-Z_]{0,63}")
+
+
 def _route_of(scope: Scope, base_path: str) -> str:
     """The matched route's template (bounded label values), not the raw path."""
     route = scope.get("route")
     path = getattr(route, "path", None)
     if not isinstance(path, str):
-        return "(unmatched)"
+        return UNMATCHED_ROUTE
     # FastAPI versions differ on whether an included router's routes carry the prefix.
     return path if path.startswith(base_path + "/") else base_path + path
+
+
+def metric_labels(route: str, method: str, status: int, code: str | None) -> tuple[str, ...]:
+    """The labels of `vezaprovisioner_requests_total`, each from a closed set."""
+    return (
+        route,
+        method if method in METHODS else OTHER,
+        str(status) if 100 <= status <= 599 else OTHER,
+        (code if _FAILURE_CODE.fullmatch(code) else OTHER) if code else "",
+    )
 
 
 def client_address(scope: Scope) -> str | None:
@@ -72,7 +91,7 @@ class AccessLogMiddleware:
         code = state.get(FAILURE_CODE_STATE)
         caller = state.get("caller")
         route = _route_of(scope, self.base_path)
-        self.metrics.requests.labels(route, scope["method"], str(status), code or "").inc()
+        self.metrics.requests.labels(*metric_labels(route, scope["method"], status, code)).inc()
         self.metrics.request_seconds.labels(route).observe(seconds)
         event(
             log,

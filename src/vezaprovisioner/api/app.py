@@ -27,6 +27,7 @@ from ..failures import (
 )
 from ..logs import configure_logging
 from ..services import Services, build_services
+from ..validation import visible
 from .access import AccessLogMiddleware
 from .middleware import AuthenticationMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from .openapi import DOCS_ASSETS, docs_router, install_openapi
@@ -66,7 +67,7 @@ def create_app_from_services(services: Services) -> FastAPI:
         docs_router(app.title, f"{base}/openapi.json", f"{base}/docs", f"{base}/redoc")
     )
 
-    public_paths = ["/health", "/health/ready", "/docs", "/redoc", "/openapi.json"]
+    public_paths = ["/health", "/health/ready", "/warmup", "/docs", "/redoc", "/openapi.json"]
     public_paths += [f"/docs/assets/{name}" for name in DOCS_ASSETS]
     if not services.settings.metrics.require_auth:
         public_paths.append("/metrics")
@@ -113,7 +114,7 @@ def http_failure(exc: StarletteHTTPException, method: str, path: str, base: str)
     """
     status = exc.status_code
     if status == 404:
-        return NotFound(f"There is nothing at {path}; see {base}/docs.")
+        return NotFound(f"There is nothing at {visible(path)}; see {base}/docs.")
     if status == 405:
         allowed = [m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()]
         return MethodNotAllowed(

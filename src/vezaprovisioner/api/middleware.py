@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..auth import AuthenticationError, Authenticator
 from ..failures import Failure, PayloadTooLarge, UnsupportedMediaType
+from .access import client_address
 from .problems import problem_for_request
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,8 @@ class AuthenticationMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            caller = self.authenticator.authenticate(
-                scope, Headers(scope=scope).get("authorization")
+            caller = await self.authenticator.authenticate(
+                scope, Headers(scope=scope).getlist("authorization"), client_address(scope)
             )
         except AuthenticationError as exc:
             response = problem_for_request(exc, scope, basic_realm=self.basic_realm)

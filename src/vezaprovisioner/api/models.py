@@ -39,7 +39,7 @@ def _exchange_rule(check: Any) -> Any:
         try:
             result: str = check(value)
         except InvalidValue as exc:
-            raise PydanticCustomError("invalid_value", exc.message) from exc
+            raise PydanticCustomError(exc.kind, exc.message) from exc
         return result
 
     return AfterValidator(run)
@@ -172,8 +172,21 @@ class ReadinessCheck(BaseModel):
 
 
 class ReadinessResponse(BaseModel):
+    """Readiness with details (authenticated)."""
+
     status: Literal["ready", "not_ready"]
     checks: dict[str, ReadinessCheck]
+
+
+class CheckSummary(BaseModel):
+    ok: bool
+
+
+class ReadinessSummary(BaseModel):
+    """Readiness for anyone: the status and each check's ok, no paths or error text."""
+
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, CheckSummary]
 
 
 class ExchangeSaid(BaseModel):

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from .. import __version__
 from ..auth import Caller
+from ..exchange.backends import wait_for_warm_up
 from ..failures import ActionNotSupported, NotFound
 from ..journal.idempotency import IdempotencyKeys
 from ..journal.records import JournalUnavailable, RequestContext, State
@@ -29,11 +30,13 @@ from .idempotency import idempotency_key, run_once
 from .models import (
     SUPPORTED_ACTIONS,
     ActionRequest,
+    CheckSummary,
     EmailRequest,
     HealthResponse,
     MailboxResponse,
     ReadinessCheck,
     ReadinessResponse,
+    ReadinessSummary,
     RecipientStateResponse,
     RequestListResponse,
     RequestRecordResponse,
@@ -72,15 +75,68 @@ def health() -> HealthResponse:
     return HealthResponse(status="ok", version=__version__)
 
 
+#: The warm-up's longest wait: below IIS's FastCGI activityTimeout (70 s by default), so IIS never
+#: kills a process in its warm-up; hosts still connecting after it go on in the background.
+WARM_UP_WAIT_SECONDS = 60.0
+
+
+@router.get(
+    "/warmup",
+    tags=["health"],
+    status_code=204,
+    response_class=Response,
+    responses={204: {"description": "The service is started; nothing else is said"}},
+)
+def warmup(request: Request, services: ServicesDep) -> Response:
+    """IIS Application Initialization's page: warm the service before the first caller.
+
+    IIS requests it when the application pool starts (startMode AlwaysRunning, preloadEnabled),
+    anonymously and over plain HTTP, the only way Application Initialization sends it: the
+    request itself builds the app in this FastCGI process; the first one waits, at most
+    `WARM_UP_WAIT_SECONDS`, until the backend's hosts have connected or failed, and later ones
+    answer at once (an anonymous caller cannot hold a process). It reads no input and says
+    nothing (204, no body), so it is safe without credentials.
+    """
+    state = request.app.state
+    if not getattr(state, "warmed_up", False):
+        limit = min(services.settings.local.longest_start_seconds, WARM_UP_WAIT_SECONDS)
+        wait_for_warm_up(services.exchange, limit)
+        state.warmed_up = True
+    return Response(status_code=204, headers={"Cache-Control": "no-store"})
+
+
 @router.get(
     "/health/ready",
     tags=["health"],
     operation_id="ready",
+    response_model=ReadinessSummary,
+    responses={503: {"model": ReadinessSummary, "description": "Not ready"}},
+)
+def ready(services: ServicesDep) -> JSONResponse:
+    """Readiness, public: the overall status and whether each check passed, nothing more.
+
+    The details (paths, backend hosts, error text) are for authenticated callers only, at
+    `/health/ready/details`.
+    """
+    checks = readiness_checks(services)
+    ok = all(check.ok for check in checks.values())
+    body = ReadinessSummary(
+        status="ready" if ok else "not_ready",
+        checks={name: CheckSummary(ok=check.ok) for name, check in checks.items()},
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+@router.get(
+    "/health/ready/details",
+    tags=["health"],
+    operation_id="readyDetails",
     response_model=ReadinessResponse,
     responses={503: {"model": ReadinessResponse, "description": "Not ready"}},
 )
-def ready(services: ServicesDep) -> JSONResponse:
-    """Readiness: the configuration is valid and the backend answers a cheap probe in time."""
+def ready_details(services: ServicesDep) -> JSONResponse:
+    """Readiness with each check's detail: the configuration file, the backend's hosts or
+    session, the journal's path and any error text. Authenticated like the API."""
     checks = readiness_checks(services)
     ok = all(check.ok for check in checks.values())
     body = ReadinessResponse(status="ready" if ok else "not_ready", checks=checks)
@@ -88,7 +144,8 @@ def ready(services: ServicesDep) -> JSONResponse:
 
 
 def readiness_checks(services: Services) -> dict[str, ReadinessCheck]:
-    """The checks of /health/ready (also shown on /status)."""
+    """The configuration is valid and the backend answers a cheap probe in time (the checks of
+    /health/ready, also shown on /status)."""
     settings = services.settings
     source = str(settings.source) if settings.source else "built in code"
     return {
@@ -207,7 +264,7 @@ def read_email(
         identity = validate_identity(identity)
     except InvalidValue as exc:
         raise validation_failure(
-            [{"loc": ("path", "identity"), "msg": exc.message, "type": "invalid_value"}]
+            [{"loc": ("path", "identity"), "msg": exc.message, "type": exc.kind}]
         ) from exc
     return RecipientStateResponse.build(services.provisioner.read_state(identity), request_id)
 

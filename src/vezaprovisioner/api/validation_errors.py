@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..failures import ValidationFailed
+from ..validation import visible
 
 _LOCATION_PARTS = frozenset({"body", "path", "query"})
 
@@ -16,7 +17,8 @@ def _field(error: Mapping[str, Any], prefix: Sequence[str]) -> str:
     parts = list(error.get("loc", ()))
     if parts and parts[0] in _LOCATION_PARTS:
         parts = parts[1:]
-    return ".".join([*prefix, *map(str, parts)]) or "body"
+    # An unknown field's name is the caller's text: it is shown, never reflected raw.
+    return visible(".".join([*prefix, *map(str, parts)])) or "body"
 
 
 def _message(error: Mapping[str, Any]) -> str:
