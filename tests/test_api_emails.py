@@ -134,6 +134,7 @@ def test_configured_defaults_are_passed_to_enable_mailbox(
             "address_book_policy": "ABP Staff",
             "retention_policy": "Default MRM Policy",
             "domain_controller": "dc02.contoso.com",
+            "alias_policy": "exchange",
         }
     )
     response = client.post(EMAILS, json={"identity": "plain"})
@@ -278,7 +279,10 @@ def test_invalid_identity_values(client: TestClient, payload: Any) -> None:
     assert_problem(client.post(EMAILS, json=payload), 422, "VALIDATION_FAILED")
 
 
-def test_empty_alias_means_no_alias(client: TestClient, exchange: SimulatedExchange) -> None:
+def test_empty_alias_means_no_alias(
+    make_client: Callable[..., TestClient], exchange: SimulatedExchange
+) -> None:
+    client = make_client(exchange={"alias_policy": "exchange"})
     assert client.post(EMAILS, json={"identity": "plain", "alias": ""}).status_code == 201
     assert "Alias" not in exchange.calls[-1][1]
 

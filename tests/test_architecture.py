@@ -37,6 +37,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "vezaprovisioner.provisioning",
             "vezaprovisioner.recovery",
             "vezaprovisioner.flow_threads",
+            "vezaprovisioner.aliases",
         ),
     ),
     (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -17,7 +18,8 @@ from hypothesis import strategies as st
 from tests.conftest import TEST_DIRECTORY
 from tests.fakes.local_host import FakePowerShell
 from vezaprovisioner.auth import verify_password
-from vezaprovisioner.cli import main, parse_since
+from vezaprovisioner.cli import main, parse_since, path_warnings
+from vezaprovisioner.config import Settings
 from vezaprovisioner.exchange.local.process_tree import ProcessTree
 from vezaprovisioner.exchange.local.warm_pool import HostPool
 from vezaprovisioner.journal.records import JOURNAL_FILE
@@ -212,3 +214,36 @@ def test_check_of_a_local_backend_starts_no_powershell(
 
 def refuse_process(tree: ProcessTree, argv: Sequence[str]) -> None:
     raise AssertionError(f"check started a process: {list(argv)}")
+
+
+def test_serve_exits_4_before_starting_when_the_port_is_taken(config: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", "--config", str(config), "--port", str(port))
+    assert result.returncode == 4
+    assert f"cannot bind 127.0.0.1:{port}" in result.stderr
+    assert "--port" in result.stderr
+    assert "VezaProvisioner 0" not in result.stderr  # the app never started
+
+
+def test_check_warns_about_paths_this_machine_lacks(config: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no-powershell"
+    with_missing = tmp_path / "missing.toml"
+    with_missing.write_text(
+        config.read_text() + f"[exchange]\npowershell_path = '{missing}'\n", encoding="utf-8"
+    )
+    result = run("check", "--config", str(with_missing))
+    assert result.returncode == 0, result.stderr
+    assert f"warning: exchange.powershell_path '{missing}' does not exist" in result.stderr
+
+
+def test_check_says_windows_paths_cannot_be_checked_off_windows() -> None:
+    settings = Settings()
+    warnings = path_warnings(settings, on_windows=False)
+    assert len(warnings) == 1
+    assert "this machine is not Windows" in warnings[0]
+    assert "exchange.powershell_path and exchange.remote_exchange_path" in warnings[0]
+    on_windows = path_warnings(settings, on_windows=True)  # C:\... is not a file here
+    assert any("exchange.powershell_path" in w and "does not exist" in w for w in on_windows)

@@ -124,6 +124,63 @@ def test_invalid_local_settings_are_refused(tmp_path: Path, text: str, fragment:
     assert fragment in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("backnd = 'simulated'\n", "backnd: unknown key; did you mean backend?"),
+        ("[exchange]\nalais_policy = 'require'\n", "did you mean exchange.alias_policy?"),
+        ("[local]\npool_sise = 2\n", "did you mean local.pool_size?"),
+        ("[exchange]\nxyzzy = 1\n", "exchange.xyzzy: unknown key (check"),
+    ],
+)
+def test_a_typo_gets_the_nearest_key(tmp_path: Path, text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text), environ={})
+    assert fragment in str(caught.value)
+
+
+def test_environment_errors_name_the_variable(tmp_path: Path) -> None:
+    environ = {
+        "VEZAPROVISIONER_LOCAL__POOL_SIZE": "99",
+        "VEZAPROVISIONER_AUTH__MOED": "iis",
+    }
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, ""), environ=environ)
+    message = str(caught.value)
+    assert "with its VEZAPROVISIONER_* environment overrides has 2 problem(s)" in message
+    assert "local.pool_size (from the environment variable VEZAPROVISIONER_LOCAL__POOL_SIZE)" in (
+        message
+    )
+    assert "auth.moed (from the environment variable VEZAPROVISIONER_AUTH__MOED)" in message
+    assert "did you mean VEZAPROVISIONER_AUTH__MODE?" in message
+
+
+def test_an_environment_variable_naming_no_key_is_an_error(tmp_path: Path) -> None:
+    """pydantic-settings skips such a variable; a typo must not silently change nothing."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, ""), environ={"VEZAPROVISIONER_BACKND": "local"})
+    assert (
+        "backnd (from the environment variable VEZAPROVISIONER_BACKND): unknown key; "
+        "did you mean VEZAPROVISIONER_BACKEND?"
+    ) in str(caught.value)
+
+
+def test_the_environment_wins_key_by_key_over_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[exchange]\ndatabase = 'DB01'\nretention_policy = 'Keep'\n")
+    settings = load_settings(
+        path,
+        environ={
+            "VEZAPROVISIONER_EXCHANGE__DATABASE": "DB02",
+            "VEZAPROVISIONER_AUTH__ALLOWED_USERS": '["CONTOSO\\\\svc-veza"]',
+            "VEZAPROVISIONER_DATA_DIR": "state",
+        },
+    )
+    assert settings.exchange.database == "DB02"
+    assert settings.exchange.retention_policy == "Keep"  # the file's other keys stay
+    assert settings.auth.allowed_users == ("CONTOSO\\svc-veza",)
+    assert settings.data_dir == tmp_path / "state"  # relative to the file, as in the file
+
+
 def test_under_iis_pool_size_defaults_to_one_unless_the_file_sets_it() -> None:
     from vezaprovisioner.config import IIS_POOL_SIZE, Settings, for_iis
 

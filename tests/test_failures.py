@@ -55,6 +55,7 @@ from vezaprovisioner.failures import (
     ValidationFailed,
 )
 from vezaprovisioner.journal.claims import IdentityBusy
+from vezaprovisioner.journal.idempotency import IdempotencyKeyInUse, IdempotencyKeyMismatch
 from vezaprovisioner.journal.records import JournalUnavailable
 from vezaprovisioner.provisioning import (
     AliasMismatch,
@@ -167,6 +168,8 @@ BUILDERS: dict[type[Failure], st.SearchStrategy[Failure]] = {
         st.integers(1, 3600),
     ),
     UnexpectedExchangeError: exchange_error(UnexpectedExchangeError),
+    IdempotencyKeyMismatch: st.builds(IdempotencyKeyMismatch, text),
+    IdempotencyKeyInUse: st.builds(IdempotencyKeyInUse, text),
 }
 
 

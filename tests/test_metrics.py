@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import sqlite3
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO_ROOT
+from vezaprovisioner import __version__
 from vezaprovisioner.journal.records import JOURNAL_FILE
 from vezaprovisioner.services import Services
 
@@ -162,6 +164,30 @@ def test_multiprocess_mode_adds_up_worker_processes(tmp_path: Path) -> None:
         holder.wait(timeout=30)
     # Every worker has ended, as when the application pool starts again.
     assert run("5", "expose") == 5
+
+
+def test_create_email_is_counted_by_outcome_and_code(client: TestClient) -> None:
+    client.post(EMAILS, json={"identity": "CONTOSO\\plain"})
+    client.post(EMAILS, json={"identity": "CONTOSO\\plain"})
+    client.post(EMAILS, json={"identity": "Alex Smith"})
+    parsed = samples(client.get(METRICS).text)
+    total = "vezaprovisioner_create_email_total"
+    assert value(parsed, total, outcome="created", code="") == 1
+    assert value(parsed, total, outcome="already_exists", code="") == 1
+    assert value(parsed, total, outcome="failed", code="AMBIGUOUS_IDENTITY") == 1
+
+
+def test_build_info_process_metrics_and_no_created_series(client: TestClient) -> None:
+    text = client.get(METRICS).text
+    parsed = samples(text)
+    build = [labels for name, labels in parsed if name == "vezaprovisioner_build_info"]
+    assert len(build) == 1
+    assert dict(build[0])["version"] == __version__
+    assert dict(build[0])["python_version"] == platform.python_version()
+    if Path("/proc/self/stat").exists():  # prometheus-client reads process_* from /proc
+        assert ("process_resident_memory_bytes", frozenset()) in parsed
+        assert ("process_cpu_seconds_total", frozenset()) in parsed
+    assert "_created" not in text
 
 
 def series(text: str) -> set[tuple[str, frozenset[tuple[str, str]]]]:

@@ -125,7 +125,8 @@ def test_remote_routing_alias_is_derived_from_the_upn(
 def test_remote_without_routing_domain_passes_no_alias(
     provisioner: Callable[..., Provisioner], exchange: SimulatedExchange
 ) -> None:
-    provisioner(mailbox_kind="remote").create_email(CreateEmail("plain"))
+    flow = provisioner(mailbox_kind="remote", exchange={"alias_policy": "exchange"})
+    flow.create_email(CreateEmail("plain"))
     assert exchange.calls[-1] == (
         "Enable-RemoteMailbox",
         {"Identity": "00000000-0000-0000-0000-000000001001"},
@@ -136,7 +137,11 @@ def test_remote_routing_needs_some_valid_alias(
     provisioner: Callable[..., Provisioner], exchange: SimulatedExchange
 ) -> None:
     flow = provisioner(
-        mailbox_kind="remote", exchange={"remote_routing_domain": "contoso.mail.onmicrosoft.com"}
+        mailbox_kind="remote",
+        exchange={
+            "remote_routing_domain": "contoso.mail.onmicrosoft.com",
+            "alias_policy": "exchange",
+        },
     )
     with pytest.raises(AliasRequired):
         flow.create_email(CreateEmail("CONTOSO\\山田太郎"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import string
 import unicodedata
 import uuid
@@ -13,6 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vezaprovisioner.validation import (
+    ALIAS_PATTERN,
+    IDENTITY_PATTERN,
     INVISIBLE_CATEGORIES,
     MAX_ALIAS_LENGTH,
     MAX_IDENTITY_LENGTH,
@@ -255,3 +258,28 @@ FORMATS: list[Callable[[uuid.UUID], str]] = [
 @given(st.uuids(version=4), st.sampled_from(FORMATS))
 def test_a_uuid_is_always_a_guid(value: uuid.UUID, form: Callable[[uuid.UUID], str]) -> None:
     assert identity_form(validate_identity(form(value))) == "guid"
+
+
+def _accepts(check: Callable[[str], str], value: str) -> bool:
+    try:
+        check(value)
+    except InvalidValue:
+        return False
+    return True
+
+
+@given(
+    st.one_of(
+        st.text(alphabet=ALIAS_ALPHABET + ".", max_size=70),
+        st.text(max_size=70),
+    )
+)
+def test_the_openapi_alias_pattern_accepts_exactly_what_validation_accepts(alias: str) -> None:
+    assert bool(re.fullmatch(ALIAS_PATTERN, alias)) == _accepts(validate_alias, alias)
+
+
+@given(st.text(min_size=1, max_size=50))
+def test_an_identity_the_openapi_pattern_allows_is_accepted(identity: str) -> None:
+    """The schema is never looser than the service (it may be stricter about whitespace)."""
+    if re.fullmatch(IDENTITY_PATTERN, identity) and identity.strip():
+        assert _accepts(validate_identity, identity)

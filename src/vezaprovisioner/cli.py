@@ -8,13 +8,16 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
+import platform
 import re
+import socket
 import sys
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 from . import __version__
 from .api.models import RequestRecordResponse
@@ -35,6 +38,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 3
+#: `serve` cannot listen on --host/--port (in use, not permitted): checked before the app starts.
+EXIT_CANNOT_BIND = 4
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -42,18 +47,42 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(path)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound and listening (OSError when the address cannot be used)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .api.app import create_app
     from .standalone import serve
 
     settings = _settings(args)
+    try:  # before the app (and a backend's PowerShell hosts) start
+        sock = listening_socket(args.host, args.port)
+    except OSError as exc:
+        print(
+            f"cannot bind {args.host}:{args.port}: {exc.strerror or exc}. Another program "
+            "(another demo?) may be using the port: stop it or pass --port with a free port.",
+            file=sys.stderr,
+        )
+        return EXIT_CANNOT_BIND
+    port = sock.getsockname()[1]
     app = create_app(settings)
     print(
         f"VezaProvisioner {__version__}: {settings.backend} backend, "
-        f"http://{args.host}:{args.port}{settings.base_path}",
+        f"http://{args.host}:{port}{settings.base_path}",
         file=sys.stderr,
     )
-    serve(app, settings.server, host=args.host, port=args.port, log_level=args.log_level)
+    serve(app, settings.server, host=args.host, port=port, log_level=args.log_level, sock=sock)
     return EXIT_OK
 
 
@@ -74,8 +103,35 @@ def _check(args: argparse.Namespace) -> int:
     finally:
         journal.close()
     print(json.dumps(settings.masked(), indent=2))
+    for warning in path_warnings(settings):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"configuration OK ({settings.source}); journal {status}", file=sys.stderr)
     return EXIT_OK
+
+
+def path_warnings(settings: Settings, *, on_windows: bool = os.name == "nt") -> list[str]:
+    """The configured files this machine lacks; off Windows, Windows paths cannot be checked."""
+    paths = {
+        "exchange.powershell_path": settings.exchange.powershell_path,
+        "exchange.remote_exchange_path": settings.exchange.remote_exchange_path,
+    }
+    if settings.remote.ca_bundle is not None:
+        paths["remote.ca_bundle"] = str(settings.remote.ca_bundle)
+    warnings = []
+    unchecked = []
+    for key, value in paths.items():
+        windows_only = PureWindowsPath(value).drive != ""
+        if windows_only and not on_windows:
+            unchecked.append(key)
+        elif not Path(value).is_file():
+            warnings.append(f"{key} {value!r} does not exist on this machine")
+    if unchecked:
+        warnings.append(
+            f"this machine is not Windows ({platform.system() or sys.platform}), so "
+            f"{' and '.join(unchecked)} cannot be checked here; run `vezaprovisioner check` "
+            "on the Exchange server"
+        )
+    return warnings
 
 
 def _report_problem(exc: Failure) -> int:

@@ -4,20 +4,24 @@ The file is named by `--config` or `VEZAPROVISIONER_CONFIG`. Any key can be over
 environment as `VEZAPROVISIONER_<KEY>`, with `__` between a section and its key, for example
 `VEZAPROVISIONER_AUTH__MODE=iis` or `VEZAPROVISIONER_EXCHANGE__DOMAIN_CONTROLLER=dc01.contoso.com`.
 Relative paths in the file are relative to the file. Unknown keys are errors, so a typo never
-silently falls back to a default.
+silently falls back to a default. pydantic-settings reads both sources (its TOML source and its
+environment source); this module adds what it does not do: the environment wins key by key over
+the file, relative paths are resolved against the file, a variable naming no key is an error,
+and every message names the key, the variable it came from and the nearest valid key.
 """
 
 from __future__ import annotations
 
-import json
+import difflib
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import EnvSettingsSource, TomlConfigSettingsSource
 
 from .failures import ServiceNotStarted
 
@@ -38,6 +42,10 @@ _BASE_PATH = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
 _SCRYPT_HASH = re.compile(r"^scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$")
 
 
+#: exchange.alias_policy: what happens when the caller sends no alias (see aliases.py).
+AliasPolicy = Literal["transliterate", "require", "exchange"]
+
+
 class ConfigError(ServiceNotStarted):
     """The configuration cannot be used; the message lists every problem and how to fix it."""
 
@@ -56,6 +64,9 @@ class ExchangeSettings(_Section):
     address_book_policy: str = ""
     retention_policy: str = ""
     remote_routing_domain: str = ""
+    #: Without an alias from the caller: "transliterate" (the service derives an ASCII alias),
+    #: "require" (422 unless Exchange's own would be ASCII), "exchange" (Exchange derives it).
+    alias_policy: AliasPolicy = "transliterate"
     command_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
 
     @field_validator("powershell_path", "remote_exchange_path")
@@ -399,24 +410,53 @@ class Settings(_Section):
         return data
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """`VEZAPROVISIONER_SECTION__KEY=value` entries as a nested dict (JSON values are decoded)."""
-    overrides: dict[str, Any] = {}
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' environment source (prefix, `__` between section and key, JSON for
+    lists and tables), over the mapping it is given instead of the process environment."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._given = {name.lower(): value for name, value in environ.items()}
+        super().__init__(
+            Settings,  # type: ignore[arg-type]  # reads only model_fields and model_config
+            env_prefix=ENV_PREFIX,
+            env_nested_delimiter="__",
+            case_sensitive=False,
+        )
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return self._given
+
+
+def _env_overrides(
+    environ: Mapping[str, str], names: dict[tuple[str, ...], str] | None = None
+) -> dict[str, Any]:
+    """`VEZAPROVISIONER_SECTION__KEY=value` entries as a nested dict, read by pydantic-settings;
+    `names` collects which variable set which key, for error messages. A variable naming no
+    section or key is kept as is, so validation reports it as an unknown key."""
+    overrides: dict[str, Any] = dict(_Environment(environ)())
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() == CONFIG_ENV:
             continue
         keys = name[len(ENV_PREFIX) :].lower().split("__")
-        value: Any = raw
-        if raw[:1] in "[{":
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                value = raw
-        target = overrides
-        for key in keys[:-1]:
-            target = target.setdefault(key, {})
-        target[keys[-1]] = value
+        if names is not None:
+            names[tuple(keys)] = name
+        if keys[0] not in Settings.model_fields:  # pydantic-settings skips these silently
+            overrides[keys[0]] = raw if len(keys) == 1 else {"__".join(keys[1:]): raw}
     return overrides
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The file, read by pydantic-settings' TOML source; a missing or broken file is an error."""
+    try:
+        path.read_bytes()  # the source would treat a missing file as empty
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+    try:
+        return dict(TomlConfigSettingsSource(Settings, toml_file=path)())  # type: ignore[arg-type]
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: not UTF-8 ({exc.reason})") from exc
 
 
 def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -429,17 +469,63 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]
     return merged
 
 
-def _describe(error: ValidationError, source: str) -> str:
-    lines = [f"{source} has {error.error_count()} problem(s):"]
+def _keys_at(location: Sequence[str | int]) -> list[str]:
+    """The keys a section accepts, for the section that holds `location`'s last key."""
+    model: Any = Settings
+    for part in location[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return [name for name in model.model_fields if name != "source"]
+
+
+def _nearest(location: Sequence[str | int]) -> str | None:
+    if not location or not isinstance(location[-1], str):
+        return None
+    close = difflib.get_close_matches(location[-1], _keys_at(location), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _env_name(keys: Sequence[str]) -> str:
+    return ENV_PREFIX + "__".join(keys).upper()
+
+
+def _describe(
+    error: ValidationError, source: str, env_names: Mapping[tuple[str, ...], str] | None = None
+) -> str:
+    env_names = env_names or {}
+    lines: list[str] = []
+    blamed_env = False
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        location = item["loc"]
+        where = ".".join(str(part) for part in location) or "(top level)"
+        from_env = next(
+            (
+                env_names[location[:n]]  # type: ignore[index]
+                for n in range(len(location), 0, -1)
+                if location[:n] in env_names
+            ),
+            None,
+        )
+        if from_env:
+            blamed_env = True
+            where = f"{where} (from the environment variable {from_env})"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = (
-                "unknown key (check the spelling against the README's configuration reference)"
-            )
+            message = "unknown key"
+            nearest = _nearest(location)
+            if nearest is not None:
+                parent = [str(part) for part in location[:-1]]
+                suggestion = (
+                    _env_name([*parent, nearest]) if from_env else ".".join([*parent, nearest])
+                )
+                message += f"; did you mean {suggestion}?"
+            message += " (check the spelling against the README's configuration reference)"
         lines.append(f"  - {where}: {message}")
-    return "\n".join(lines)
+    origin = f"{source} with its {ENV_PREFIX}* environment overrides" if blamed_env else source
+    return "\n".join([f"{origin} has {error.error_count()} problem(s):", *lines])
 
 
 #: Warm hosts per FastCGI process under IIS unless `[local] pool_size` is set: wfastcgi serves
@@ -480,13 +566,9 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
             )
         path = Path(named)
     path = path.resolve()
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    data = _merge(data, _env_overrides(env))
+    data = _read_toml(path)
+    env_names: dict[tuple[str, ...], str] = {}
+    data = _merge(data, _env_overrides(env, env_names))
     if "source" in data:
         raise ConfigError(f"{path}: 'source' is not a configuration key")
     # Relative paths are relative to the file; joining an absolute path leaves it unchanged.
@@ -503,4 +585,4 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
     try:
         return Settings.model_validate({**data, "source": path})
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, str(path))) from exc
+        raise ConfigError(_describe(exc, str(path), env_names)) from exc

@@ -48,7 +48,9 @@ __all__ = [
     "ServiceNotStarted",
     "UnsupportedMediaType",
     "ValidationFailed",
+    "advice_for_code",
     "as_failure",
+    "failure_classes",
 ]
 
 #: The detail of a failure nobody foresaw (its traceback goes to the service log).
@@ -73,6 +75,24 @@ class Failure(Exception):
     def detail(self) -> str:
         """The sentence for the caller or admin: what happened and what to do about it."""
         return self.message
+
+
+def failure_classes() -> list[type[Failure]]:
+    """The whole tree, root first (the classes of every imported module): the OpenAPI code enum
+    and the status page's advice read it."""
+    found: list[type[Failure]] = []
+    pending: list[type[Failure]] = [Failure]
+    while pending:
+        cls = pending.pop(0)
+        if cls not in found:
+            found.append(cls)
+            pending.extend(cls.__subclasses__())
+    return found
+
+
+def advice_for_code(code: str) -> str:
+    """What to do about a failure with this code ("" when its classes give no advice)."""
+    return next((c.advice for c in failure_classes() if c.code == code and c.advice), "")
 
 
 def as_failure(exc: BaseException) -> Failure:

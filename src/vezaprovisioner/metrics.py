@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import platform
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -18,16 +19,20 @@ from pathlib import Path
 from typing import TypeVar
 
 from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
     multiprocess,
     values,
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from . import __version__
 from .exchange.port import (
     DirectoryUser,
     EnableMailbox,
@@ -39,6 +44,8 @@ from .journal.liveness import pid_alive
 from .logs import event
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+# No `*_created` series: they double every counter's series and no dashboard here uses them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _T = TypeVar("_T")
 
@@ -97,6 +104,22 @@ class Metrics:
         # In multiprocess mode values live in files; registering would only duplicate them.
         registry = None if multiprocess_dir else CollectorRegistry()
         self._registry = registry
+        if registry is not None:
+            _add_process_collectors(registry)
+        self.build_info = Gauge(
+            "vezaprovisioner_build_info",
+            "Always 1; the labels say which version runs on which Python",
+            ["version", "python_version"],
+            multiprocess_mode="max",
+            registry=registry,
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        self.create_email = Counter(
+            "vezaprovisioner_create_email",
+            "CREATE_EMAIL requests by outcome (created, already_exists, failed) and problem code",
+            ["outcome", "code"],
+            registry=registry,
+        )
         self.requests = Counter(
             "vezaprovisioner_requests",
             "HTTP requests by route template, method, status and problem code",
@@ -157,10 +180,18 @@ class Metrics:
             return generate_latest(self._registry)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
+        _add_process_collectors(registry)  # of the process that answers this scrape
         return generate_latest(registry)
 
     def backend_events(self, backend: str) -> BackendEvents:
         return BackendEvents(self, backend)
+
+
+def _add_process_collectors(registry: CollectorRegistry) -> None:
+    """process_* (CPU, memory, open files: where the platform has /proc, so not on Windows)
+    and python_info, from prometheus-client's own collectors."""
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR):
+        registry.register(collector)
 
 
 class BackendEvents:

@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import PureWindowsPath
 from typing import Literal
 
+from .aliases import AliasChoice, NoAlias, choose_alias
 from .audit import AuditEvent, AuditTrail
 from .clock import Clock
 from .config import Settings
@@ -76,7 +77,8 @@ class AliasMismatch(ProvisioningError):
 
 
 class AliasRequired(ProvisioningError):
-    """Hybrid mode needs an alias for the remote routing address and none could be derived."""
+    """No alias was sent and none may be derived: by exchange.alias_policy, or in hybrid mode
+    for the remote routing address."""
 
     code = "ALIAS_REQUIRED"
     status = 422
@@ -105,6 +107,8 @@ class MailboxResult:
     primary_smtp_address: str
     recipient_type_details: str
     database: str | None
+    #: Things the caller should know, e.g. that the service chose the alias.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -174,8 +178,11 @@ class Provisioner:
         claims: UserClaims | None = None,
         journal: Journal | None = None,
         audit: AuditTrail | None = None,
+        outcomes: Callable[[str, Exception | None], None] | None = None,
     ) -> None:
         self._settings = settings
+        #: Told every CREATE_EMAIL outcome: created / already_exists / failed (with the error).
+        self._outcomes = outcomes
         self._exchange = exchange
         self._clock = clock
         self._claims = claims or InProcessClaims()
@@ -202,8 +209,12 @@ class Provisioner:
             result = self._journalled(request, context)
         except Exception as exc:
             self._audited(request, context, started, error=exc)
+            if self._outcomes is not None:
+                self._outcomes("failed", exc)
             raise
         self._audited(request, context, started, result=result)
+        if self._outcomes is not None:
+            self._outcomes(result.status, None)
         return result
 
     def _journalled(self, request: CreateEmail, context: RequestContext) -> MailboxResult:
@@ -276,9 +287,10 @@ class Provisioner:
             return self._existing(request, user.guid)
         if kind not in ENABLEABLE_USER_TYPES:
             raise self._refuse(request.identity, kind)
+        choice = AliasChoice(request.alias) if request.alias else self._choose_alias(user)
         before_send = None if entry is None else partial(entry.sending, user.guid, gate)
         try:
-            recipient = self._enable(user, request.alias, before_send)
+            recipient = self._enable(user, choice.alias, before_send)
         except WrongRecipientType as exc:
             if exc.recipient_type != self._mailbox_type:
                 raise
@@ -289,7 +301,14 @@ class Provisioner:
             if not self._now_has_mailbox(user.guid):
                 raise
             recipient = self._exchange.get_recipient(user.guid, self._dc)
-        return _result("created", request.identity, recipient)
+        warnings = (choice.warning,) if choice.warning else ()
+        return _result("created", request.identity, recipient, warnings)
+
+    def _choose_alias(self, user: DirectoryUser) -> AliasChoice:
+        try:
+            return choose_alias(user, self._settings.exchange.alias_policy)
+        except NoAlias as exc:
+            raise AliasRequired(str(exc)) from exc
 
     def read_state(self, identity: str) -> RecipientState:
         """The user's current recipient state; IdentityNotFound when no user matches."""
@@ -418,7 +437,10 @@ def _derived_alias(user: DirectoryUser) -> str:
 
 
 def _result(
-    status: Literal["created", "already_exists"], identity: str, r: Recipient
+    status: Literal["created", "already_exists"],
+    identity: str,
+    r: Recipient,
+    warnings: tuple[str, ...] = (),
 ) -> MailboxResult:
     return MailboxResult(
         status=status,
@@ -429,4 +451,5 @@ def _result(
         primary_smtp_address=r.primary_smtp_address,
         recipient_type_details=r.recipient_type_details,
         database=r.database,
+        warnings=warnings,
     )

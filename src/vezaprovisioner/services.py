@@ -13,6 +13,7 @@ from .clock import Clock, SystemClock
 from .config import Settings
 from .exchange.backends import open_exchange
 from .exchange.port import ExchangePort, capacity_of
+from .failures import as_failure
 from .flow_threads import FlowThreads
 from .journal.claims import InProcessClaims, JournalClaims
 from .journal.records import Journal
@@ -78,7 +79,15 @@ def build_services(
         settings=settings,
         exchange=exchange,
         provisioner=Provisioner(
-            settings, timed, clock, claims=claims, journal=journal, audit=audit
+            settings,
+            timed,
+            clock,
+            claims=claims,
+            journal=journal,
+            audit=audit,
+            outcomes=lambda outcome, error: metrics.create_email.labels(
+                outcome, as_failure(error).code if error else ""
+            ).inc(),
         ),
         authenticator=Authenticator(settings.auth, clock=clock),
         journal=journal,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import Counter
 from typing import Any, ClassVar
 
@@ -146,6 +147,20 @@ def uvicorn_config(
     )
 
 
-def serve(app: ASGIApp, limits: ServerSettings, host: str, port: int, log_level: str) -> None:
-    """Runs the server until it is stopped (Ctrl+C, SIGTERM); exits 3 if it cannot start."""
-    uvicorn.run(app, host=host, port=port, log_level=log_level, **_limits_for_uvicorn(limits))
+def serve(
+    app: ASGIApp,
+    limits: ServerSettings,
+    host: str,
+    port: int,
+    log_level: str,
+    sock: socket.socket | None = None,
+) -> None:
+    """Runs the server until it is stopped (Ctrl+C, SIGTERM); exits 3 if it cannot start.
+
+    With `sock` (bound and listening already: `cli serve` binds before the app starts, so a
+    taken port is reported before any backend starts) it serves on that socket."""
+    if sock is None:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, **_limits_for_uvicorn(limits))
+        return
+    config = uvicorn.Config(app, log_level=log_level, **_limits_for_uvicorn(limits))
+    uvicorn.Server(config).run(sockets=[sock])

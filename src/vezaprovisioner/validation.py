@@ -39,6 +39,30 @@ INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 # What a server decodes bytes that are not UTF-8 to (a path like %ED%A0%80).
 _REPLACEMENT_CHARACTER = "\ufffd"
 
+
+def _excluded_class() -> str:
+    """A regex class body of the BMP characters an identity must not hold: '*', the replacement
+    character and every character of INVISIBLE_CATEGORIES (computed from Unicode's table)."""
+    codes = [c for c in range(0x10000) if unicodedata.category(chr(c)) in INVISIBLE_CATEGORIES]
+    codes += [ord("*"), ord(_REPLACEMENT_CHARACTER)]
+    ranges: list[tuple[int, int]] = []
+    for code in sorted(set(codes)):
+        if ranges and code == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], code)
+        else:
+            ranges.append((code, code))
+    return "".join(f"\\u{a:04X}" if a == b else f"\\u{a:04X}-\\u{b:04X}" for a, b in ranges)
+
+
+#: The alias rule as an ECMAScript/Python regular expression, for the OpenAPI document; it
+#: accepts exactly what validate_alias accepts (tests/test_validation.py checks both agree).
+ALIAS_PATTERN = (
+    r"^(?!\.)(?!.*\.\.)(?!.*\.$)[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u00A1-\u00AC\u00AE-\u00FF.]{1,64}$"
+)
+#: The characters (of the Basic Multilingual Plane) an identity must not hold, for the OpenAPI
+#: document; what it cannot say (not only whitespace, astral format characters) validation does.
+IDENTITY_PATTERN = f"^[^{_excluded_class()}]+$"
+
 _HEX = "[0-9A-Fa-f]"
 _BARE_GUID = rf"(?:{_HEX}{{32}}|{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}})"
 _GUID = re.compile(rf"{_BARE_GUID}|\{{{_BARE_GUID}\}}")  # braces only as a matching pair

@@ -29,6 +29,7 @@ from ..services import Services, build_services
 from ..validation import visible
 from .access import AccessLogMiddleware
 from .middleware import AuthenticationMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from .openapi import DOCS_ASSETS, docs_router, install_openapi
 from .problems import problem_for_request
 from .routes import router
 from .validation_errors import validation_failure
@@ -59,16 +60,21 @@ def create_app_from_services(services: Services) -> FastAPI:
         version=__version__,
         summary="Gives existing Active Directory users an Exchange mailbox (CREATE_EMAIL).",
         openapi_url=f"{base}/openapi.json",
-        docs_url=f"{base}/docs",
+        docs_url=None,  # served by docs_router from packaged files, not from a CDN
         redoc_url=None,
     )
     app.state.services = services
     app.include_router(router, prefix=base)
+    app.include_router(
+        docs_router(app.title, f"{base}/openapi.json", f"{base}/docs", f"{base}/redoc")
+    )
 
-    public_paths = ["/health", "/health/ready", "/warmup", "/docs", "/openapi.json"]
+    public_paths = ["/health", "/health/ready", "/warmup", "/docs", "/redoc", "/openapi.json"]
+    public_paths += [f"/docs/assets/{name}" for name in DOCS_ASSETS]
     if not services.settings.metrics.require_auth:
         public_paths.append("/metrics")
     public = frozenset(f"{base}{path}" for path in public_paths)
+    install_openapi(app, public)
     basic_realm = REALM if services.settings.auth.mode == "basic" else None
     # Added innermost first: the access log wraps the request context, which wraps
     # authentication, which wraps body limits.

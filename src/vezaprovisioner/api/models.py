@@ -5,12 +5,27 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+)
 from pydantic_core import PydanticCustomError
 
 from ..journal.records import Record
 from ..provisioning import CreateEmail, MailboxResult, RecipientState
-from ..validation import InvalidValue, validate_alias, validate_identity
+from ..validation import (
+    ALIAS_PATTERN,
+    IDENTITY_PATTERN,
+    MAX_ALIAS_LENGTH,
+    MAX_IDENTITY_LENGTH,
+    InvalidValue,
+    validate_alias,
+    validate_identity,
+)
 
 SUPPORTED_ACTIONS = ("CREATE_EMAIL",)
 
@@ -34,8 +49,33 @@ def _empty_is_absent(value: Any) -> Any:
     return None if value == "" else value
 
 
-Identity = Annotated[str, _exchange_rule(validate_identity)]
-Alias = Annotated[str | None, BeforeValidator(_empty_is_absent), _exchange_rule(validate_alias)]
+# The schemas state the rules for clients; validation.py's checks stay the ones that run (their
+# messages say which character at which position is wrong).
+_IDENTITY_SCHEMA = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_IDENTITY_LENGTH,
+    "pattern": IDENTITY_PATTERN,
+    "description": "The user's AD identity: UPN, DOMAIN\\user, DN, GUID, SID or name; not only "
+    "whitespace, no control characters, no '*'. Surrounding whitespace is trimmed.",
+}
+_ALIAS_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "maxLength": MAX_ALIAS_LENGTH, "pattern": f"^$|{ALIAS_PATTERN}"},
+        {"type": "null"},
+    ],
+    "description": 'Exchange alias; omitted, null or "" lets the service choose it '
+    "(exchange.alias_policy).",
+}
+Identity = Annotated[
+    str, _exchange_rule(validate_identity), WithJsonSchema(_IDENTITY_SCHEMA, mode="validation")
+]
+Alias = Annotated[
+    str | None,
+    BeforeValidator(_empty_is_absent),
+    _exchange_rule(validate_alias),
+    WithJsonSchema(_ALIAS_SCHEMA, mode="validation"),
+]
 WindowsPath = Annotated[str, Field(min_length=1, max_length=1024)]
 
 
@@ -47,10 +87,8 @@ class EmailRequest(BaseModel):
         json_schema_extra={"examples": [{"identity": "CONTOSO\\jdoe", "alias": "john.doe"}]},
     )
 
-    identity: Identity = Field(description="The user's AD identity: UPN, DOMAIN\\user, DN, GUID…")
-    alias: Alias = Field(
-        default=None, description='Exchange alias; omitted or "" lets Exchange derive it'
-    )
+    identity: Identity
+    alias: Alias = None
     powershell_path: WindowsPath | None = Field(
         default=None, description="Must equal exchange.powershell_path; never changes what runs"
     )
@@ -91,10 +129,14 @@ class MailboxResponse(BaseModel):
     primary_smtp_address: str
     recipient_type_details: str
     database: str | None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What the caller should know, e.g. that the service chose the alias",
+    )
 
     @classmethod
     def build(cls, result: MailboxResult, request_id: str) -> MailboxResponse:
-        return cls(request_id=request_id, **vars(result))
+        return cls(request_id=request_id, **{**vars(result), "warnings": list(result.warnings)})
 
 
 class RecipientStateResponse(BaseModel):
@@ -229,6 +271,15 @@ class RequestRecordResponse(BaseModel):
             result_alias=record.result_alias,
             primary_smtp_address=record.primary_smtp_address,
         )
+
+
+class RequestListResponse(BaseModel):
+    """A page of journal records, newest first (GET /api/v1/requests)."""
+
+    items: list[RequestRecordResponse]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next (older) page; null on the last page"
+    )
 
 
 def iso_time(timestamp: float) -> str:

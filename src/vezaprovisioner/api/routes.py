@@ -8,22 +8,26 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import datetime, timezone
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 
 from .. import __version__, logs
 from ..auth import Caller
 from ..exchange.backends import wait_for_warm_up
 from ..failures import ActionNotSupported, NotFound
-from ..journal.records import JournalUnavailable, RequestContext
+from ..journal.idempotency import IdempotencyKeys
+from ..journal.records import JournalUnavailable, RequestContext, State
 from ..metrics import CONTENT_TYPE
 from ..services import Services
 from ..validation import InvalidValue, validate_identity
 from .access import client_address
+from .idempotency import OPENAPI_PARAMETER as IDEMPOTENCY_PARAMETER
+from .idempotency import idempotency_key, run_once
 from .models import (
     SUPPORTED_ACTIONS,
     ActionRequest,
@@ -31,30 +35,21 @@ from .models import (
     EmailRequest,
     HealthResponse,
     MailboxResponse,
-    ProblemDocument,
     ReadinessCheck,
     ReadinessResponse,
     ReadinessSummary,
     RecipientStateResponse,
+    RequestListResponse,
     RequestRecordResponse,
 )
+from .openapi import problem_responses
+from .status_page import render as render_status
 from .validation_errors import validation_failure
 
 router = APIRouter()
 
 
-def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for the problem+json answers a route can give."""
-    return {
-        status: {
-            "model": ProblemDocument,
-            "content": {"application/problem+json": {}},
-            "description": "Problem (RFC 9457); see `code`",
-        }
-        for status in statuses
-    }
-
-
+MAX_PAGE = 500
 _AUTH_AND_BODY = (401, 403, 413, 415, 422)
 _EXCHANGE = (502, 503, 504)
 
@@ -77,7 +72,7 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 
 
-@router.get("/health", tags=["health"])
+@router.get("/health", tags=["health"], operation_id="health")
 async def health() -> HealthResponse:
     """Liveness: the process answers. Touches no backend."""
     return HealthResponse(status="ok", version=__version__)
@@ -116,6 +111,8 @@ def warmup(request: Request, services: ServicesDep) -> Response:
 @router.get(
     "/health/ready",
     tags=["health"],
+    operation_id="ready",
+    response_model=ReadinessSummary,
     responses={503: {"model": ReadinessSummary, "description": "Not ready"}},
 )
 def ready(services: ServicesDep) -> JSONResponse:
@@ -124,7 +121,7 @@ def ready(services: ServicesDep) -> JSONResponse:
     The details (paths, backend hosts, error text) are for authenticated callers only, at
     `/health/ready/details`.
     """
-    checks = _readiness_checks(services)
+    checks = readiness_checks(services)
     ok = all(check.ok for check in checks.values())
     body = ReadinessSummary(
         status="ready" if ok else "not_ready",
@@ -136,19 +133,22 @@ def ready(services: ServicesDep) -> JSONResponse:
 @router.get(
     "/health/ready/details",
     tags=["health"],
+    operation_id="readyDetails",
+    response_model=ReadinessResponse,
     responses={503: {"model": ReadinessResponse, "description": "Not ready"}},
 )
 def ready_details(services: ServicesDep) -> JSONResponse:
     """Readiness with each check's detail: the configuration file, the backend's hosts or
     session, the journal's path and any error text. Authenticated like the API."""
-    checks = _readiness_checks(services)
+    checks = readiness_checks(services)
     ok = all(check.ok for check in checks.values())
     body = ReadinessResponse(status="ready" if ok else "not_ready", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 
-def _readiness_checks(services: Services) -> dict[str, ReadinessCheck]:
-    """The configuration is valid and the backend answers a cheap probe in time."""
+def readiness_checks(services: Services) -> dict[str, ReadinessCheck]:
+    """The configuration is valid and the backend answers a cheap probe in time (the checks of
+    /health/ready, also shown on /status)."""
     settings = services.settings
     source = str(settings.source) if settings.source else "built in code"
     return {
@@ -188,34 +188,38 @@ def _journal_writable(services: Services) -> ReadinessCheck:
 
 @router.post(
     "/api/v1/emails",
+    operation_id="createEmail",
+    openapi_extra={"parameters": [IDEMPOTENCY_PARAMETER]},
     status_code=201,
     tags=["emails"],
     response_model=MailboxResponse,
     responses={
         200: {"model": MailboxResponse, "description": "The user already has the mailbox"},
-        **_problems(400, 404, 409, *_AUTH_AND_BODY, *_EXCHANGE),
+        **problem_responses(400, 404, 409, *_AUTH_AND_BODY, *_EXCHANGE),
     },
 )
 async def create_email(
     body: EmailRequest, request: Request, services: ServicesDep, request_id: RequestIdDep
-) -> JSONResponse:
+) -> Response:
     """CREATE_EMAIL: give an existing AD user a mailbox (201), or report the one it has (200)."""
     return await _create(body, request, services, request_id)
 
 
 @router.post(
     "/api/v1/actions",
+    operation_id="runAction",
+    openapi_extra={"parameters": [IDEMPOTENCY_PARAMETER]},
     status_code=201,
     tags=["actions"],
     response_model=MailboxResponse,
     responses={
         200: {"model": MailboxResponse, "description": "The user already has the mailbox"},
-        **_problems(400, 404, 409, 501, *_AUTH_AND_BODY, *_EXCHANGE),
+        **problem_responses(400, 404, 409, 501, *_AUTH_AND_BODY, *_EXCHANGE),
     },
 )
 async def run_action(
     body: ActionRequest, request: Request, services: ServicesDep, request_id: RequestIdDep
-) -> JSONResponse:
+) -> Response:
     """The platform's action envelope; CREATE_EMAIL behaves exactly like POST /api/v1/emails."""
     if body.action not in SUPPORTED_ACTIONS:
         raise ActionNotSupported(
@@ -231,16 +235,26 @@ async def run_action(
 
 async def _create(
     body: EmailRequest, request: Request, services: ServicesDep, request_id: str
-) -> JSONResponse:
+) -> Response:
     command, context = body.to_command(), _context(request, request_id)
-    result = await services.flows.run(partial(services.provisioner.create_email, command, context))
-    response = MailboxResponse.build(result, request_id)
-    created = result.status == "created"
-    headers = {}
-    if created:
-        headers["Location"] = request.url_for("read_email", identity=result.guid).path
-    return JSONResponse(
-        response.model_dump(mode="json"), status_code=201 if created else 200, headers=headers
+
+    def run() -> Response:
+        result = services.provisioner.create_email(command, context)
+        response = MailboxResponse.build(result, request_id)
+        created = result.status == "created"
+        headers = {}
+        if created:
+            headers["Location"] = request.url_for("read_email", identity=result.guid).path
+        return JSONResponse(
+            response.model_dump(mode="json"), status_code=201 if created else 200, headers=headers
+        )
+
+    key = idempotency_key(request)
+    if key is None:
+        return await services.flows.run(run)
+    keys = IdempotencyKeys(services.journal)
+    return await services.flows.run(
+        partial(run_once, keys, context.caller, key, command, request, run)
     )
 
 
@@ -248,7 +262,8 @@ async def _create(
     "/api/v1/emails/{identity:path}",
     tags=["emails"],
     name="read_email",
-    responses=_problems(401, 403, 404, 409, 422, *_EXCHANGE),
+    operation_id="getEmailState",
+    responses=problem_responses(401, 403, 404, 409, 422, *_EXCHANGE),
 )
 async def read_email(
     identity: Annotated[str, Path(description="The user's AD identity (URL-encoded)")],
@@ -278,12 +293,80 @@ def _context(request: Request, request_id: str) -> RequestContext:
 
 
 @router.get(
-    "/api/v1/requests/{request_id}",
+    "/api/v1/requests",
     tags=["requests"],
-    responses={404: {"description": "No journal record has this request id"}},
+    operation_id="listRequests",
+    responses=problem_responses(401, 403, 422),
+)
+def list_requests(
+    services: ServicesDep,
+    since: Annotated[
+        datetime | None, Query(description="Received at or after (ISO 8601; no zone: UTC)")
+    ] = None,
+    until: Annotated[datetime | None, Query(description="Received before (ISO 8601)")] = None,
+    state: Annotated[State | None, Query(description="The record's state")] = None,
+    code: Annotated[
+        str | None, Query(pattern=r"^[A-Z_]{1,64}$", description="The problem code")
+    ] = None,
+    identity: Annotated[
+        str | None,
+        Query(min_length=1, max_length=1024, description="The identity as sent, or the GUID"),
+    ] = None,
+    caller: Annotated[
+        str | None, Query(min_length=1, max_length=256, description="Who asked")
+    ] = None,
+    request_id: Annotated[
+        str | None,
+        Query(min_length=1, max_length=128, description="An X-Request-ID (may hold '/')"),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Records per page")] = 50,
+    cursor: Annotated[
+        str | None,
+        Query(pattern=r"^[0-9]{1,19}$", description="next_cursor of the previous page"),
+    ] = None,
+) -> RequestListResponse:
+    """Journal records, newest first, one page at a time; follow `next_cursor` for more."""
+    records = services.journal.page(
+        since=_epoch(since),
+        until=_epoch(until),
+        state=state,
+        code=code,
+        identity=identity,
+        caller=caller,
+        request_id=request_id,
+        before_id=int(cursor) if cursor else None,
+        limit=limit + 1,  # one more tells whether there is a next page
+    )
+    more = len(records) > limit
+    records = records[:limit]
+    return RequestListResponse(
+        items=[RequestRecordResponse.build(record) for record in records],
+        next_cursor=str(records[-1].id) if more else None,
+    )
+
+
+def _epoch(moment: datetime | None) -> float | None:
+    if moment is None:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+@router.get(
+    "/api/v1/requests/{request_id:path}",
+    tags=["requests"],
+    operation_id="getRequest",
+    responses=problem_responses(401, 403, 404, 422),
 )
 def read_request(
-    request_id: Annotated[str, Path(max_length=128, description="The X-Request-ID of a request")],
+    request_id: Annotated[
+        str,
+        Path(
+            min_length=1,
+            max_length=128,
+            description="The X-Request-ID of a request; one holding '/' may be sent as is or "
+            "percent-encoded, or use GET /api/v1/requests?request_id=",
+        ),
+    ],
     services: ServicesDep,
 ) -> RequestRecordResponse:
     """The journal record of a request: who asked, what, its state and what Exchange said."""
@@ -296,7 +379,23 @@ def read_request(
     return RequestRecordResponse.build(record)
 
 
-@router.get("/metrics", tags=["metrics"], response_class=Response)
+@router.get("/status", include_in_schema=False, response_class=HTMLResponse)
+def status_page(services: ServicesDep) -> HTMLResponse:
+    """The admin's page: readiness, backend, the last 24 hours and the last requests."""
+    html = render_status(services, readiness_checks(services))
+    return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+
+
+@router.get(
+    "/metrics",
+    tags=["metrics"],
+    operation_id="metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}},
+        **problem_responses(401, 403, 404),
+    },
+)
 def metrics(services: ServicesDep) -> Response:
     """Prometheus text format."""
     if not services.settings.metrics.enabled:

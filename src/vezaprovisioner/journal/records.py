@@ -114,6 +114,19 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX requests_guid ON requests (guid COLLATE NOCASE);
     """,
+    # Idempotency-Key: the outcome of a request, kept to replay it (see idempotency.py).
+    """
+    CREATE TABLE idempotency_keys (
+        caller TEXT NOT NULL,
+        key TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        status INTEGER,
+        body TEXT,
+        PRIMARY KEY (caller, key)
+    );
+    """,
 )
 
 
@@ -669,6 +682,55 @@ class Journal:
             [*parameters, limit],
         )
         return [_record(row) for row in rows]
+
+    def page(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        state: str | None = None,
+        code: str | None = None,
+        identity: str | None = None,
+        caller: str | None = None,
+        request_id: str | None = None,
+        before_id: int | None = None,
+        limit: int = 50,
+    ) -> list[Record]:
+        """One page of records for the request list, newest first; `before_id` continues a page.
+
+        `identity` matches the requested identity or the GUID, `caller` the caller's name (both
+        case-insensitively); `since` is inclusive and `until` exclusive (received_at, seconds).
+        """
+        filters: list[tuple[str, list[Any]]] = [
+            ("received_at >= ?", [since]),
+            ("received_at < ?", [until]),
+            ("state = ?", [state]),
+            ("code = ?", [code]),
+            ("(identity = ? COLLATE NOCASE OR guid = ? COLLATE NOCASE)", [identity, identity]),
+            ("caller = ? COLLATE NOCASE", [caller]),
+            ("request_id = ?", [request_id]),
+            ("id < ?", [before_id]),
+        ]
+        where, parameters = ["1 = 1"], list[Any]()
+        for clause, values in filters:
+            if values[0] is not None:
+                where.append(clause)
+                parameters += values
+        rows = self._read(
+            f"SELECT {_COLUMNS} FROM requests WHERE {' AND '.join(where)}"  # noqa: S608
+            " ORDER BY id DESC LIMIT ?",
+            [*parameters, limit],
+        )
+        return [_record(row) for row in rows]
+
+    def outcome_counts(self, since: float) -> list[tuple[str, str | None, int]]:
+        """(state, code, count) of the records received since `since`, most frequent first."""
+        rows = self._read(
+            "SELECT state, code, COUNT(*) FROM requests WHERE received_at >= ?"
+            " GROUP BY state, code ORDER BY COUNT(*) DESC, state, code",
+            (since,),
+        )
+        return [(str(state), code, int(count)) for state, code, count in rows]
 
     def orphans(self) -> list[Record]:
         """Unfinished records whose process is gone (this machine) or that are stale."""
