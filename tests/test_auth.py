@@ -298,3 +298,17 @@ def test_any_authorization_headers_give_credentials_or_an_authentication_error(
         return
     assert len(headers) == 1
     assert not any(unicodedata.category(ch) == "Cc" for ch in name + password)
+
+
+def test_the_iis_caller_is_the_account_and_the_typed_name_is_its_alias() -> None:
+    typed_upn = {"AUTH_USER": "veza@contoso.com", "REMOTE_USER": "veza@contoso.com"}
+    variables = iis_server_variables({"wsgi_environ": {**typed_upn, "LOGON_USER": "CONTOSO\\veza"}})
+    assert variables is not None
+    assert variables.authenticated_user == "CONTOSO\\veza"
+    assert variables.user_names == ("CONTOSO\\veza", "veza@contoso.com")
+    same = iis_server_variables({"wsgi_environ": {**typed_upn, "LOGON_USER": "VEZA@contoso.com"}})
+    assert same is not None
+    assert same.user_names == ("VEZA@contoso.com",)  # one account, one name, whatever the case
+    no_logon = iis_server_variables({"wsgi_environ": typed_upn})
+    assert no_logon is not None
+    assert no_logon.authenticated_user == "veza@contoso.com"

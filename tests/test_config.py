@@ -122,3 +122,14 @@ def test_invalid_local_settings_are_refused(tmp_path: Path, text: str, fragment:
     with pytest.raises(ConfigError) as caught:
         load_settings(write(tmp_path, text), environ={})
     assert fragment in str(caught.value)
+
+
+def test_under_iis_pool_size_defaults_to_one_unless_the_file_sets_it() -> None:
+    from vezaprovisioner.config import IIS_POOL_SIZE, Settings, for_iis
+
+    assert IIS_POOL_SIZE == 1
+    assert Settings().local.pool_size == 2  # uvicorn: one process, concurrent requests
+    assert for_iis(Settings()).local.pool_size == 1
+    chosen = Settings.model_validate({"local": {"pool_size": 3}})
+    assert for_iis(chosen).local.pool_size == 3
+    assert for_iis(chosen) is chosen

@@ -12,11 +12,25 @@ from typing import Any
 import pytest
 
 from tests.conftest import TEST_DIRECTORY
-from tests.fakes.appcmd import FakeAppcmd, appcmd_xml, secure_sections
+from tests.fakes.appcmd import (
+    FakeAppcmd,
+    appcmd_xml,
+    secure_sections,
+    warmup_page_sections,
+    warmup_sections,
+)
 from tests.fakes.clock import FakeClock
 from vezaprovisioner.doctor import Check, Doctor, format_report, report_data
 from vezaprovisioner.exchange.backends import open_exchange
-from vezaprovisioner.iis_settings import ACCESS, ANONYMOUS, BASIC
+from vezaprovisioner.iis_settings import (
+    ACCESS,
+    ANONYMOUS,
+    APP_INIT,
+    APP_POOLS,
+    BASIC,
+    GLOBAL_MODULES,
+    SITES,
+)
 
 EXECUTABLE = Path(sys.executable).with_name("vezaprovisioner")
 
@@ -52,6 +66,7 @@ def doctor(config: Path | None, **kwargs: Any) -> dict[str, Check]:
         "get-user",
         "data folder",
         "iis",
+        "iis warm-up",
     ]
     for check in checks:
         assert bool(check.fix) == (check.status == "fail"), check  # every failure says what to do
@@ -73,13 +88,17 @@ def test_a_healthy_installation_passes(tmp_path: Path) -> None:
         "get-user": "pass",
         "data folder": "pass",
         "iis": "pass",
+        "iis warm-up": "pass",
     }
     assert "CN=Pat Plain" in checks["get-user"].detail
     assert "simulated Exchange" in checks["exchange"].detail
     assert (tmp_path / "data").is_dir()  # created when missing
     assert list((tmp_path / "data").iterdir()) == []  # and nothing left behind
+    app = "Default Web Site/VezaProvisioner"
     assert iis.reads == [
-        ("Default Web Site/VezaProvisioner", section) for section in (ANONYMOUS, BASIC, ACCESS)
+        *((app, section) for section in (ANONYMOUS, BASIC, ACCESS)),
+        *((app, section) for section in (GLOBAL_MODULES, SITES, APP_POOLS, APP_INIT)),
+        *((f"{app}/warmup", section) for section in (ANONYMOUS, ACCESS)),
     ]
 
 
@@ -178,6 +197,7 @@ def test_iis_settings_that_are_wrong_or_unreadable_fail(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     insecure = FakeAppcmd(
         {
+            **secure_sections(),
             ANONYMOUS: appcmd_xml(ANONYMOUS, enabled="true"),
             BASIC: appcmd_xml(BASIC, enabled="true"),
             ACCESS: appcmd_xml(ACCESS, sslFlags="None"),
@@ -191,6 +211,28 @@ def test_iis_settings_that_are_wrong_or_unreadable_fail(tmp_path: Path) -> None:
     assert elsewhere["iis"].status == "fail"
     assert "Cannot find requested collection element" in elsewhere["iis"].detail
     assert doctor(config)["iis"].status == "skip"  # no reader: not on Windows
+
+
+@pytest.mark.parametrize(
+    ("sections", "page", "problem"),
+    [
+        (warmup_sections(module=False), {}, "Web-AppInit"),
+        (warmup_sections(start_mode="OnDemand"), {}, "not AlwaysRunning"),
+        (warmup_sections(preload="false"), {}, "preloadEnabled is false"),
+        (warmup_sections(page="/"), {}, "no initializationPage /warmup"),
+        ({}, {"anonymous": "false"}, "does not allow Anonymous"),
+        ({}, {"ssl_flags": "Ssl"}, "requires SSL"),
+    ],
+)
+def test_application_initialization_settings_are_checked(
+    tmp_path: Path, sections: dict[str, bytes], page: dict[str, str], problem: str
+) -> None:
+    iis = FakeAppcmd({**secure_sections(), **sections}, page=warmup_page_sections(**page))
+    checks = doctor(write_config(tmp_path), iis=iis)
+    assert checks["iis"].status == "pass"
+    assert checks["iis warm-up"].status == "fail"
+    assert problem in checks["iis warm-up"].detail
+    assert "Web-AppInit" in checks["iis warm-up"].fix
 
 
 def test_report_formats() -> None:

@@ -1,9 +1,8 @@
-"""The WSGI entry IIS runs, called the way wfastcgi calls it, with IIS's own server variables.
+"""The WSGI entry's own parts, called in-process: the one-time build, file logging, the path
+rules for every SCRIPT_NAME split, the variable dump.
 
-Each environ below is what wfastcgi hands to WSGI_HANDLER: IIS's FastCGI parameters as they are
-(REMOTE_USER / AUTH_USER / LOGON_USER, AUTH_TYPE, AUTH_PASSWORD, HTTPS, SERVER_PORT_SECURE,
-APPL_PHYSICAL_PATH, URL, HTTP_* request headers), SCRIPT_NAME blanked and the full path in
-PATH_INFO (or the split form other WSGI servers use), wsgi.url_scheme from HTTPS.
+Everything a request does under IIS is tested through the real wfastcgi in
+tests/test_iis_wfastcgi.py; the environs here only need the keys each unit reads.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,70 +166,7 @@ def _detach_file_logging() -> Iterator[None]:
         handler.close()
 
 
-@pytest.fixture
-def make_iis(tmp_path: Path) -> Iterator[Callable[..., IisApplication]]:
-    """An IisApplication over a config file in tmp_path, as web.config's appSetting names it."""
-    apps: list[IisApplication] = []
-
-    def make(**auth: Any) -> IisApplication:
-        environ = {"VEZAPROVISIONER_CONFIG": str(write_config(tmp_path, **auth))}
-        app = IisApplication(environ, start_log=tmp_path / "start.log")
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.close()
-
-
-# --- routing: both SCRIPT_NAME styles ------------------------------------------------------------
-
-
-@pytest.mark.parametrize("split", [False, True], ids=["wfastcgi-full-path-info", "split"])
-def test_routes_work_with_either_script_name_style(
-    make_iis: Callable[..., IisApplication], split: bool
-) -> None:
-    app = make_iis()
-    health = call(app, Request("GET", f"{BASE}/health", split_script_name=split))
-    assert health.status == 200
-    assert health.json()["status"] == "ok"
-    created = call(app, post(EMAILS, {"identity": "plain"}, split_script_name=split))
-    assert created.status == 201, created.body
-    assert created.headers["location"] == f"{EMAILS}/{created.json()['guid']}"
-    again = call(app, post(EMAILS, {"identity": "plain"}, split_script_name=split))
-    assert again.status == 200
-    assert again.json()["status"] == "already_exists"
-    state = call(app, Request("GET", f"{EMAILS}/plain@contoso.com", split_script_name=split))
-    assert state.status == 200
-    assert state.json()["has_mailbox"] is True
-
-
-def test_the_base_path_matches_case_insensitively_like_iis(
-    make_iis: Callable[..., IisApplication],
-) -> None:
-    app = make_iis()
-    assert call(app, Request("GET", "/vezaprovisioner/health")).status == 200
-    assert (
-        call(app, Request("GET", "/VEZAPROVISIONER/health", split_script_name=True)).status == 200
-    )
-    missing = call(app, Request("GET", f"{BASE}/nothing-here"))
-    assert missing.status == 404
-    assert missing.headers["content-type"] == "application/problem+json"
-
-
-def test_non_ascii_paths_arrive_as_wfastcgi_decodes_them(
-    make_iis: Callable[..., IisApplication],
-) -> None:
-    """wfastcgi decodes FastCGI parameters as latin-1; IIS sent the path's UTF-8 bytes."""
-    app = make_iis()
-    name = "山田太郎"
-    wire = f"{EMAILS}/{name}".encode().decode("latin-1")
-    request = Request("GET", f"{EMAILS}/x")
-    environ = {**request.environ(), "PATH_INFO": wire, "URL": wire}
-    reply = call(app, request, environ)
-    assert reply.status == 200, reply.body
-    assert reply.json()["identity"] == name
-    assert reply.json()["provisionable"] is True
+# --- routing (the served paths are tested through the real wfastcgi: test_iis_wfastcgi.py) --
 
 
 def test_routed_environ_keeps_the_server_variables() -> None:
@@ -242,91 +178,6 @@ def test_routed_environ_keeps_the_server_variables() -> None:
     # A path that merely starts with the same letters is not the base path.
     other = routed_environ({"SCRIPT_NAME": "", "PATH_INFO": "/vezaprovisionerX/a"}, BASE)
     assert other["PATH_INFO"] == "/vezaprovisionerX/a"
-
-
-# --- authentication outcomes through the real entry ----------------------------------------------
-
-
-@pytest.mark.parametrize("split", [False, True], ids=["wfastcgi-full-path-info", "split"])
-def test_no_iis_user_is_401_and_iis_sends_the_challenge(
-    make_iis: Callable[..., IisApplication], split: bool
-) -> None:
-    app = make_iis()
-    reply = call(app, post(EMAILS, {"identity": "plain"}, user=None, split_script_name=split))
-    assert reply.status == 401
-    assert reply.json()["code"] == "AUTHENTICATION_REQUIRED"
-    assert reply.headers["content-type"] == "application/problem+json"
-    assert "www-authenticate" not in reply.headers
-    # The public routes stay public (IIS itself still asks for credentials in production).
-    assert call(app, Request("GET", f"{BASE}/health", user=None)).status == 200
-
-
-@pytest.mark.parametrize(
-    "forged",
-    [
-        {"X-Remote-User": "CONTOSO\\administrator"},
-        {"Remote-User": "CONTOSO\\administrator"},  # arrives as HTTP_REMOTE_USER, not REMOTE_USER
-        {"Auth-User": "CONTOSO\\administrator", "Logon-User": "CONTOSO\\administrator"},
-        {"X-Forwarded-User": "CONTOSO\\administrator", "X-Forwarded-Proto": "https"},
-    ],
-)
-def test_client_headers_never_stand_in_for_the_iis_user(
-    make_iis: Callable[..., IisApplication], forged: dict[str, str]
-) -> None:
-    app = make_iis()
-    reply = call(app, post(EMAILS, {"identity": "plain"}, user=None, headers=forged))
-    assert reply.status == 401
-    assert reply.json()["code"] == "AUTHENTICATION_REQUIRED"
-
-
-def test_a_forged_https_header_does_not_make_plain_http_secure(
-    make_iis: Callable[..., IisApplication],
-) -> None:
-    app = make_iis()
-    reply = call(app, post(EMAILS, {"identity": "plain"}, https=False, headers={"Https": "on"}))
-    assert reply.status == 403
-    assert reply.json()["code"] == "HTTPS_REQUIRED"
-
-
-def test_https_off_is_403_unless_require_https_is_off(
-    make_iis: Callable[..., IisApplication],
-) -> None:
-    strict = make_iis()
-    reply = call(strict, post(EMAILS, {"identity": "plain"}, https=False))
-    assert reply.status == 403
-    assert reply.json()["code"] == "HTTPS_REQUIRED"
-    relaxed = make_iis(require_https=False)
-    assert call(relaxed, post(EMAILS, {"identity": "plain"}, https=False)).status == 201
-
-
-def test_allowed_users_gate_the_iis_user(make_iis: Callable[..., IisApplication]) -> None:
-    app = make_iis(allowed_users=["CONTOSO\\svc-veza"])
-    assert call(app, post(EMAILS, {"identity": "plain"}, user="contoso\\SVC-VEZA")).status == 201
-    refused = call(app, post(EMAILS, {"identity": "plain"}, user="CONTOSO\\mallory"))
-    assert refused.status == 403
-    assert refused.json()["code"] == "CALLER_NOT_ALLOWED"
-
-
-def test_a_client_x_original_url_header_cannot_pick_the_route(
-    make_iis: Callable[..., IisApplication],
-) -> None:
-    """wfastcgi copies a request's X-Original-URL over PATH_INFO; the URL IIS routed wins."""
-    app = make_iis()
-    request = Request("GET", f"{EMAILS}/plain", user=None)
-    environ = request.environ()
-    environ["HTTP_X_ORIGINAL_URL"] = f"{BASE}/health"
-    environ["PATH_INFO"] = f"{BASE}/health"  # what wfastcgi did with the header
-    reply = call(app, request, environ)
-    assert reply.status == 401  # the emails route, not the public health route
-
-
-def test_request_bodies_arrive_through_wsgi_input(make_iis: Callable[..., IisApplication]) -> None:
-    app = make_iis()
-    too_large = post(EMAILS, {"identity": "plain", "alias": "x" * 20_000})
-    assert call(app, too_large).status == 413
-    bad = call(app, post(EMAILS, {"identity": "plain", "alias": "bad alias"}))
-    assert bad.status == 422
-    assert bad.json()["code"] == "VALIDATION_FAILED"
 
 
 # --- lazy start, once per process ----------------------------------------------------------------
@@ -362,29 +213,6 @@ def test_nothing_is_built_at_import_and_the_app_is_built_once(tmp_path: Path) ->
         assert replies == [200, 200, 200, 200]
         assert call(app, Request("GET", f"{BASE}/health")).status == 200
         assert len(builds) == 1
-    finally:
-        app.close()
-
-
-def test_a_failed_start_answers_503_logs_why_and_is_retried(tmp_path: Path) -> None:
-    environ: dict[str, str] = {}  # web.config's VEZAPROVISIONER_CONFIG appSetting is missing
-    start_log = tmp_path / "start.log"
-    app = IisApplication(environ, start_log=start_log)
-    try:
-        reply = call(app, Request("GET", f"{BASE}/health"))
-        assert reply.status == 503
-        assert reply.headers["content-type"] == "application/problem+json"
-        problem = reply.json()
-        assert problem["code"] == "SERVICE_NOT_STARTED"
-        assert reply.headers["x-request-id"] == problem["request_id"]
-        logged = start_log.read_text(encoding="utf-8")
-        assert problem["request_id"] in logged
-        assert "VEZAPROVISIONER_CONFIG" in logged  # the reason, for the admin
-        assert "VEZAPROVISIONER_CONFIG" not in problem["detail"]  # not for the caller
-        assert str(start_log) not in problem["detail"]  # names the service account's profile
-
-        environ["VEZAPROVISIONER_CONFIG"] = str(write_config(tmp_path))
-        assert call(app, Request("GET", f"{BASE}/health")).status == 200
     finally:
         app.close()
 

@@ -260,7 +260,12 @@ def test_install_covers_every_manual_step() -> None:
     text = (REPO_ROOT / "deploy" / "iis" / "install.ps1").read_text(encoding="utf-8")
     for needle in (
         "IsInRole",  # admin rights
-        "'Web-CGI', 'Web-Basic-Auth'",  # IIS features
+        "'Web-CGI', 'Web-Basic-Auth', 'Web-AppInit'",  # IIS features
+        "-Name startMode -Value 'AlwaysRunning'",  # Application Initialization: the pool ...
+        "-Name preloadEnabled -Value $true",  # ... the application ...
+        '$warmup = "$Location/warmup"',  # ... and its page, let in anonymously over HTTP
+        "anonymousAuthentication' = @{ enabled = $true }",
+        "sslFlags = 'None'",
         "'--no-index', '--find-links'",  # offline install from the wheelhouse
         "ExchangeInstallPath",
         "MsiInstallPath",
@@ -421,3 +426,19 @@ def test_the_checks_install_ps1_downgrades_under_the_msi_are_doctors_identity_ch
         assert f"$check.{key}" in text
         assert all(key in row for row in rows)
     assert "'--json'" in text
+
+
+def test_both_pool_branches_of_install_set_always_running() -> None:
+    """-KeepPoolIdentity and a service account both get a pool that starts before any caller."""
+    text = (REPO_ROOT / "deploy" / "iis" / "install.ps1").read_text(encoding="utf-8")
+    step = text[text.index("Invoke-Step 'Create the application pool'") :]
+    step = step[: step.index("Invoke-Step", 10)]
+    assert step.count("-Name startMode -Value 'AlwaysRunning'") == 2
+
+
+def test_uninstall_clears_what_install_opened_for_the_warm_up() -> None:
+    install = (REPO_ROOT / "deploy" / "iis" / "install.ps1").read_text(encoding="utf-8")
+    uninstall = (REPO_ROOT / "deploy" / "iis" / "uninstall.ps1").read_text(encoding="utf-8")
+    for script in (install, uninstall):
+        assert '$warmup = "$Location/warmup"' in script
+    assert "Clear-WebConfiguration -PSPath $AppHost -Location $warmup" in uninstall

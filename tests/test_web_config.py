@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import importlib
-import json
-import os
 import re
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
-from pathlib import Path, PureWindowsPath
+from pathlib import PureWindowsPath
 
 import pytest
 
-from tests.conftest import REPO_ROOT, TEST_DIRECTORY
+from tests.conftest import REPO_ROOT
 from vezaprovisioner.api.middleware import MAX_BODY_BYTES
 from vezaprovisioner.iis_entry import IisApplication
 
@@ -142,61 +138,17 @@ def test_locked_sections_are_left_to_install_ps1(config: ET.Element) -> None:
     assert web_server.find("fastCgi") is None
 
 
-@pytest.mark.slow
-def test_a_wfastcgi_like_host_serves_the_app_named_in_web_config(tmp_path: Path) -> None:
-    """web.config as install.ps1 writes it (config path set), served the way wfastcgi does."""
-    data = tmp_path / "data"
-    config = tmp_path / "vezaprovisioner.toml"
-    config.write_text(
-        f'backend = "simulated"\nnot_found_retry_seconds = 0\ndata_dir = {json.dumps(str(data))}\n'
-        f'[simulated]\ndirectory = {json.dumps(str(TEST_DIRECTORY))}\n[auth]\nmode = "iis"\n',
-        encoding="utf-8",
-    )
-    tree = ET.parse(WEB_CONFIG)
-    for add in tree.getroot().iterfind("appSettings/add"):
-        if add.attrib["key"] == "VEZAPROVISIONER_CONFIG":
-            add.set("value", str(config))
-        if add.attrib["key"] == "PYTHONPATH":
-            add.set("value", str(REPO_ROOT / "src"))
-    web_config = tmp_path / "web.config"
-    tree.write(web_config)
-    iis = {
-        "SERVER_NAME": "ex01.contoso.com",
-        "SERVER_PORT": "443",
-        "SERVER_PORT_SECURE": "1",
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "HTTPS": "on",
-        "REMOTE_ADDR": "10.0.0.5",
-        "REMOTE_PORT": "50123",
-        "APPL_PHYSICAL_PATH": str(tmp_path),
-        "QUERY_STRING": "",
-    }
-    user = {"AUTH_TYPE": "Basic", "AUTH_USER": "CONTOSO\\svc-veza"}
-    user |= {"REMOTE_USER": "CONTOSO\\svc-veza", "LOGON_USER": "CONTOSO\\svc-veza"}
-    post = {"REQUEST_METHOD": "POST", "CONTENT_TYPE": "application/json"}
-    emails = "/VezaProvisioner/api/v1/emails"
-    requests = [
-        {**iis, "REQUEST_METHOD": "GET", "PATH_INFO": "/VezaProvisioner/health"},
-        {**iis, **post, "PATH_INFO": emails, "body": '{"identity": "plain"}'},
-        {**iis, **user, **post, "PATH_INFO": emails, "body": '{"identity": "plain"}'},
-        {**iis, **user, "REQUEST_METHOD": "GET", "PATH_INFO": f"{emails}/plain"},
-    ]
-    requests_file = tmp_path / "requests.json"
-    requests_file.write_text(json.dumps(requests), encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VEZAPROVISIONER_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.fakes.wfastcgi_host", str(web_config), str(requests_file)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO_ROOT,
-        env=env,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    replies = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [reply["status"].split()[0] for reply in replies] == ["200", "401", "201", "200"]
-    assert json.loads(replies[3]["body"])["has_mailbox"] is True
-    logs = list((data / "logs").glob("vezaprovisioner-*.log"))
-    assert len(logs) == 1
-    assert "started under IIS" in logs[0].read_text(encoding="utf-8")
+def test_application_initialization_requests_the_apps_warm_up_page(config: ET.Element) -> None:
+    """IIS requests initializationPage, relative to the application, when the pool starts; the
+    app serves that path (without credentials) and the doctor checks the same path."""
+    from fastapi.routing import APIRoute
+
+    from vezaprovisioner.api.routes import router
+    from vezaprovisioner.iis_settings import WARMUP_PAGE
+
+    init = config.find("system.webServer/applicationInitialization")
+    assert init is not None
+    assert init.attrib["doAppInitAfterRestart"] == "true"
+    assert [add.attrib["initializationPage"] for add in init.iterfind("add")] == [WARMUP_PAGE]
+    served = {route.path: route.methods for route in router.routes if isinstance(route, APIRoute)}
+    assert served[WARMUP_PAGE] == {"GET"}  # what Application Initialization sends

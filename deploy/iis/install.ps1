@@ -319,9 +319,9 @@ try {
         }
     }
 
-    Invoke-Step 'Check the IIS features (CGI, Basic Authentication)' 'Run: Install-WindowsFeature Web-CGI, Web-Basic-Auth (then run this script again).' {
+    Invoke-Step 'Check the IIS features (CGI, Basic Authentication, Application Initialization)' 'Run: Install-WindowsFeature Web-CGI, Web-Basic-Auth, Web-AppInit (then run this script again).' {
         Import-Module ServerManager
-        $missing = @(Get-WindowsFeature -Name 'Web-CGI', 'Web-Basic-Auth' | Where-Object { -not $_.Installed })
+        $missing = @(Get-WindowsFeature -Name 'Web-CGI', 'Web-Basic-Auth', 'Web-AppInit' | Where-Object { -not $_.Installed })
         if ($missing.Count -gt 0) {
             throw ('Missing: ' + (($missing | ForEach-Object { $_.Name }) -join ', ') + '.')
         }
@@ -522,6 +522,8 @@ try {
             Set-ItemProperty -LiteralPath $poolPath -Name enable32BitAppOnWin64 -Value $false
             Set-ItemProperty -LiteralPath $poolPath -Name processModel.loadUserProfile -Value $true
             Set-ItemProperty -LiteralPath $poolPath -Name processModel.idleTimeout -Value ([TimeSpan]::Zero)
+            # Application Initialization: start the pool (and warm the service) before any caller.
+            Set-ItemProperty -LiteralPath $poolPath -Name startMode -Value 'AlwaysRunning'
         }
         elseif ($PSCmdlet.ShouldProcess($AppPoolName, "Run as $AccountName, No Managed Code, load user profile")) {
             Set-ItemProperty -LiteralPath $poolPath -Name managedRuntimeVersion -Value ''
@@ -530,6 +532,8 @@ try {
             Set-ItemProperty -LiteralPath $poolPath -Name processModel.loadUserProfile -Value $true
             # Keep the process (and its warm Exchange session) instead of idling it out.
             Set-ItemProperty -LiteralPath $poolPath -Name processModel.idleTimeout -Value ([TimeSpan]::Zero)
+            # Application Initialization: start the pool (and warm the service) before any caller.
+            Set-ItemProperty -LiteralPath $poolPath -Name startMode -Value 'AlwaysRunning'
             if ($PSCmdlet.ParameterSetName -eq 'Gmsa') {
                 Set-ItemProperty -LiteralPath $poolPath -Name processModel -Value @{
                     identityType = 'SpecificUser'; userName = $AccountName; password = '' }
@@ -578,6 +582,10 @@ try {
             Set-ItemProperty -LiteralPath "IIS:\Sites\$SiteName\$AppName" -Name physicalPath -Value $AppDir
             Set-ItemProperty -LiteralPath "IIS:\Sites\$SiteName\$AppName" -Name applicationPool -Value $AppPoolName
         }
+        # web.config's applicationInitialization page is requested whenever the pool starts.
+        if ($PSCmdlet.ShouldProcess($Location, 'Set preloadEnabled (Application Initialization)')) {
+            Set-ItemProperty -LiteralPath "IIS:\Sites\$SiteName\$AppName" -Name preloadEnabled -Value $true
+        }
     }
 
     Invoke-Step 'Set Anonymous off, Basic on, Require SSL' 'Check that the site has an HTTPS binding with a certificate (Exchange sets one up) and run again.' {
@@ -595,6 +603,24 @@ try {
                 $value = $sections[$filter][$name]
                 if ($PSCmdlet.ShouldProcess("$Location $filter", "Set $name to $value")) {
                     Set-WebConfigurationProperty -PSPath $AppHost -Location $Location -Filter $filter -Name $name -Value $value
+                }
+            }
+        }
+    }
+
+    Invoke-Step 'Let the warm-up request in' 'Check that the IIS feature Application Initialization (Web-AppInit) is installed and run again.' {
+        # Application Initialization requests web.config's initializationPage anonymously and
+        # over plain HTTP; only that path is opened. It reads nothing and answers 204, no body.
+        $warmup = "$Location/warmup"
+        $sections = [ordered]@{
+            'system.webServer/security/authentication/anonymousAuthentication' = @{ enabled = $true }
+            'system.webServer/security/access'                                 = @{ sslFlags = 'None' }
+        }
+        foreach ($filter in $sections.Keys) {
+            foreach ($name in $sections[$filter].Keys) {
+                $value = $sections[$filter][$name]
+                if ($PSCmdlet.ShouldProcess("$warmup $filter", "Set $name to $value")) {
+                    Set-WebConfigurationProperty -PSPath $AppHost -Location $warmup -Filter $filter -Name $name -Value $value
                 }
             }
         }

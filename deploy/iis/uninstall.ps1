@@ -186,6 +186,13 @@ try {
                 Clear-WebConfiguration -PSPath $AppHost -Location $Location -Filter $filter -ErrorAction SilentlyContinue
             }
         }
+        # The warm-up page's own location (anonymous, plain HTTP for Application Initialization).
+        $warmup = "$Location/warmup"
+        foreach ($filter in @('system.webServer/security/authentication/anonymousAuthentication', 'system.webServer/security/access')) {
+            if ($PSCmdlet.ShouldProcess("$warmup $filter", 'Clear')) {
+                Clear-WebConfiguration -PSPath $AppHost -Location $warmup -Filter $filter -ErrorAction SilentlyContinue
+            }
+        }
     }
 
     Invoke-Step 'Remove the application pool install.ps1 created' 'Stop the pool in IIS Manager and run again.' {

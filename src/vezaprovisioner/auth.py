@@ -92,6 +92,8 @@ class Caller:
 
     name: str
     method: str
+    #: Other names of the same authenticated account (under IIS: the name the client typed).
+    aliases: tuple[str, ...] = ()
 
 
 def hash_password(password: str) -> str:
@@ -185,8 +187,10 @@ class Authenticator:
             caller = self._iis_caller(scope)
         else:
             caller = await self._basic_caller(authorization, client)
-        if self._allowed and self._allowed_key(caller.name) not in self._allowed:
-            raise CallerNotAllowed(f"{caller.name!r} is not in auth.allowed_users.")
+        names = (caller.name, *caller.aliases)
+        if self._allowed and not any(self._allowed_key(name) in self._allowed for name in names):
+            spelled = " or ".join(repr(name) for name in names)
+            raise CallerNotAllowed(f"{spelled} is not in auth.allowed_users.")
         return caller
 
     def close(self) -> None:
@@ -207,7 +211,11 @@ class Authenticator:
                 "This request came over plain HTTP; call https://<exchange_host>/VezaProvisioner "
                 "(auth.require_https is on)."
             )
-        return Caller(name=variables.authenticated_user, method=f"iis-{variables.auth_type or '?'}")
+        return Caller(
+            name=variables.authenticated_user,
+            method=f"iis-{variables.auth_type or '?'}",
+            aliases=variables.user_names[1:],
+        )
 
     async def _basic_caller(self, authorization: Sequence[str], client: str | None) -> Caller:
         name, password = _basic_credentials(authorization)

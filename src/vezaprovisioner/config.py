@@ -434,6 +434,23 @@ def _describe(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+#: Warm hosts per FastCGI process under IIS unless `[local] pool_size` is set: wfastcgi serves
+#: one request at a time per process, so a second host would only hold an Exchange session.
+IIS_POOL_SIZE = 1
+
+
+def for_iis(settings: Settings) -> Settings:
+    """The settings as the IIS entry uses them: `local.pool_size` defaults to `IIS_POOL_SIZE`.
+
+    IIS runs up to `maxInstances` FastCGI processes, each with its own pool, and sends each
+    process one request at a time; concurrency comes from the processes, not the pool.
+    """
+    if "pool_size" in settings.local.model_fields_set:
+        return settings
+    local = settings.local.model_copy(update={"pool_size": IIS_POOL_SIZE})
+    return settings.model_copy(update={"local": local})
+
+
 def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Read the TOML file (or the one `VEZAPROVISIONER_CONFIG` names), apply overrides, validate."""
     env = os.environ if environ is None else environ

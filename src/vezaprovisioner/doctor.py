@@ -30,10 +30,18 @@ from .exchange.errors import (
 from .exchange.local.backend import LocalExchange
 from .exchange.local.startup import TRANSCRIPT_HINT, fix_for
 from .exchange.port import ExchangePort
-from .iis_settings import AppcmdReader, IisConfigReader, IisReadError, read_auth_settings
+from .iis_settings import (
+    WARMUP_PAGE,
+    AppcmdReader,
+    IisConfigReader,
+    IisReadError,
+    read_auth_settings,
+    read_warmup_settings,
+)
 from .validation import InvalidValue, validate_identity
 
 Status = Literal["pass", "fail", "skip"]
+WARMUP = "iis warm-up"
 MIN_PYTHON = (3, 10)
 
 
@@ -91,7 +99,7 @@ class Doctor:
                 "`vezaprovisioner check --config FILE` lists every problem.",
             )
         if settings is None:
-            for name in ("exchange paths", "exchange", "get-user", "data folder", "iis"):
+            for name in ("exchange paths", "exchange", "get-user", "data folder", "iis", WARMUP):
                 yield _skip(name, "needs a valid configuration")
             return
         yield _pass(
@@ -110,6 +118,7 @@ class Doctor:
                 port.close()
         yield self._data_dir(settings)
         yield self._iis(settings)
+        yield self._warmup(settings)
 
     def _python(self) -> Check:
         version = ".".join(str(part) for part in sys.version_info[:3])
@@ -214,6 +223,30 @@ class Doctor:
                 "Require SSL.",
             )
         return _pass(name, f"{location}: Anonymous off, Basic on, SSL required")
+
+    def _warmup(self, settings: Settings) -> Check:
+        """IIS Application Initialization: the pool warms the service before the first caller."""
+        location = f"{self.site}{settings.base_path}"
+        if self.iis is None:
+            return _skip(WARMUP, "not running on Windows: IIS settings are not read back here")
+        try:
+            found = read_warmup_settings(self.iis, self.site, settings.base_path)
+        except IisReadError as exc:
+            return _fail(WARMUP, str(exc), "Run doctor elevated on the IIS server.")
+        problems = found.problems()
+        if problems:
+            return _fail(
+                WARMUP,
+                f"{location}: " + "; ".join(problems),
+                "Run: Install-WindowsFeature Web-AppInit, then re-run deploy/iis/install.ps1 "
+                "(it sets startMode AlwaysRunning, preloadEnabled and the warm-up page). Without "
+                "it the first request after every recycle waits for the Exchange connect.",
+            )
+        return _pass(
+            WARMUP,
+            f"{location}: pool {found.pool} AlwaysRunning, preloaded, warm-up page "
+            f"{WARMUP_PAGE} anonymous over HTTP",
+        )
 
 
 _CONFIG_FIX = "Correct the configuration; `vezaprovisioner check --config FILE` shows it."

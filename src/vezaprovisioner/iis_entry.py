@@ -7,12 +7,21 @@ a2wsgi serves the ASGI app and hands the whole environ (IIS's server variables i
 on the first request, once per process. A start that fails is answered with a problem and tried
 again on the next request. Logs go to files under `data_dir`, because wfastcgi replaces stdout and
 stderr with a fresh buffer for every request.
+
+Shutdown: once started, the entry registers its `close` with wfastcgi's `on_exit`. wfastcgi then
+waits on IIS's shutdown event (`_FCGI_SHUTDOWN_EVENT_`, signalled `signalBeforeTerminateSeconds`
+before IIS terminates the process) and runs it, then ends the process; it also runs it when IIS
+closes the pipe. `close` closes the services: every warm PowerShell host gets its grace period to
+remove its Exchange session. IIS runs `python.exe wfastcgi.py`, so wfastcgi is the `__main__`
+module, not an importable `wfastcgi` (importing it would run a second copy whose exit tasks
+nobody runs).
 """
 
 from __future__ import annotations
 
 import http
 import logging
+import sys
 import tempfile
 import threading
 import time
@@ -20,19 +29,21 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
 from a2wsgi import ASGIMiddleware
+from fastapi import FastAPI
 
 from .api.app import create_app
 from .api.middleware import REQUEST_ID_HEADER
 from .api.problems import problem_response
-from .config import Settings, load_settings
+from .config import Settings, for_iis, load_settings
 from .failures import ServiceNotStarted
+from .services import Services
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
-    from starlette.types import ASGIApp
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +124,27 @@ def routed_environ(environ: Mapping[str, Any], base_path: str) -> dict[str, Any]
     return routed
 
 
+def running_wfastcgi() -> ModuleType | None:
+    """The wfastcgi module serving this process, or None (uvicorn, the CLI, tests).
+
+    IIS runs `python.exe ...\\wfastcgi.py`: wfastcgi is `__main__`. Its `wfastcgi` console
+    script imports it as `wfastcgi`. Recognised by its functions, never imported here.
+    """
+    for name in ("__main__", "wfastcgi"):
+        module = sys.modules.get(name)
+        if module is not None and all(
+            callable(getattr(module, attribute, None))
+            for attribute in ("on_exit", "run_exit_tasks", "read_fastcgi_record")
+        ):
+            return module
+    return None
+
+
 @dataclass(frozen=True)
 class _Started:
     settings: Settings
     serve: Callable[[WSGIEnvironment, StartResponse], Iterable[bytes]]
+    services: Services | None
 
 
 class IisApplication:
@@ -126,7 +154,7 @@ class IisApplication:
         self,
         environ: Mapping[str, str] | None = None,
         *,
-        build: Callable[[Settings], ASGIApp] = create_app,
+        build: Callable[[Settings], FastAPI] = create_app,
         start_log: Path | None = None,
     ) -> None:
         # None: read os.environ at the first request, after wfastcgi has applied the appSettings.
@@ -145,12 +173,16 @@ class IisApplication:
         return started.serve(routed_environ(environ, started.settings.base_path), start_response)
 
     def close(self) -> None:
-        """Stop a2wsgi's event loop thread (tests; IIS simply ends the process)."""
+        """Close the services (every warm host removes its Exchange session), then stop a2wsgi's
+        event loop thread. wfastcgi runs it at IIS's shutdown event or when the pipe closes."""
         with self._lock:
-            if self._middleware is not None:
-                self._middleware.loop.call_soon_threadsafe(self._middleware.loop.stop)
-                self._middleware = None
-            self._started = None
+            started, self._started = self._started, None
+            middleware, self._middleware = self._middleware, None
+        if started is not None and started.services is not None:
+            log.info("VezaProvisioner stopping: closing the Exchange backend")
+            started.services.close()
+        if middleware is not None:
+            middleware.loop.call_soon_threadsafe(middleware.loop.stop)
 
     def _start(self) -> _Started:
         started = self._started
@@ -158,13 +190,21 @@ class IisApplication:
             return started
         with self._lock:
             if self._started is None:
-                settings = load_settings(None, self._environ)
+                settings = for_iis(load_settings(None, self._environ))
                 log_dir = log_to_daily_file(settings.data_dir)
                 app = self._build(settings)
+                services = getattr(app.state, "services", None)
                 # a2wsgi starts its event loop thread here, on the first request, not at import.
                 middleware = ASGIMiddleware(cast(Any, app), wait_time=_ASGI_WAIT_SECONDS)
                 self._middleware = middleware
-                self._started = _Started(settings, cast(Any, middleware))
+                self._started = _Started(
+                    settings,
+                    cast(Any, middleware),
+                    services if isinstance(services, Services) else None,
+                )
+                wfastcgi = running_wfastcgi()
+                if wfastcgi is not None:
+                    wfastcgi.on_exit(self.close)
                 log.info(
                     "VezaProvisioner started under IIS: %s backend, base path %s, config %s, "
                     "logs in %s",

@@ -18,6 +18,14 @@ ANONYMOUS = "system.webServer/security/authentication/anonymousAuthentication"
 BASIC = "system.webServer/security/authentication/basicAuthentication"
 ACCESS = "system.webServer/security/access"
 SECTIONS = (ANONYMOUS, BASIC, ACCESS)
+GLOBAL_MODULES = "system.webServer/globalModules"
+SITES = "system.applicationHost/sites"
+APP_POOLS = "system.applicationHost/applicationPools"
+APP_INIT = "system.webServer/applicationInitialization"
+#: The module the IIS feature "Application Initialization" (Web-AppInit) registers (warmup.dll).
+APP_INIT_MODULE = "ApplicationInitializationModule"
+#: The page IIS Application Initialization requests, below the application (web.config).
+WARMUP_PAGE = "/warmup"
 
 
 class IisReadError(Exception):
@@ -81,6 +89,23 @@ class IisAuthSettings:
         return found
 
 
+def section_element(document: bytes, section: str) -> ET.Element:
+    """The section's element in appcmd's `/xml` output (children included)."""
+    try:
+        root = ET.fromstring(document)  # noqa: S314 - output of the local appcmd.exe
+    except ET.ParseError as exc:
+        raise IisReadError(f"appcmd's output for {section} is not XML: {exc}") from exc
+    for config in root.iter("CONFIG"):
+        if config.attrib.get("CONFIG.SECTION", "").lower() == section.lower():
+            element = config.find(section.replace("/", "-"))
+            if element is None and len(config):
+                element = config[0]
+            if element is not None:
+                return element
+            return ET.Element(section.replace("/", "-"))
+    raise IisReadError(f"appcmd's output has no {section} section")
+
+
 def section_attributes(document: bytes, section: str) -> dict[str, str]:
     """The attributes of `section` in appcmd's `/xml` output.
 
@@ -120,4 +145,88 @@ def read_auth_settings(reader: IisConfigReader, location: str) -> IisAuthSetting
         anonymous_enabled=_flag(anonymous.get("enabled"), default=True),
         basic_enabled=_flag(basic.get("enabled"), default=False),
         ssl_flags=flags - {"None"},
+    )
+
+
+@dataclass(frozen=True)
+class IisWarmupSettings:
+    """What IIS Application Initialization needs to warm the service before the first caller."""
+
+    module_installed: bool
+    pool: str | None
+    start_mode: str | None
+    preload_enabled: bool
+    initialization_pages: tuple[str, ...]
+    page_anonymous: bool
+    page_ssl_flags: frozenset[str]
+
+    def problems(self) -> list[str]:
+        found = []
+        if not self.module_installed:
+            found.append(
+                "the IIS feature Application Initialization (Web-AppInit) is not installed "
+                f"(no {APP_INIT_MODULE})"
+            )
+        if self.start_mode != "AlwaysRunning":
+            found.append(
+                f"application pool {self.pool!r} has startMode "
+                f"{self.start_mode or 'OnDemand'}, not AlwaysRunning"
+            )
+        if not self.preload_enabled:
+            found.append("the application's preloadEnabled is false")
+        if WARMUP_PAGE not in self.initialization_pages:
+            found.append(f"applicationInitialization has no initializationPage {WARMUP_PAGE}")
+        if not self.page_anonymous:
+            found.append(
+                f"{WARMUP_PAGE} does not allow Anonymous authentication "
+                "(the warm-up request has no credentials)"
+            )
+        if "Ssl" in self.page_ssl_flags:
+            found.append(f"{WARMUP_PAGE} requires SSL (the warm-up request is plain HTTP)")
+        return found
+
+
+def read_warmup_settings(reader: IisConfigReader, site: str, app_path: str) -> IisWarmupSettings:
+    """Application Initialization's settings for the application `app_path` of `site`.
+
+    appcmd answers the server-level sections (globalModules, sites, applicationPools) at any
+    location, so everything is read at the application's own location; the warm-up page's
+    authentication at the page's location. A missing value counts as the unset one.
+    """
+    location = f"{site}{app_path}"
+    modules = section_element(reader.read(location, GLOBAL_MODULES), GLOBAL_MODULES)
+    installed = any(
+        add.attrib.get("name", "").lower() == APP_INIT_MODULE.lower() for add in modules.iter("add")
+    )
+    pool: str | None = None
+    preload = False
+    sites = section_element(reader.read(location, SITES), SITES)
+    for found_site in sites.iter("site"):
+        if found_site.attrib.get("name", "").lower() != site.lower():
+            continue
+        for application in found_site.iter("application"):
+            if application.attrib.get("path", "").lower() == app_path.lower():
+                pool = application.attrib.get("applicationPool")
+                preload = _flag(application.attrib.get("preloadEnabled"), default=False)
+    start_mode: str | None = None
+    pools = section_element(reader.read(location, APP_POOLS), APP_POOLS)
+    for add in pools.iter("add"):
+        if pool is not None and add.attrib.get("name", "").lower() == pool.lower():
+            start_mode = add.attrib.get("startMode")
+    init = section_element(reader.read(location, APP_INIT), APP_INIT)
+    pages = tuple(add.attrib.get("initializationPage", "") for add in init.iter("add"))
+    page = f"{location}{WARMUP_PAGE}"
+    anonymous = section_attributes(reader.read(page, ANONYMOUS), ANONYMOUS)
+    access = section_attributes(reader.read(page, ACCESS), ACCESS)
+    flags = frozenset(
+        flag.strip() for flag in access.get("sslFlags", "Ssl").split(",") if flag.strip()
+    )
+    return IisWarmupSettings(
+        module_installed=installed,
+        pool=pool,
+        start_mode=start_mode,
+        preload_enabled=preload,
+        initialization_pages=pages,
+        page_anonymous=_flag(anonymous.get("enabled"), default=False),
+        page_ssl_flags=flags - {"None"},
     )

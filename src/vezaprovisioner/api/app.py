@@ -63,7 +63,7 @@ def create_app_from_services(services: Services) -> FastAPI:
     app.state.services = services
     app.include_router(router, prefix=base)
 
-    public_paths = ["/health", "/health/ready", "/docs", "/openapi.json"]
+    public_paths = ["/health", "/health/ready", "/warmup", "/docs", "/openapi.json"]
     if not services.settings.metrics.require_auth:
         public_paths.append("/metrics")
     public = frozenset(f"{base}{path}" for path in public_paths)

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from .. import __version__
 from ..auth import Caller
+from ..exchange.backends import wait_for_warm_up
 from ..failures import ActionNotSupported, NotFound
 from ..journal.records import JournalUnavailable, RequestContext
 from ..metrics import CONTENT_TYPE
@@ -77,6 +78,36 @@ RequestIdDep = Annotated[str, Depends(get_request_id)]
 def health() -> HealthResponse:
     """Liveness: the process answers. Touches no backend."""
     return HealthResponse(status="ok", version=__version__)
+
+
+#: The warm-up's longest wait: below IIS's FastCGI activityTimeout (70 s by default), so IIS never
+#: kills a process in its warm-up; hosts still connecting after it go on in the background.
+WARM_UP_WAIT_SECONDS = 60.0
+
+
+@router.get(
+    "/warmup",
+    tags=["health"],
+    status_code=204,
+    response_class=Response,
+    responses={204: {"description": "The service is started; nothing else is said"}},
+)
+def warmup(request: Request, services: ServicesDep) -> Response:
+    """IIS Application Initialization's page: warm the service before the first caller.
+
+    IIS requests it when the application pool starts (startMode AlwaysRunning, preloadEnabled),
+    anonymously and over plain HTTP, the only way Application Initialization sends it: the
+    request itself builds the app in this FastCGI process; the first one waits, at most
+    `WARM_UP_WAIT_SECONDS`, until the backend's hosts have connected or failed, and later ones
+    answer at once (an anonymous caller cannot hold a process). It reads no input and says
+    nothing (204, no body), so it is safe without credentials.
+    """
+    state = request.app.state
+    if not getattr(state, "warmed_up", False):
+        limit = min(services.settings.local.longest_start_seconds, WARM_UP_WAIT_SECONDS)
+        wait_for_warm_up(services.exchange, limit)
+        state.warmed_up = True
+    return Response(status_code=204, headers={"Cache-Control": "no-store"})
 
 
 @router.get(

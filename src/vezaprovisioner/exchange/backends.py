@@ -84,3 +84,13 @@ def _open_local(
     )
     pool.start()
     return LocalExchange(pool)
+
+
+def wait_for_warm_up(port: ExchangePort, timeout: float) -> None:
+    """Block, at most `timeout` seconds, until none of the local backend's hosts is starting any
+    more (each connected or failed): the IIS warm-up. Other backends have no hosts: no wait.
+    (`probe` and `doctor` wait for one host: `LocalExchange.wait_started`.)"""
+    from .local.backend import LocalExchange
+
+    if isinstance(port, LocalExchange):
+        port.pool.wait_for(lambda status: status.starting == 0, timeout)
