@@ -46,7 +46,12 @@ def test_public_readiness_says_only_what_passed(
     assert public.status_code == 200
     assert public.json() == {
         "status": "ready",
-        "checks": {"configuration": {"ok": True}, "backend": {"ok": True}, "journal": {"ok": True}},
+        "checks": {
+            "configuration": {"ok": True},
+            "backend": {"ok": True},
+            "journal": {"ok": True},
+            "logs": {"ok": True},
+        },
     }
     assert str(tmp_path) not in public.text
     assert anonymous.get(DETAILS).status_code == 401
@@ -79,6 +84,7 @@ def test_not_ready_when_the_probe_fails(
             "configuration": {"ok": True},
             "backend": {"ok": False},
             "journal": {"ok": True},
+            "logs": {"ok": True},
         },
     }
     assert "starting" not in public.text

@@ -85,7 +85,7 @@ def test_case_insensitive_users_names_the_caller_as_configured(
     client = make_client(authenticated=False, auth={"case_insensitive_users": True})
     created = client.post(EMAILS, json={"identity": "plain"}, headers=basic(USER.upper(), PASSWORD))
     assert created.status_code == 201
-    logged = [getattr(r, "fields", {}).get("caller") for r in caplog.records]
+    logged = [getattr(r, "fields", {}).get("user.name") for r in caplog.records]
     assert logged == [USER]
     request_id = created.json()["request_id"]
     record = client.get(f"/VezaProvisioner/api/v1/requests/{request_id}", headers=AUTH)

@@ -132,4 +132,15 @@ def test_under_iis_pool_size_defaults_to_one_unless_the_file_sets_it() -> None:
     assert for_iis(Settings()).local.pool_size == 1
     chosen = Settings.model_validate({"local": {"pool_size": 3}})
     assert for_iis(chosen).local.pool_size == 3
+    chosen = Settings.model_validate({"local": {"pool_size": 3}, "logging": {"file": "x.log"}})
     assert for_iis(chosen) is chosen
+
+
+def test_under_iis_an_empty_log_file_means_the_daily_file_under_data_dir() -> None:
+    """wfastcgi gives every request a fresh sys.stderr: standard error would reach nobody."""
+    from vezaprovisioner.config import IIS_LOG_FILE, Settings, for_iis
+
+    assert Settings().logging.file == ""  # uvicorn and the CLI: standard error
+    assert for_iis(Settings()).logging.file == IIS_LOG_FILE == "logs/vezaprovisioner.log"
+    chosen = Settings.model_validate({"logging": {"file": "elsewhere/service.log"}})
+    assert for_iis(chosen).logging.file == "elsewhere/service.log"

@@ -13,8 +13,11 @@ import pytest
 
 from tests.conftest import TEST_DIRECTORY
 from tests.fakes.appcmd import (
+    VENV_PYTHON,
     FakeAppcmd,
     appcmd_xml,
+    fastcgi_application,
+    fastcgi_xml,
     secure_sections,
     warmup_page_sections,
     warmup_sections,
@@ -28,6 +31,7 @@ from vezaprovisioner.iis_settings import (
     APP_INIT,
     APP_POOLS,
     BASIC,
+    FASTCGI,
     GLOBAL_MODULES,
     SITES,
 )
@@ -57,6 +61,7 @@ def write_config(
 def doctor(config: Path | None, **kwargs: Any) -> dict[str, Check]:
     kwargs.setdefault("clock", FakeClock())
     kwargs.setdefault("iis", None)
+    kwargs.setdefault("python_exe", VENV_PYTHON)
     checks = Doctor(config=config, environ={}, **kwargs).run()
     assert [c.name for c in checks] == [
         "python",
@@ -67,6 +72,7 @@ def doctor(config: Path | None, **kwargs: Any) -> dict[str, Check]:
         "data folder",
         "iis",
         "iis warm-up",
+        "iis fastcgi",
     ]
     for check in checks:
         assert bool(check.fix) == (check.status == "fail"), check  # every failure says what to do
@@ -89,6 +95,7 @@ def test_a_healthy_installation_passes(tmp_path: Path) -> None:
         "data folder": "pass",
         "iis": "pass",
         "iis warm-up": "pass",
+        "iis fastcgi": "pass",
     }
     assert "CN=Pat Plain" in checks["get-user"].detail
     assert "simulated Exchange" in checks["exchange"].detail
@@ -99,6 +106,7 @@ def test_a_healthy_installation_passes(tmp_path: Path) -> None:
         *((app, section) for section in (ANONYMOUS, BASIC, ACCESS)),
         *((app, section) for section in (GLOBAL_MODULES, SITES, APP_POOLS, APP_INIT)),
         *((f"{app}/warmup", section) for section in (ANONYMOUS, ACCESS)),
+        *((app, FASTCGI),),
     ]
 
 
@@ -129,7 +137,8 @@ def test_a_broken_configuration_fails_and_skips_the_rest(tmp_path: Path) -> None
     checks = doctor(config, identity="plain")
     assert checks["configuration"].status == "fail"
     assert "unknown_key" in checks["configuration"].detail
-    assert {checks[n].status for n in ("exchange", "get-user", "data folder", "iis")} == {"skip"}
+    skipped = ("exchange", "get-user", "data folder", "iis", "iis fastcgi")
+    assert {checks[n].status for n in skipped} == {"skip"}
     missing = doctor(None)  # no --config and no VEZAPROVISIONER_CONFIG
     assert "VEZAPROVISIONER_CONFIG" in missing["configuration"].detail
 
@@ -201,6 +210,7 @@ def test_iis_settings_that_are_wrong_or_unreadable_fail(tmp_path: Path) -> None:
             ANONYMOUS: appcmd_xml(ANONYMOUS, enabled="true"),
             BASIC: appcmd_xml(BASIC, enabled="true"),
             ACCESS: appcmd_xml(ACCESS, sslFlags="None"),
+            FASTCGI: secure_sections()[FASTCGI],
         }
     )
     checks = doctor(config, iis=insecure)
@@ -211,6 +221,38 @@ def test_iis_settings_that_are_wrong_or_unreadable_fail(tmp_path: Path) -> None:
     assert elsewhere["iis"].status == "fail"
     assert "Cannot find requested collection element" in elsewhere["iis"].detail
     assert doctor(config)["iis"].status == "skip"  # no reader: not on Windows
+
+
+def test_fastcgi_timeouts_shorter_than_the_worst_case_fail(tmp_path: Path) -> None:
+    """The config (command_timeout_seconds = 5, simulated) needs 3 x 5 + 30 + 150 + 15 = 210 s,
+    with margin 300 s; IIS's own defaults (90 s, 70 s, 300 s idle) fail."""
+    config = write_config(tmp_path)
+    sections = secure_sections()
+    sections[FASTCGI] = fastcgi_xml(
+        fastcgi_application(requestTimeout="90", activityTimeout="70", idleTimeout="300")
+    )
+    checks = doctor(config, iis=FakeAppcmd(sections))
+    assert checks["iis fastcgi"].status == "fail"
+    assert "requestTimeout is 90, needs at least 300" in checks["iis fastcgi"].detail
+    assert "activityTimeout is 70, needs at least 300" in checks["iis fastcgi"].detail
+    assert "idleTimeout is 300, needs at least 604800" in checks["iis fastcgi"].detail
+    assert "iis-settings" in checks["iis fastcgi"].fix
+    sections[FASTCGI] = fastcgi_xml(fastcgi_application(requestTimeout="300"))
+    assert doctor(config, iis=FakeAppcmd(sections))["iis fastcgi"].status == "pass"
+
+
+def test_a_fastcgi_application_for_another_python_fails(tmp_path: Path) -> None:
+    checks = doctor(
+        write_config(tmp_path),
+        iis=FakeAppcmd(secure_sections()),
+        python_exe="D:\\Other\\venv\\Scripts\\python.exe",
+    )
+    assert checks["iis fastcgi"].status == "fail"
+    assert "no FastCGI application runs D:\\Other" in checks["iis fastcgi"].detail
+    assert VENV_PYTHON in checks["iis fastcgi"].detail  # what is registered instead
+    skipped = doctor(write_config(tmp_path))["iis fastcgi"]
+    assert skipped.status == "skip"
+    assert "300 s" in skipped.detail
 
 
 @pytest.mark.parametrize(

@@ -11,26 +11,21 @@ import ast
 import base64
 import io
 import json
-import logging
 import threading
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 from fastapi import FastAPI
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.conftest import TEST_DIRECTORY
+from vezaprovisioner import logs
 from vezaprovisioner.api.app import create_app
 from vezaprovisioner.config import Settings
 from vezaprovisioner.iis_entry import (
-    DailyFileHandler,
     IisApplication,
-    log_to_daily_file,
     routed_environ,
     server_variables,
 )
@@ -156,19 +151,6 @@ def write_config(tmp_path: Path, **auth: Any) -> Path:
     return config
 
 
-@pytest.fixture(autouse=True)
-def _detach_file_logging() -> Iterator[None]:
-    """log_to_daily_file() adds a handler to the root logger; take it off after each test."""
-    yield
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, DailyFileHandler)]:
-        root.removeHandler(handler)
-        handler.close()
-
-
-# --- routing (the served paths are tested through the real wfastcgi: test_iis_wfastcgi.py) --
-
-
 def test_routed_environ_keeps_the_server_variables() -> None:
     environ = Request("GET", f"{BASE}/health", split_script_name=True).environ()
     routed = routed_environ(environ, BASE)
@@ -240,8 +222,7 @@ def test_logs_go_to_a_file_under_data_dir_without_secrets(tmp_path: Path) -> Non
         assert "kaboom" not in crashed.body.decode()
     finally:
         app.close()
-        for handler in logging.getLogger().handlers:
-            handler.flush()
+        assert logs.flush()
     files = list((tmp_path / "data" / "logs").glob("vezaprovisioner-*.log"))
     assert len(files) == 1
     logged = files[0].read_text(encoding="utf-8")
@@ -249,27 +230,6 @@ def test_logs_go_to_a_file_under_data_dir_without_secrets(tmp_path: Path) -> Non
     assert "kaboom in a route" in logged  # the traceback, for the admin
     assert IIS_PASSWORD not in logged
     assert base64.b64encode(f"CONTOSO\\svc-veza:{IIS_PASSWORD}".encode()).decode() not in logged
-
-
-def test_the_daily_log_file_switches_at_midnight_without_renaming(tmp_path: Path) -> None:
-    directory = log_to_daily_file(tmp_path)
-    handler = next(h for h in logging.getLogger().handlers if isinstance(h, DailyFileHandler))
-    try:
-        today = logging.LogRecord("vezaprovisioner", logging.INFO, __file__, 1, "today", None, None)
-        tomorrow = logging.LogRecord(
-            "vezaprovisioner", logging.INFO, __file__, 1, "next", None, None
-        )
-        tomorrow.created = today.created + 86_400
-        handler.handle(today)
-        handler.handle(tomorrow)
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
-    days = [time.strftime("%Y-%m-%d", time.localtime(r.created)) for r in (today, tomorrow)]
-    assert sorted(p.name for p in directory.iterdir()) == [
-        f"vezaprovisioner-{day}.log" for day in days
-    ]
-    assert "next" in (directory / f"vezaprovisioner-{days[1]}.log").read_text(encoding="utf-8")
 
 
 # --- the only module-level app ------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,14 +12,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.fakes.appcmd import LOCATION, FakeAppcmd, appcmd_xml, secure_sections
+from vezaprovisioner.config import Settings
 from vezaprovisioner.iis_settings import (
     ACCESS,
     ANONYMOUS,
     BASIC,
     AppcmdReader,
     IisReadError,
+    IisSettingsError,
+    fastcgi_timeouts,
     read_auth_settings,
     section_attributes,
+    worst_case_seconds,
 )
 
 
@@ -118,3 +124,99 @@ def test_ssl_required_exactly_when_the_ssl_flag_is_set(flags: list[str], separat
     settings = read_auth_settings(FakeAppcmd(sections), LOCATION)
     assert settings.ssl_required is ("Ssl" in flags)
     assert "None" not in settings.ssl_flags
+
+
+# --- FastCGI timeouts from the configuration's worst case ---------------------------------------
+
+
+def test_the_timeouts_cover_the_worst_case_with_margin() -> None:
+    """Defaults: 3 x (120 s cmdlet + 30 s wait for a free host) + 30 s not-found wait + 150 s
+    claim wait + 3 x 5 s journal lock waits = 645 s; with a quarter and 30 s on top, rounded up
+    to ten: 840 s. The old 300 s was less than half of it."""
+    settings = Settings(backend="local")
+    assert worst_case_seconds(settings) == 645
+    timeouts = fastcgi_timeouts(settings)
+    assert (timeouts.request_timeout, timeouts.activity_timeout) == (840, 840)
+    assert timeouts.idle_timeout == 604_800  # IIS's maximum: keep the warm pool
+    simulated = Settings(backend="simulated")  # no host queue
+    assert worst_case_seconds(simulated) == 555
+
+
+def test_a_host_per_command_adds_each_hosts_start() -> None:
+    """pool_size = 0 starts a host for every cmdlet: each may take longest_start_seconds
+    (2 x startup_timeout + connect_lock_wait + 5 = 965 s by default), which IIS cannot allow;
+    shorter startup limits fit."""
+    per_command = Settings.model_validate({"backend": "local", "local": {"pool_size": 0}})
+    assert worst_case_seconds(per_command) == 3 * (120 + 30 + 965) + 30 + 150 + 15
+    with pytest.raises(IisSettingsError, match=r"local\.pool_size = 0"):
+        fastcgi_timeouts(per_command)
+    shorter = Settings.model_validate(
+        {
+            "backend": "local",
+            "local": {
+                "pool_size": 0,
+                "startup_timeout_seconds": 60,
+                "connect_lock_wait_seconds": 60,
+            },
+        }
+    )
+    assert fastcgi_timeouts(shorter).request_timeout == 1530
+
+
+@given(
+    command=st.floats(min_value=1, max_value=3600),
+    retry=st.floats(min_value=0, max_value=600),
+    claim=st.floats(min_value=0, max_value=3600),
+)
+def test_the_timeouts_always_exceed_the_worst_case_or_are_refused(
+    command: float, retry: float, claim: float
+) -> None:
+    settings = Settings.model_validate(
+        {
+            "backend": "local",
+            "not_found_retry_seconds": retry,
+            "exchange": {"command_timeout_seconds": command},
+            "journal": {"claim_wait_seconds": claim, "stale_claim_seconds": 86_400},
+        }
+    )
+    worst = worst_case_seconds(settings)
+    if worst * 1.25 + 30 > 3600:
+        with pytest.raises(IisSettingsError, match="activityTimeout"):
+            fastcgi_timeouts(settings)
+        return
+    timeouts = fastcgi_timeouts(settings)
+    assert timeouts.request_timeout >= worst * 1.25 + 30
+    assert timeouts.activity_timeout <= 3600  # IIS refuses more
+
+
+def test_the_cli_prints_them_for_install_ps1(tmp_path: Path) -> None:
+    config = tmp_path / "vezaprovisioner.toml"
+    config.write_text('backend = "local"\n[exchange]\ncommand_timeout_seconds = 60\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "vezaprovisioner", "iis-settings", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    # 3 x (60 + 30) + 30 + 150 + 15 = 465 s → 465 x 1.25 + 30 = 611.25 → 620 s.
+    assert json.loads(done.stdout) == {
+        "worstCaseSeconds": 465.0,
+        "requestTimeout": 620,
+        "activityTimeout": 620,
+        "idleTimeout": 604800,
+    }
+    config.write_text(
+        'backend = "local"\n[exchange]\ncommand_timeout_seconds = 1200\n'
+        "[journal]\nstale_claim_seconds = 86400\n"
+    )
+    refused = subprocess.run(
+        [sys.executable, "-m", "vezaprovisioner", "iis-settings", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode == 1
+    assert "activityTimeout would need" in refused.stderr

@@ -281,6 +281,47 @@ def test_the_log_file_says_the_service_started_and_holds_no_secret(sites: Sites)
     assert base64.b64encode(f"{DEFAULT_USER}:{IIS_PASSWORD}".encode()).decode() not in logged
 
 
+def test_every_requests_json_line_is_in_the_daily_file_with_its_request_id(
+    sites: Sites,
+) -> None:
+    """wfastcgi gives every request a fresh sys.stderr. Before, the JSON handler was bound to the
+    first request's buffer and the file got only plain `request finished` lines; now every
+    request's JSON line, with its id and fields, is in data_dir/logs, and so is its audit line."""
+    site = sites.site()
+    process = sites.start(site)
+    identities = ["plain", "plain", "Alex Smith", "nobody-at-all"]
+    statuses = []
+    for number, identity in enumerate(identities):
+        request = post(EMAILS, {"identity": identity}, headers={"X-Request-ID": f"wf-{number}"})
+        statuses.append(process.request(request, request_id=number + 1).status)
+    assert statuses == [201, 200, 409, 404]
+    assert process.request(get(f"{BASE}/health", headers={"X-Request-ID": "wf-h"})).status == 200
+    process.close_pipe()
+    assert process.wait() == 0
+    data = site.config.parent / "data"
+    lines = [
+        json.loads(line)
+        for file in sorted((data / "logs").glob("vezaprovisioner-*.log"))
+        for line in file.read_text(encoding="utf-8").splitlines()
+    ]
+    access = {
+        line["http.request.id"]: line for line in lines if line.get("event.action") == "request"
+    }
+    assert set(access) == {"wf-0", "wf-1", "wf-2", "wf-3", "wf-h"}
+    assert [access[f"wf-{n}"]["http.response.status_code"] for n in range(4)] == statuses
+    assert access["wf-2"]["vezaprovisioner.code"] == "AMBIGUOUS_IDENTITY"
+    assert access["wf-0"]["user.name"] == DEFAULT_USER
+    assert access["wf-0"]["http.route"] == EMAILS
+    assert access["wf-0"]["client.address"] == "10.0.0.5"  # IIS's REMOTE_ADDR
+    assert access["wf-0"]["event.duration"] > 0
+    audit = [
+        json.loads(line)
+        for file in sorted(data.glob("audit-*.jsonl"))
+        for line in file.read_text(encoding="utf-8").splitlines()
+    ]
+    assert [line["http.request.id"] for line in audit] == ["wf-0", "wf-1", "wf-2", "wf-3"]
+
+
 # --- lifecycle: IIS's shutdown event and a closed pipe ------------------------------------------
 
 

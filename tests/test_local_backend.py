@@ -20,10 +20,12 @@ from tests.test_metrics import samples, value
 from vezaprovisioner.api.app import create_app
 from vezaprovisioner.cli import main
 from vezaprovisioner.config import Settings
+from vezaprovisioner.exchange.local import warm_pool
 from vezaprovisioner.exchange.local.backend import LocalExchange, host_argv
 from vezaprovisioner.services import Services
 from vezaprovisioner.validation import InvalidValue, validate_alias, validate_identity
 
+WARM_POOL_LOGGER = warm_pool.__name__
 EMAILS = "/VezaProvisioner/api/v1/emails"
 READY = "/VezaProvisioner/health/ready/details"
 METRICS = "/VezaProvisioner/metrics"
@@ -304,7 +306,10 @@ def test_host_lifecycle_reaches_metrics_and_the_log(
         assert wait_warm(pool).starts == 1
         assert client.post(EMAILS, json={"identity": "plain"}).status_code == 201
         assert pool.wait_for(lambda s: s.starts == 2 and s.warm - s.busy == 1, 20).starts == 2
-        assert client.post(EMAILS, json={"identity": "mailbox"}).status_code == 502
+        crash = client.post(
+            EMAILS, json={"identity": "mailbox"}, headers={"X-Request-ID": "crash-1"}
+        )
+        assert crash.status_code == 502
         assert pool.wait_for(lambda s: s.starts == 3 and s.warm - s.busy == 1, 20).starts == 3
         parsed = samples(client.get(METRICS).text)
     events = "vezaprovisioner_backend_host_events_total"
@@ -320,9 +325,9 @@ def test_host_lifecycle_reaches_metrics_and_the_log(
 
     first, second, third = fake_powershell.start_pids()
     lifecycle = [
-        (line["event"], line["host"], line.get("reason"))
+        (line["event.action"], line["vezaprovisioner.host.name"], line.get("event.reason"))
         for line in log_lines(tmp_path / "data" / "service.log")
-        if line.get("event", "").startswith("host_")
+        if line.get("event.action", "").startswith("host_")
     ]
     assert lifecycle == [
         ("host_started", f"ps-{first}", None),
@@ -331,6 +336,13 @@ def test_host_lifecycle_reaches_metrics_and_the_log(
         ("host_killed", f"ps-{second}", "crashed"),
         ("host_started", f"ps-{third}", None),
     ]
+    # The pool's own line about the crash was logged while serving the request that hit it, in
+    # the worker thread: it carries that request's id without being handed it.
+    lines = log_lines(tmp_path / "data" / "service.log")
+    pool_lines = [line for line in lines if line["log.logger"].startswith(WARM_POOL_LOGGER)]
+    crashed = [line for line in pool_lines if line["log.level"] == "WARNING"]
+    assert crashed
+    assert {line.get("http.request.id") for line in crashed} == {"crash-1"}
 
 
 def test_a_failed_start_is_reported_as_a_broken_host(

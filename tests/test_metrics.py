@@ -109,6 +109,8 @@ def test_metrics_need_authentication_unless_configured(
 
 
 def test_multiprocess_mode_adds_up_worker_processes(tmp_path: Path) -> None:
+    """Workers of a running pool add up, including one that has ended; the first worker of a
+    pool in which no worker runs any more starts from an empty folder."""
     worker = textwrap.dedent(
         """
         import sys
@@ -116,38 +118,50 @@ def test_multiprocess_mode_adds_up_worker_processes(tmp_path: Path) -> None:
         from vezaprovisioner.metrics import Metrics, use_multiprocess_dir
         metrics = Metrics(use_multiprocess_dir(Path(sys.argv[1])))
         metrics.requests.labels("/r", "POST", "201", "").inc(int(sys.argv[2]))
-        if len(sys.argv) > 3:
+        if sys.argv[3:] == ["hold"]:
+            print("counted", flush=True)
+            sys.stdin.read()  # runs until the test closes its stdin
+        elif sys.argv[3:] == ["expose"]:
             sys.stdout.write(metrics.exposition().decode())
         """
     )
     folder = tmp_path / "prom"
+    command = [sys.executable, "-c", worker, str(folder)]
+    environment = {"PATH": "/usr/bin:/bin"}
 
-    def run(*args: str) -> str:
+    def run(*args: str) -> float:
         done = subprocess.run(
-            [sys.executable, "-c", worker, str(folder), *args],
+            [*command, *args],
             capture_output=True,
             text=True,
             check=True,
             cwd=REPO_ROOT,
-            env={"PATH": "/usr/bin:/bin"},
+            env=environment,
         )
-        return done.stdout
+        if "expose" not in args:
+            return 0.0
+        labels = {"route": "/r", "method": "POST", "status": "201", "code": ""}
+        return value(samples(done.stdout), "vezaprovisioner_requests_total", **labels)
 
-    run("2")
-    run("3")
-    exposition = run("4", "expose")
-    parsed = samples(exposition)
-    assert (
-        value(
-            parsed,
-            "vezaprovisioner_requests_total",
-            route="/r",
-            method="POST",
-            status="201",
-            code="",
-        )
-        == 9
+    holder = subprocess.Popen(
+        [*command, "2", "hold"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env=environment,
     )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "counted\n"
+        run("3")
+        assert run("4", "expose") == 2 + 3 + 4
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    # Every worker has ended, as when the application pool starts again.
+    assert run("5", "expose") == 5
 
 
 def series(text: str) -> set[tuple[str, frozenset[tuple[str, str]]]]:

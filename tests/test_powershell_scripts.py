@@ -275,6 +275,9 @@ def test_install_covers_every_manual_step() -> None:
         "managedRuntimeVersion -Value ''",  # No Managed Code
         "identityType = 'SpecificUser'",
         "processModel.loadUserProfile -Value $true",
+        "processModel.setProfileEnvironment -Value $true",
+        "'iis-settings', '--config', $ConfigFile",
+        "https://$hostName/$AppName",
         "New-WebApplication",
         "anonymousAuthentication' = @{ enabled = $false }",
         "basicAuthentication'     = @{ enabled = $true }",
@@ -341,6 +344,9 @@ def test_the_configuration_install_ps1_writes_is_valid(tmp_path: Path) -> None:
     assert settings.exchange.remote_exchange_path == values["{{REMOTE_EXCHANGE_PATH}}"]
     assert settings.base_path == "/VezaProvisioner"
     assert str(settings.data_dir).endswith("C:\\VezaProvisioner\\data")
+    # IIS runs up to maxInstances processes: without a shared folder each scrape showed one
+    # random process's counters.
+    assert settings.metrics.multiprocess_dir == "metrics"
     empty = template
     for placeholder, value in {**values, "{{ALLOWED_USERS}}": "[]"}.items():
         empty = empty.replace(placeholder, value)
@@ -372,10 +378,12 @@ def test_keep_pool_identity_never_sets_the_pool_identity() -> None:
     assert len(branches) == 1
     keep = _statement_block_of(branches[0])
     assert "processModel.loadUserProfile" in keep
+    assert "processModel.setProfileEnvironment -Value $true" in keep
     assert "identityType" not in keep
     assert "userName" not in keep
     otherwise = _text(next(c for c in branches[0].children if c.type == "elseif_clauses"))
     assert "identityType = 'SpecificUser'" in otherwise
+    assert "processModel.setProfileEnvironment -Value $true" in otherwise
 
 
 def test_uninstall_removes_only_the_pool_install_created() -> None:
@@ -426,6 +434,64 @@ def test_the_checks_install_ps1_downgrades_under_the_msi_are_doctors_identity_ch
         assert f"$check.{key}" in text
         assert all(key in row for row in rows)
     assert "'--json'" in text
+
+
+# --- IIS settings that fit the app -----------------------------------------------------------
+
+
+def _install_text() -> str:
+    return (REPO_ROOT / "deploy" / "iis" / "install.ps1").read_text(encoding="utf-8")
+
+
+def _fastcgi_tuning() -> dict[str, str]:
+    """The FastCGI attributes install.ps1 sets, name → the expression it sets them to."""
+    source = (REPO_ROOT / "deploy" / "iis" / "install.ps1").read_bytes()
+    root = _PARSER.parse(source).root_node
+    for table in _nodes(root, "hash_literal_expression"):
+        entries = {}
+        for entry in _nodes(table, "hash_entry"):
+            key = _text(entry.child_by_field_name("key") or entry.children[0]).strip()
+            value = _text(entry.children[-1]).strip()
+            entries[key] = value
+        if "requestTimeout" in entries:
+            return entries
+    raise AssertionError("no FastCGI tuning table in install.ps1")
+
+
+def test_fastcgi_timeouts_come_from_the_service_not_from_literals() -> None:
+    """Before: requestTimeout and activityTimeout 300 (less than the app's 645 s worst case) and
+    idleTimeout 1800. Now the three come from `vezaprovisioner iis-settings`, whose JSON keys
+    are the ones the script reads."""
+    from vezaprovisioner.config import Settings
+    from vezaprovisioner.iis_settings import fastcgi_timeouts
+
+    tuning = _fastcgi_tuning()
+    for name in ("requestTimeout", "activityTimeout", "idleTimeout"):
+        assert tuning[name] == f"$timeouts.{name}", tuning[name]
+    printed = fastcgi_timeouts(Settings(backend="local")).as_data()
+    assert set(re.findall(r"\$timeouts\.(\w+)", _install_text())) <= set(printed)
+    assert tuning["signalBeforeTerminateSeconds"] == "30"
+
+
+def test_the_instance_url_uses_the_public_host_name() -> None:
+    text = _install_text()
+    assert "[string] $PublicHostName = ''" in text
+    assert re.search(
+        r"\$hostName = \$PublicHostName\n\s*if \(-not \$hostName\) \{\n\s*"
+        r"\$hostName = \[System\.Net\.Dns\]::GetHostEntry\(''\)\.HostName",
+        text,
+    )
+
+
+def test_uninstall_stops_the_pool_and_waits_for_its_processes_before_removing_files() -> None:
+    text = (REPO_ROOT / "deploy" / "iis" / "uninstall.ps1").read_text(encoding="utf-8")
+    steps = re.findall(r"Invoke-Step '([^']+)'", text)
+    stop = steps.index("Stop the application pool and wait for its processes")
+    assert stop < steps.index("Remove the application") < steps.index("Remove the files")
+    assert "Stop-WebAppPool -Name $pool" in text
+    assert "$_.Path.StartsWith($VenvDir" in text  # waits for the venv's python.exe processes
+    # A pool the admin built (not named by the marker) is started again.
+    assert "Start-WebAppPool -Name $StoppedPool" in text
 
 
 def test_both_pool_branches_of_install_set_always_running() -> None:

@@ -28,6 +28,7 @@ import pytest
 from tests.conftest import AUTH, REPO_ROOT, TEST_DIRECTORY
 from tests.fakes.shared_exchange import read_calls, read_changes
 from vezaprovisioner.journal.records import JOURNAL_FILE
+from vezaprovisioner.logs import dated_files
 
 BASE = "/VezaProvisioner"
 DEADLINE_SECONDS = 30
@@ -243,10 +244,13 @@ def test_crash_after_the_enable_landed_is_recovered_as_created(
     # The dead process's claim does not block the user; Exchange is not asked to enable again.
     assert post(restarted.url, "CONTOSO\\plain", "after-crash").status_code == 200
     assert [c["cmdlet"] for c in read_calls(tmp_path / "exchange")].count("Enable-Mailbox") == 1
-    audit = [json.loads(line) for line in (tmp_path / "data" / "audit.jsonl").open()]
-    assert {"event": "request_recovered", "outcome": "created"}.items() <= next(
-        a for a in audit if a["request_id"] == request_id
-    ).items()
+    audit = [
+        json.loads(line)
+        for path in dated_files(tmp_path / "data" / "audit.jsonl")
+        for line in path.open(encoding="utf-8")
+    ]
+    recovered = {"event.action": "request_recovered", "vezaprovisioner.outcome": "created"}
+    assert recovered.items() <= next(a for a in audit if a["http.request.id"] == request_id).items()
 
 
 @pytest.mark.slow

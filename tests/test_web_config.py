@@ -128,6 +128,14 @@ def test_problem_responses_pass_through_iis(config: ET.Element) -> None:
     assert errors.attrib["existingResponse"] == "PassThrough"
 
 
+def test_no_redirect_is_inherited_from_the_site(config: ET.Element) -> None:
+    """Exchange admins commonly redirect Default Web Site to /owa (httpRedirect, a section a
+    web.config may set: IIS Manager writes it there); the application turns it off for itself."""
+    redirect = config.find("system.webServer/httpRedirect")
+    assert redirect is not None
+    assert redirect.attrib == {"enabled": "false"}
+
+
 def test_locked_sections_are_left_to_install_ps1(config: ET.Element) -> None:
     """authentication, access (Require SSL) and fastCgi are locked or AppHostOnly: a web.config
     that sets them makes IIS answer 500.19 for every request."""

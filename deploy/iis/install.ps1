@@ -26,7 +26,7 @@
     self-test's Exchange checks (which need the pool's service account) only warn.
 
 .EXAMPLE
-    .\install.ps1 -Credential (Get-Credential CONTOSO\svc-veza) -TestIdentity testuser@contoso.com
+    .\install.ps1 -Credential (Get-Credential CONTOSO\svc-veza) -TestIdentity testuser@contoso.com -PublicHostName mail.contoso.com
 
 .EXAMPLE
     .\install.ps1 -GroupManagedServiceAccount 'CONTOSO\gmsa-veza$' -AllowedUsers 'CONTOSO\veza-integration' -WhatIf
@@ -73,6 +73,11 @@ param(
     [string] $DefaultLogonDomain = '',
     # A user for the self-test's read-only Get-User (recommended).
     [string] $TestIdentity = '',
+    # The host name Veza uses to reach this server, as on the site's HTTPS certificate (for
+    # example mail.contoso.com); default: this computer's DNS name. Only the printed Instance
+    # URL uses it.
+    [ValidatePattern('^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$')]
+    [string] $PublicHostName = '',
     # Run by VezaProvisioner.msi: a transcript in <InstallRoot>\logs\install-msi.log, and the
     # Exchange self-test (which needs the pool's service account) only warns.
     [switch] $FromMsi
@@ -225,6 +230,28 @@ function Set-FolderAccess {
         $acl.AddAccessRule($rule)
     }
     Set-Acl -LiteralPath $Path -AclObject $acl
+}
+
+function Get-FastCgiTimeouts {
+    # The FastCGI timeouts this configuration needs, computed by the service from its own worst
+    # case (`vezaprovisioner iis-settings` prints JSON). Under -WhatIf before the venv or the
+    # configuration exist, they are shown as still to be computed.
+    if (-not (Test-Path -LiteralPath $Cli) -or -not (Test-Path -LiteralPath $ConfigFile)) {
+        if ($WhatIfPreference) {
+            $later = '(computed by vezaprovisioner iis-settings)'
+            return [pscustomobject] @{ requestTimeout = $later; activityTimeout = $later; idleTimeout = $later }
+        }
+        throw "$Cli or $ConfigFile is missing."
+    }
+    $ErrorActionPreference = 'Continue'
+    $lines = @(& $Cli @('iis-settings', '--config', $ConfigFile) 2>&1)
+    $exitCode = $LASTEXITCODE
+    $errors = @($lines | Where-Object { $_ -is [System.Management.Automation.ErrorRecord] } | ForEach-Object { "$_" })
+    $json = @($lines | Where-Object { $_ -isnot [System.Management.Automation.ErrorRecord] } | ForEach-Object { "$_" })
+    if ($exitCode -ne 0) {
+        throw "vezaprovisioner iis-settings exited with code ${exitCode}: $($errors -join ' ')"
+    }
+    return (($json -join [Environment]::NewLine) | ConvertFrom-Json)
 }
 
 function Get-PoolAccount {
@@ -492,12 +519,18 @@ try {
             Add-Created 'fastcgi' "$VenvPython|$WfastcgiPy"
         }
         $entry = "system.webServer/fastCgi/application[@fullPath='$VenvPython' and @arguments='$WfastcgiPy']"
+        # IIS must never end a request the service is still working on: the request and
+        # activity timeouts come from the configuration's worst case (3 x the command timeout
+        # + the not-found wait + the host queue wait + the claim wait, with margin); the idle
+        # timeout is IIS's maximum, because the warm PowerShell pool is what makes it fast.
+        $timeouts = Get-FastCgiTimeouts
+        Write-Line "    requestTimeout and activityTimeout $($timeouts.requestTimeout) s, idleTimeout $($timeouts.idleTimeout) s"
         $tuning = [ordered]@{
             maxInstances                 = 4
             instanceMaxRequests          = 10000
-            activityTimeout              = 300
-            requestTimeout               = 300
-            idleTimeout                  = 1800
+            activityTimeout              = $timeouts.activityTimeout
+            requestTimeout               = $timeouts.requestTimeout
+            idleTimeout                  = $timeouts.idleTimeout
             signalBeforeTerminateSeconds = 30
             stderrMode                   = 'ReturnGeneric500'
             protocol                     = 'NamedPipe'
@@ -521,6 +554,7 @@ try {
             Set-ItemProperty -LiteralPath $poolPath -Name managedRuntimeVersion -Value ''
             Set-ItemProperty -LiteralPath $poolPath -Name enable32BitAppOnWin64 -Value $false
             Set-ItemProperty -LiteralPath $poolPath -Name processModel.loadUserProfile -Value $true
+            Set-ItemProperty -LiteralPath $poolPath -Name processModel.setProfileEnvironment -Value $true
             Set-ItemProperty -LiteralPath $poolPath -Name processModel.idleTimeout -Value ([TimeSpan]::Zero)
             # Application Initialization: start the pool (and warm the service) before any caller.
             Set-ItemProperty -LiteralPath $poolPath -Name startMode -Value 'AlwaysRunning'
@@ -528,8 +562,11 @@ try {
         elseif ($PSCmdlet.ShouldProcess($AppPoolName, "Run as $AccountName, No Managed Code, load user profile")) {
             Set-ItemProperty -LiteralPath $poolPath -Name managedRuntimeVersion -Value ''
             Set-ItemProperty -LiteralPath $poolPath -Name enable32BitAppOnWin64 -Value $false
-            # RemoteExchange.ps1 caches in the account's profile.
+            # RemoteExchange.ps1 caches its proxy module in the account's profile
+            # (%APPDATA%\Microsoft\Exchange\RemotePowerShell): load the profile and point the
+            # process's environment (APPDATA, USERPROFILE, TEMP) at it.
             Set-ItemProperty -LiteralPath $poolPath -Name processModel.loadUserProfile -Value $true
+            Set-ItemProperty -LiteralPath $poolPath -Name processModel.setProfileEnvironment -Value $true
             # Keep the process (and its warm Exchange session) instead of idling it out.
             Set-ItemProperty -LiteralPath $poolPath -Name processModel.idleTimeout -Value ([TimeSpan]::Zero)
             # Application Initialization: start the pool (and warm the service) before any caller.
@@ -654,7 +691,11 @@ try {
         }
     }
 
-    $hostName = [System.Net.Dns]::GetHostEntry('').HostName
+    # The name on the site's certificate (-PublicHostName), else this computer's DNS name.
+    $hostName = $PublicHostName
+    if (-not $hostName) {
+        $hostName = [System.Net.Dns]::GetHostEntry('').HostName
+    }
     Write-Line ''
     Write-Line 'VezaProvisioner is installed. Enter these values in Veza (Exchange Server integration):'
     Write-Line "    Instance URL:         https://$hostName/$AppName"

@@ -70,6 +70,8 @@ $AuthSections = @(
 $PoolMarker = Join-Path $ConfigDir 'created-app-pool.txt'
 $Utf8 = New-Object System.Text.UTF8Encoding($false)
 $LogFile = ''
+# The pool the first step stopped (its python.exe processes lock the venv's files).
+$StoppedPool = ''
 
 function Write-Line {
     # The script's output: the console and, under the MSI, the transcript file.
@@ -174,6 +176,37 @@ try {
         Import-Module WebAdministration
     }
 
+    Invoke-Step 'Stop the application pool and wait for its processes' "Stop the python.exe processes of $VenvDir (Task Manager, or Stop-Process -Id) and run again." {
+        # Running python.exe processes keep the venv's files locked, and stopping them lets
+        # each warm PowerShell host remove its Exchange session. A pool install.ps1 did not
+        # create is started again once the application is gone (next step but one).
+        $app = Get-WebApplication -Site $SiteName -Name $AppName
+        $script:StoppedPool = ''
+        if ($app) {
+            $pool = [string] $app.applicationPool
+            if ($pool -and (Test-Path -LiteralPath "IIS:\AppPools\$pool") -and
+                (Get-WebAppPoolState -Name $pool).Value -ne 'Stopped' -and
+                $PSCmdlet.ShouldProcess($pool, 'Stop application pool')) {
+                Stop-WebAppPool -Name $pool
+                $script:StoppedPool = $pool
+            }
+        }
+        if (-not $WhatIfPreference) {
+            $deadline = (Get-Date).AddSeconds(90)
+            while ($true) {
+                $running = @(Get-Process -Name 'python', 'pythonw' -ErrorAction SilentlyContinue |
+                    Where-Object { $_.Path -and $_.Path.StartsWith($VenvDir, [System.StringComparison]::OrdinalIgnoreCase) })
+                if ($running.Count -eq 0) {
+                    break
+                }
+                if ((Get-Date) -gt $deadline) {
+                    throw "$($running.Count) python.exe process(es) of $VenvDir still run after 90 seconds (ids $(($running | ForEach-Object { $_.Id }) -join ', '))."
+                }
+                Start-Sleep -Seconds 1
+            }
+        }
+    }
+
     Invoke-Step 'Remove the application' 'Close IIS Manager (it may hold applicationHost.config) and run again.' {
         if ((Get-WebApplication -Site $SiteName -Name $AppName) -and $PSCmdlet.ShouldProcess($Location, 'Remove application')) {
             Remove-WebApplication -Site $SiteName -Name $AppName
@@ -202,6 +235,9 @@ try {
         }
         if (-not $pool) {
             Write-Line '    install.ps1 created no application pool: the pool stays, with its identity'
+            if ($StoppedPool -and $PSCmdlet.ShouldProcess($StoppedPool, 'Start application pool again')) {
+                Start-WebAppPool -Name $StoppedPool
+            }
         }
         elseif ($PSCmdlet.ShouldProcess($pool, 'Remove application pool')) {
             if (Test-Path -LiteralPath "IIS:\AppPools\$pool") {

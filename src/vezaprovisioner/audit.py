@@ -1,22 +1,31 @@
 """The audit trail: one JSON line per finished CREATE_EMAIL (and per crash-recovery decision).
 
-An append-only file a SIEM can tail (`audit.file`, rotated by size). Each line says who asked,
-from where, what, the outcome, and Exchange's error id. It holds only the fields written here:
-never a password, a password hash or an Authorization header.
+An append-only file a SIEM can tail: `audit.file` named by day (`audit-2026-11-29.jsonl`, then
+`.1`, `.2` … past `max_bytes`), never renamed, so every IIS worker process appends to the same
+file. Each line says who asked, from where, what, the outcome and Exchange's error id, with the
+field names the access log uses (README, Logs). It holds only the fields written here: never a
+password, a password hash or an Authorization header; anything non-printable is escaped.
+
+Lines are written by the logging writer thread (logs.py), formatted there once; `write` returns
+when its line has been handed to the operating system (flushed), so a finished request's line is
+in the file before its response is sent, and survives a crash of the process from then on.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import logging.handlers
+import threading
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
+from . import logs
 from .config import AuditSettings
 
 log = logging.getLogger(__name__)
+
+#: How long a request waits for its audit line to be written before it goes on without (logged).
+WRITE_WAIT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -41,44 +50,95 @@ class AuditEvent:
     detail: str | None = None
 
 
+#: AuditEvent's fields → the names on the line (the vocabulary shared with the access log).
+FIELD_NAMES = {
+    "event": "event.action",
+    "request_id": "http.request.id",
+    "caller": "user.name",
+    "caller_method": "vezaprovisioner.auth_method",
+    "client_address": "client.address",
+    "action": "vezaprovisioner.action",
+    "identity": "vezaprovisioner.identity",
+    "alias": "vezaprovisioner.alias",
+    "outcome": "vezaprovisioner.outcome",
+    "code": "vezaprovisioner.code",
+    "guid": "vezaprovisioner.guid",
+    "primary_smtp_address": "vezaprovisioner.primary_smtp_address",
+    "exchange_reason": "vezaprovisioner.exchange.reason",
+    "exchange_error_id": "vezaprovisioner.exchange.error_id",
+    "duration_ms": "event.duration",
+    "detail": "vezaprovisioner.detail",
+}
+
+
+def audit_fields(event: AuditEvent) -> dict[str, Any]:
+    """The line's fields (without @timestamp); event.duration in nanoseconds, as ECS has it."""
+    fields: dict[str, Any] = {}
+    for name, value in vars(event).items():
+        if value is None:
+            continue
+        if name == "duration_ms":
+            value = int(value) * 1_000_000
+        fields[FIELD_NAMES[name]] = value
+    return fields
+
+
+class _AuditFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", {})
+        return logs.json_line({"@timestamp": logs.timestamp(record.created), **fields})
+
+
 class AuditTrail:
-    """Writes `AuditEvent`s as JSON lines; thread-safe (logging handlers lock)."""
+    """Writes `AuditEvent`s as JSON lines through the logging writer thread; thread-safe."""
 
     def __init__(self, data_dir: Path, settings: AuditSettings) -> None:
         self.path = data_dir / settings.file
-        self._logger = logging.Logger(f"vezaprovisioner.audit:{self.path}")
-        self._logger.propagate = False
-        self._handler: logging.Handler | None = None
         self._settings = settings
+        self._handler: logs.DatedFileHandler | None = None
+        self._lock = threading.Lock()
+
+    def files(self) -> list[Path]:
+        """The trail's files, oldest first."""
+        return logs.dated_files(self.path)
 
     def write(self, event: AuditEvent) -> None:
-        """Appends one line; an unwritable file is reported on stderr by logging, not raised."""
-        if self._handler is None:
+        """Appends one line and waits until it is written; an unwritable file is logged."""
+        handler = self._handler
+        if handler is None:
             try:
-                self._open()
+                handler = self._open()
             except OSError:
                 log.exception("the audit trail %s cannot be opened", self.path)
                 return
-        line = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
-        line.update({k: v for k, v in vars(event).items() if v is not None})
-        self._logger.info(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
-
-    def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Several IIS worker processes may share the file: each line is one small append, and
-        # rotation is best effort (Windows refuses to rename a file another process holds open).
-        handler = logging.handlers.RotatingFileHandler(
-            self.path,
-            maxBytes=self._settings.max_bytes,
-            backupCount=self._settings.backup_count,
-            encoding="utf-8",
+        record = logging.makeLogRecord(
+            {"name": "vezaprovisioner.audit", "levelno": logging.INFO, "levelname": "INFO"}
         )
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        self._logger.addHandler(handler)
-        self._handler = handler
+        record.fields = audit_fields(event)
+        record.sink = handler
+        if not logs.WRITER.submit(record, wait_seconds=WRITE_WAIT_SECONDS):
+            log.error(
+                "the audit line of request %s was not written within %g s",
+                event.request_id,
+                WRITE_WAIT_SECONDS,
+            )
+
+    def _open(self) -> logs.DatedFileHandler:
+        with self._lock:
+            if self._handler is not None:
+                return self._handler
+            handler = logs.DatedFileHandler(
+                self.path,
+                max_bytes=self._settings.max_bytes,
+                backup_count=self._settings.backup_count,
+            )
+            handler.setFormatter(_AuditFormatter())
+            handler.open()
+            self._handler = handler
+            return handler
 
     def close(self) -> None:
-        if self._handler is not None:
-            self._logger.removeHandler(self._handler)
-            self._handler.close()
-            self._handler = None
+        handler, self._handler = self._handler, None
+        if handler is not None:
+            logs.flush()
+            handler.close()

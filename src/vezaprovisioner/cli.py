@@ -218,6 +218,19 @@ def _hash_password(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _iis_settings(args: argparse.Namespace) -> int:
+    """The FastCGI timeouts IIS needs for this configuration, as JSON (install.ps1 reads it)."""
+    from .iis_settings import IisSettingsError, fastcgi_timeouts
+
+    try:
+        timeouts = fastcgi_timeouts(_settings(args))
+    except IisSettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(timeouts.as_data()))
+    return EXIT_OK
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from .doctor import Doctor, format_report, report_data
 
@@ -290,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
         "hash-password", help="print a hash for [auth.users] (reads stdin when piped)"
     )
     hashing.set_defaults(run=_hash_password)
+
+    iis = with_config(
+        commands.add_parser(
+            "iis-settings",
+            help="print, as JSON, the FastCGI timeouts IIS needs for this configuration",
+        )
+    )
+    iis.set_defaults(run=_iis_settings)
 
     doctor = with_config(
         commands.add_parser("doctor", help="check this server's installation; exit 1 on failure")

@@ -270,20 +270,24 @@ class AuditSettings(_Section):
     """The append-only JSON-lines audit trail (one line per finished request)."""
 
     enabled: bool = True
-    #: Relative paths are relative to data_dir.
+    #: Relative paths are relative to data_dir. Written as one file per day, never renamed:
+    #: audit.jsonl → audit-2026-11-29.jsonl (then audit-2026-11-29.1.jsonl past max_bytes).
     file: Path = Path("audit.jsonl")
     max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096, le=2**40)
-    backup_count: int = Field(default=10, ge=1, le=1000)
+    #: How many files are kept besides the current one (at least one per day).
+    backup_count: int = Field(default=400, ge=1, le=10_000)
 
 
 class LoggingSettings(_Section):
     """Structured JSON log lines: one per request plus backend lifecycle events."""
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    #: Empty: standard error. Otherwise a file (relative paths relative to data_dir).
+    #: Empty: standard error (under IIS: logs/vezaprovisioner.log). Otherwise a file (relative
+    #: paths relative to data_dir), written as one file per day and never renamed, like the audit.
     file: str = ""
     max_bytes: int = Field(default=10 * 1024 * 1024, ge=4096, le=2**40)
-    backup_count: int = Field(default=5, ge=1, le=1000)
+    #: How many files are kept besides the current one (at least one per day).
+    backup_count: int = Field(default=30, ge=1, le=10_000)
 
 
 class MetricsSettings(_Section):
@@ -439,16 +443,25 @@ def _describe(error: ValidationError, source: str) -> str:
 IIS_POOL_SIZE = 1
 
 
+#: Where the service logs under IIS unless `[logging] file` is set, under data_dir:
+#: `logs/vezaprovisioner-<day>.log`, one file per day, never renamed (logs.py).
+IIS_LOG_FILE = "logs/vezaprovisioner.log"
+
+
 def for_iis(settings: Settings) -> Settings:
-    """The settings as the IIS entry uses them: `local.pool_size` defaults to `IIS_POOL_SIZE`.
+    """The settings as the IIS entry uses them: `local.pool_size` defaults to `IIS_POOL_SIZE`,
+    and an empty `logging.file` means `IIS_LOG_FILE`.
 
     IIS runs up to `maxInstances` FastCGI processes, each with its own pool, and sends each
     process one request at a time; concurrency comes from the processes, not the pool.
+    wfastcgi gives every request a fresh sys.stderr, so standard error would reach nobody.
     """
-    if "pool_size" in settings.local.model_fields_set:
-        return settings
-    local = settings.local.model_copy(update={"pool_size": IIS_POOL_SIZE})
-    return settings.model_copy(update={"local": local})
+    updates: dict[str, _Section] = {}
+    if "pool_size" not in settings.local.model_fields_set:
+        updates["local"] = settings.local.model_copy(update={"pool_size": IIS_POOL_SIZE})
+    if not settings.logging.file:
+        updates["logging"] = settings.logging.model_copy(update={"file": IIS_LOG_FILE})
+    return settings.model_copy(update=updates) if updates else settings
 
 
 def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -35,7 +35,10 @@ from .iis_settings import (
     AppcmdReader,
     IisConfigReader,
     IisReadError,
+    IisSettingsError,
+    fastcgi_timeouts,
     read_auth_settings,
+    read_fastcgi_application,
     read_warmup_settings,
 )
 from .validation import InvalidValue, validate_identity
@@ -82,6 +85,8 @@ class Doctor:
     clock: Clock = field(default_factory=SystemClock)
     is_file: Callable[[str], bool] = os.path.isfile
     iis: IisConfigReader | None = field(default_factory=_default_iis_reader)
+    #: The python.exe IIS's FastCGI application must run: this venv's (install.ps1 registers it).
+    python_exe: str = sys.executable
 
     def run(self) -> list[Check]:
         return list(self._checks())
@@ -99,7 +104,15 @@ class Doctor:
                 "`vezaprovisioner check --config FILE` lists every problem.",
             )
         if settings is None:
-            for name in ("exchange paths", "exchange", "get-user", "data folder", "iis", WARMUP):
+            for name in (
+                "exchange paths",
+                "exchange",
+                "get-user",
+                "data folder",
+                "iis",
+                WARMUP,
+                "iis fastcgi",
+            ):
                 yield _skip(name, "needs a valid configuration")
             return
         yield _pass(
@@ -119,6 +132,7 @@ class Doctor:
         yield self._data_dir(settings)
         yield self._iis(settings)
         yield self._warmup(settings)
+        yield self._fastcgi(settings)
 
     def _python(self) -> Check:
         version = ".".join(str(part) for part in sys.version_info[:3])
@@ -246,6 +260,45 @@ class Doctor:
             WARMUP,
             f"{location}: pool {found.pool} AlwaysRunning, preloaded, warm-up page "
             f"{WARMUP_PAGE} anonymous over HTTP",
+        )
+
+    def _fastcgi(self, settings: Settings) -> Check:
+        """IIS's FastCGI timeouts are at least what the configuration's worst case needs."""
+        name = "iis fastcgi"
+        try:
+            wanted = fastcgi_timeouts(settings)
+        except IisSettingsError as exc:
+            return _fail(name, str(exc), "Lower the timeouts in the configuration.")
+        if self.iis is None:
+            return _skip(
+                name,
+                "not running on Windows: IIS settings are not read back here (needed: "
+                f"requestTimeout and activityTimeout {wanted.request_timeout} s)",
+            )
+        location = f"{self.site}{settings.base_path}"
+        try:
+            found = read_fastcgi_application(self.iis, location, self.python_exe)
+        except IisReadError as exc:
+            return _fail(
+                name,
+                str(exc),
+                "Re-run deploy/iis/install.ps1 (it registers the venv's python.exe with "
+                "wfastcgi.py as a FastCGI application).",
+            )
+        problems = wanted.problems(found)
+        if problems:
+            return _fail(
+                name,
+                "; ".join(problems) + f" (a request may take {wanted.worst_case_seconds:g} s)",
+                "Re-run deploy/iis/install.ps1 after changing timeouts in the configuration (it "
+                "sets them from `vezaprovisioner iis-settings`), or set them in IIS Manager "
+                "(FastCGI Settings).",
+            )
+        return _pass(
+            name,
+            f"requestTimeout {found['requestTimeout']} s, activityTimeout "
+            f"{found['activityTimeout']} s, idleTimeout {found['idleTimeout']} s (a request may "
+            f"take {wanted.worst_case_seconds:g} s)",
         )
 
 

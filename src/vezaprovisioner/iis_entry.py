@@ -5,8 +5,9 @@ environment before the first request, so VEZAPROVISIONER_CONFIG names the config
 a2wsgi serves the ASGI app and hands the whole environ (IIS's server variables included) to it as
 `scope["wsgi_environ"]`; it runs no lifespan events, so the app and its Exchange backend are built
 on the first request, once per process. A start that fails is answered with a problem and tried
-again on the next request. Logs go to files under `data_dir`, because wfastcgi replaces stdout and
-stderr with a fresh buffer for every request.
+again on the next request. Logs go to the daily file under `data_dir/logs` (`config.for_iis`),
+because wfastcgi replaces stdout and stderr with a fresh buffer for every request; logs.py holds
+the one logging setup.
 
 Shutdown: once started, the entry registers its `close` with wfastcgi's `on_exit`. wfastcgi then
 waits on IIS's shutdown event (`_FCGI_SHUTDOWN_EVENT_`, signalled `signalBeforeTerminateSeconds`
@@ -24,7 +25,6 @@ import logging
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, cast
 from a2wsgi import ASGIMiddleware
 from fastapi import FastAPI
 
+from . import logs
 from .api.app import create_app
 from .api.middleware import REQUEST_ID_HEADER
 from .api.problems import problem_response
@@ -47,59 +48,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Where the service logs, under data_dir: one file per day, never renamed, so the several
-#: FastCGI processes IIS may start can all append to it.
-LOG_DIR = Path("logs")
 #: Where a start that failed before the configuration was read is logged, in the app pool
 #: account's temporary folder (there is no data_dir yet).
 START_LOG_NAME = "vezaprovisioner-start.log"
 #: How long a2wsgi waits for a request's ASGI task after the response has been sent.
 _ASGI_WAIT_SECONDS = 5.0
-_HANDLER_NAME = "vezaprovisioner-iis"
-
-
-class DailyFileHandler(logging.FileHandler):
-    """Appends to `<directory>/vezaprovisioner-YYYY-MM-DD.log`, switching files at midnight.
-
-    It never renames a file (Windows refuses to rename a file another process has open), so every
-    FastCGI process of the application pool can log to the same file.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self._directory = directory
-        self._day = time.strftime("%Y-%m-%d")
-        super().__init__(self._path_for(self._day), encoding="utf-8", delay=True)
-
-    def _path_for(self, day: str) -> Path:
-        return self._directory / f"vezaprovisioner-{day}.log"
-
-    def emit(self, record: logging.LogRecord) -> None:
-        day = time.strftime("%Y-%m-%d", time.localtime(record.created))
-        if day != self._day:
-            if self.stream is not None:
-                self.stream.close()
-                self.stream = None  # reopened by FileHandler.emit
-            self._day = day
-            self.baseFilename = str(self._path_for(day))
-        super().emit(record)
-
-
-def log_to_daily_file(data_dir: Path) -> Path:
-    """Send the process's log records to the daily file under `data_dir`; returns its folder."""
-    directory = data_dir / LOG_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    handler = DailyFileHandler(directory)
-    handler.set_name(_HANDLER_NAME)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s %(message)s")
-    )
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
-        root.removeHandler(old)
-        old.close()
-    root.addHandler(handler)
-    logging.getLogger("vezaprovisioner").setLevel(logging.INFO)
-    return directory
 
 
 def routed_environ(environ: Mapping[str, Any], base_path: str) -> dict[str, Any]:
@@ -191,8 +144,7 @@ class IisApplication:
         with self._lock:
             if self._started is None:
                 settings = for_iis(load_settings(None, self._environ))
-                log_dir = log_to_daily_file(settings.data_dir)
-                app = self._build(settings)
+                app = self._build(settings)  # create_app configures logging (logs.py)
                 services = getattr(app.state, "services", None)
                 # a2wsgi starts its event loop thread here, on the first request, not at import.
                 middleware = ASGIMiddleware(cast(Any, app), wait_time=_ASGI_WAIT_SECONDS)
@@ -207,11 +159,11 @@ class IisApplication:
                     wfastcgi.on_exit(self.close)
                 log.info(
                     "VezaProvisioner started under IIS: %s backend, base path %s, config %s, "
-                    "logs in %s",
+                    "logs: %s",
                     settings.backend,
                     settings.base_path,
                     settings.source,
-                    log_dir,
+                    logs.status().detail,
                 )
             return self._started
 

@@ -1,18 +1,24 @@
 """What IIS is configured to do for the application, read back through appcmd's XML output.
 
-`vezaprovisioner doctor` uses it to confirm Anonymous off, Basic on and Require SSL. Running
+`vezaprovisioner doctor` uses it to confirm Anonymous off, Basic on and Require SSL, and that the
+FastCGI timeouts fit the configuration's worst case (`fastcgi_timeouts`, which install.ps1 also
+reads through `vezaprovisioner iis-settings`). Running
 appcmd is the only Windows-only step (`AppcmdReader`, verified by reading only); parsing its
 `/xml` output is plain Python and tested here with appcmd-shaped documents.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from .config import Settings
 
 ANONYMOUS = "system.webServer/security/authentication/anonymousAuthentication"
 BASIC = "system.webServer/security/authentication/basicAuthentication"
@@ -230,3 +236,119 @@ def read_warmup_settings(reader: IisConfigReader, site: str, app_path: str) -> I
         page_anonymous=_flag(anonymous.get("enabled"), default=False),
         page_ssl_flags=flags - {"None"},
     )
+
+
+# --- FastCGI timeouts that fit the app ----------------------------------------------------------
+
+FASTCGI = "system.webServer/fastCgi"
+#: IIS's accepted ranges for <fastCgi><application> (learn.microsoft.com, "FastCGI Application
+#: <application>"): activityTimeout 10-3600, requestTimeout and idleTimeout 10-604800.
+ACTIVITY_TIMEOUT_MAX = 3600
+REQUEST_TIMEOUT_MAX = 604_800
+IDLE_TIMEOUT_MAX = 604_800
+#: Added to the worst case: a quarter of it, plus this many seconds (journal commits, a2wsgi,
+#: IIS's own scheduling), rounded up to ten seconds.
+MARGIN_SECONDS = 30
+
+
+def worst_case_seconds(settings: Settings) -> float:
+    """The longest a CREATE_EMAIL can take before the service answers on its own.
+
+    Three cmdlets (Get-User, Get-User again after the not-found wait, Enable-*), each bounded
+    by `exchange.command_timeout_seconds`; with the local backend each may first wait for a
+    free PowerShell host (`local.queue_wait_seconds`) and, with no warm pool (`pool_size = 0`),
+    for a new host to start (`LocalSettings.longest_start_seconds`). Then the not-found wait,
+    the wait for another request's claim on the same user, and up to three journal commits
+    waiting for another process's write lock (`journal.busy_timeout_ms`).
+    """
+    per_cmdlet = settings.exchange.command_timeout_seconds
+    if settings.backend == "local":
+        per_cmdlet += settings.local.queue_wait_seconds
+        if settings.local.pool_size == 0:
+            per_cmdlet += settings.local.longest_start_seconds
+    return (
+        3 * per_cmdlet
+        + settings.not_found_retry_seconds
+        + settings.journal.claim_wait_seconds
+        + 3 * settings.journal.busy_timeout_ms / 1000
+    )
+
+
+@dataclass(frozen=True)
+class FastCgiTimeouts:
+    """What IIS's FastCGI application must allow so that it never kills a request the app is
+    still working on, and keeps the warm PowerShell pool between Veza's calls."""
+
+    worst_case_seconds: float
+    request_timeout: int
+    activity_timeout: int
+    idle_timeout: int = IDLE_TIMEOUT_MAX
+
+    def as_data(self) -> dict[str, float | int]:
+        """What `vezaprovisioner iis-settings` prints (install.ps1 reads it)."""
+        return {
+            "worstCaseSeconds": self.worst_case_seconds,
+            "requestTimeout": self.request_timeout,
+            "activityTimeout": self.activity_timeout,
+            "idleTimeout": self.idle_timeout,
+        }
+
+    def problems(self, found: Mapping[str, str]) -> list[str]:
+        """What in IIS's <application> attributes is shorter than needed; empty when all fit."""
+        wanted = {
+            "requestTimeout": self.request_timeout,
+            "activityTimeout": self.activity_timeout,
+            "idleTimeout": self.idle_timeout,
+        }
+        problems = []
+        for name, minimum in wanted.items():
+            value = found.get(name)
+            try:
+                seconds = int(value) if value is not None else None
+            except ValueError:
+                seconds = None
+            if seconds is None:
+                problems.append(f"{name} is not set (needs at least {minimum})")
+            elif seconds < minimum:
+                problems.append(f"{name} is {seconds}, needs at least {minimum}")
+        return problems
+
+
+def fastcgi_timeouts(settings: Settings) -> FastCgiTimeouts:
+    """The FastCGI timeouts for `settings`; IisSettingsError when IIS cannot allow them."""
+    worst = worst_case_seconds(settings)
+    needed = int(math.ceil((worst * 1.25 + MARGIN_SECONDS) / 10) * 10)
+    if needed > ACTIVITY_TIMEOUT_MAX:
+        raise IisSettingsError(
+            f"a request may take {worst:g} s (3 x (exchange.command_timeout_seconds + "
+            "local.queue_wait_seconds, + a host start when local.pool_size = 0) + "
+            "not_found_retry_seconds + journal.claim_wait_seconds + 3 x "
+            f"journal.busy_timeout_ms), so IIS's FastCGI activityTimeout would need {needed} s, "
+            f"more than its maximum of {ACTIVITY_TIMEOUT_MAX} s; lower "
+            "exchange.command_timeout_seconds or the waits"
+        )
+    return FastCgiTimeouts(worst, request_timeout=needed, activity_timeout=needed)
+
+
+class IisSettingsError(Exception):
+    """The configuration asks for more than IIS can be set to."""
+
+
+def read_fastcgi_application(
+    reader: IisConfigReader, location: str, python_exe: str
+) -> dict[str, str]:
+    """The attributes of the <fastCgi><application> whose fullPath is `python_exe` (the venv's
+    python.exe, as install.ps1 registers it); IisReadError when there is none."""
+    document = reader.read(location, FASTCGI)
+    try:
+        root = ET.fromstring(document)  # noqa: S314 - output of the local appcmd.exe
+    except ET.ParseError as exc:
+        raise IisReadError(f"appcmd's output for {FASTCGI} is not XML: {exc}") from exc
+    registered = []
+    for application in root.iter("application"):
+        full_path = application.attrib.get("fullPath", "")
+        registered.append(full_path)
+        if full_path.lower() == python_exe.lower():
+            return dict(application.attrib)
+    listed = ", ".join(registered) or "none"
+    raise IisReadError(f"no FastCGI application runs {python_exe} (registered: {listed})")

@@ -8,8 +8,10 @@ exist only when a backend reports them through `BackendEvents`; nothing is inven
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,6 +35,7 @@ from .exchange.port import (
     ExchangePort,
     Recipient,
 )
+from .journal.liveness import pid_alive
 from .logs import event
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
@@ -55,7 +58,35 @@ def use_multiprocess_dir(directory: Path | None) -> Path | None:
         os.environ[MULTIPROC_ENV] = str(directory)
         values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
     named = os.environ.get(MULTIPROC_ENV)
+    if named:
+        empty_if_no_live_owner(Path(named))
     return Path(named) if named else None
+
+
+_VALUE_FILE = re.compile(r"_(\d+)\.db")
+
+
+def empty_if_no_live_owner(directory: Path) -> list[Path]:
+    """Deletes the value files of ended processes when no other process that wrote here still
+    runs: the first worker of a freshly started application pool begins from zero (Prometheus
+    reads the drop as a counter reset), while the workers of a running pool keep adding up.
+    Returns what was deleted. Files are named `<kind>_<pid>.db` by prometheus-client.
+    """
+    own = os.getpid()
+    files = {}
+    for path in directory.glob("*.db"):
+        match = _VALUE_FILE.search(path.name)
+        if match:
+            files[path] = int(match[1])
+    if any(pid != own and pid_alive(pid) for pid in files.values()):
+        return []
+    deleted = []
+    for path, pid in files.items():
+        if pid != own:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                deleted.append(path)
+    return deleted
 
 
 class Metrics:
@@ -161,7 +192,14 @@ class BackendEvents:
         self, kind: str, host: str, fields: Mapping[str, object], level: int = logging.INFO
     ) -> None:
         self._metrics.backend_host_events.labels(self._backend, kind).inc()
-        event(self._log, f"backend host {kind}", level, event=f"host_{kind}", host=host, **fields)
+        line: dict[str, object] = {
+            "event.action": f"host_{kind}",
+            "vezaprovisioner.backend": self._backend,
+            "vezaprovisioner.host.name": host,
+        }
+        for name, value in fields.items():
+            line["event.reason" if name == "reason" else f"vezaprovisioner.host.{name}"] = value
+        event(self._log, f"backend host {kind}", line, level)
 
 
 class TimedExchange:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from . import logs
 from .audit import AuditTrail
 from .auth import Authenticator
 from .clock import Clock, SystemClock
@@ -43,6 +44,7 @@ class Services:
         self.journal.close()
         if self.audit is not None:
             self.audit.close()
+        logs.flush()
 
 
 def build_services(

@@ -5,6 +5,9 @@ named after the section with '/' turned into '-', its attributes and child eleme
 as `<add .../>`, sites as `<site><application .../></site>`). Read from appcmd's documented
 `/xml` output and IIS's configuration reference; the nested form of the server-level sections
 (sites, applicationPools, globalModules) was not observed on a server.
+The FastCGI section (`system.webServer/fastCgi`) holds one `<application>` per registered
+process pool with its attributes (fullPath, arguments, the timeouts; learn.microsoft.com,
+"FastCGI Application <application>"), in the same nested form, equally not observed on a server.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from vezaprovisioner.iis_settings import (
     APP_INIT_MODULE,
     APP_POOLS,
     BASIC,
+    FASTCGI,
     GLOBAL_MODULES,
     SITES,
     WARMUP_PAGE,
@@ -25,6 +29,8 @@ from vezaprovisioner.iis_settings import (
 LOCATION = "Default Web Site/VezaProvisioner"
 PAGE = f"{LOCATION}{WARMUP_PAGE}"
 POOL = "VezaProvisionerPool"
+VENV_PYTHON = "C:\\VezaProvisioner\\venv\\Scripts\\python.exe"
+WFASTCGI = "C:\\VezaProvisioner\\venv\\Lib\\site-packages\\wfastcgi.py"
 
 
 def appcmd_xml(section: str, inner: str = "", **attributes: str) -> bytes:
@@ -39,6 +45,35 @@ def appcmd_xml(section: str, inner: str = "", **attributes: str) -> bytes:
         f"        {body}\r\n"
         "    </CONFIG>\r\n</appcmd>\r\n"
     ).encode()
+
+
+def fastcgi_xml(*applications: dict[str, str]) -> bytes:
+    """`appcmd list config LOCATION -section:system.webServer/fastCgi /config:* /xml`."""
+    entries = "".join(
+        "<application " + " ".join(f'{k}="{v}"' for k, v in attributes.items()) + " />"
+        for attributes in applications
+    )
+    return appcmd_xml(FASTCGI, entries)
+
+
+def fastcgi_application(**overrides: str) -> dict[str, str]:
+    """The application install.ps1 registers, with IIS's other attributes at their defaults."""
+    attributes = {
+        "fullPath": VENV_PYTHON,
+        "arguments": WFASTCGI,
+        "maxInstances": "4",
+        "idleTimeout": "604800",
+        "activityTimeout": "840",
+        "requestTimeout": "840",
+        "instanceMaxRequests": "10000",
+        "protocol": "NamedPipe",
+        "queueLength": "1000",
+        "flushNamedPipe": "false",
+        "rapidFailsPerMinute": "10",
+        "signalBeforeTerminateSeconds": "30",
+        "stderrMode": "ReturnGeneric500",
+    }
+    return {**attributes, **overrides}
 
 
 def warmup_sections(
@@ -93,6 +128,10 @@ def secure_sections() -> dict[str, bytes]:
             BASIC, enabled="true", realm="", defaultLogonDomain="CONTOSO", logonMethod="ClearText"
         ),
         ACCESS: appcmd_xml(ACCESS, sslFlags="Ssl"),
+        FASTCGI: fastcgi_xml(
+            fastcgi_application(fullPath="C:\\Program Files\\PHP\\php-cgi.exe", arguments=""),
+            fastcgi_application(),
+        ),
         **warmup_sections(),
     }
 

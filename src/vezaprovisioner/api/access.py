@@ -61,7 +61,8 @@ def client_address(scope: Scope) -> str | None:
 
 
 class AccessLogMiddleware:
-    """Logs `request finished` with request id, caller, route, status, code and duration."""
+    """Logs `request finished` with request id, caller, route, status, code and duration
+    (README, Logs: the field names)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, base_path: str) -> None:
         self.app = app
@@ -96,15 +97,17 @@ class AccessLogMiddleware:
         event(
             log,
             "request finished",
+            {
+                "event.action": "request",
+                "http.request.id": state.get("request_id"),
+                "user.name": caller.name if isinstance(caller, Caller) else None,
+                "http.request.method": scope["method"],
+                "http.route": route,
+                "url.path": scope["path"],
+                "http.response.status_code": status,
+                "vezaprovisioner.code": code,
+                "event.duration": round(seconds * 1e9),
+                "client.address": client_address(scope),
+            },
             logging.WARNING if status >= 500 else logging.INFO,
-            event="request",
-            request_id=state.get("request_id"),
-            caller=caller.name if isinstance(caller, Caller) else None,
-            method=scope["method"],
-            route=route,
-            path=scope["path"],
-            status=status,
-            code=code,
-            duration_ms=round(seconds * 1000, 1),
-            client=client_address(scope),
         )

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..auth import AuthenticationError, Authenticator
 from ..failures import Failure, PayloadTooLarge, UnsupportedMediaType
+from ..logs import REQUEST_ID
 from .access import client_address
 from .problems import problem_for_request
 
@@ -51,6 +52,8 @@ class RequestContextMiddleware:
         incoming = headers.get(REQUEST_ID_HEADER, "")
         request_id = incoming if _SANE_REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
         scope.setdefault("state", {})["request_id"] = request_id
+        # Every line logged while this request is served carries its id (logs.py).
+        token = REQUEST_ID.set(request_id)
         started = False
 
         async def send_with_id(message: Message) -> None:
@@ -68,6 +71,8 @@ class RequestContextMiddleware:
                 raise
             failure = Failure("An internal error occurred; the log has details.")
             await problem_for_request(failure, scope)(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
 
 
 class AuthenticationMiddleware:

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from .. import __version__
+from .. import __version__, logs
 from ..auth import Caller
 from ..exchange.backends import wait_for_warm_up
 from ..failures import ActionNotSupported, NotFound
@@ -152,6 +152,7 @@ def _readiness_checks(services: Services) -> dict[str, ReadinessCheck]:
         "configuration": ReadinessCheck(ok=True, detail=f"valid ({source})"),
         "backend": _probe(services),
         "journal": _journal_writable(services),
+        "logs": _logs_written(),
     }
 
 
@@ -167,6 +168,12 @@ def _probe(services: Services) -> ReadinessCheck:
         )
     except Exception as exc:  # any failure means "not ready"; the detail says which
         return ReadinessCheck(ok=False, detail=f"{type(exc).__name__}: {exc}")
+
+
+def _logs_written() -> ReadinessCheck:
+    """Not ready when the configured log file could not be opened (lines go to stderr)."""
+    found = logs.status()
+    return ReadinessCheck(ok=found.ok, detail=found.detail)
 
 
 def _journal_writable(services: Services) -> ReadinessCheck:
