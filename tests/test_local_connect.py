@@ -105,8 +105,11 @@ def test_each_startup_error_reaches_probe_doctor_and_readiness_with_its_fix(
         assert exchange.fix.startswith(FIXES[kind])
         assert TRANSCRIPT_HINT in exchange.fix
         # readiness
+        # 30 s between starts (the fake's 0.2 s cap would restart the slot while readiness
+        # is read).
         overrides = fake_powershell.settings(
             restart_backoff_seconds=30,
+            restart_backoff_max_seconds=30,
             **{k: v for k, v in local.items() if k != "remote_exchange_path"},
         )
         if kind == "remote_exchange_path":
@@ -251,6 +254,9 @@ def test_the_same_stderr_read_as_utf8_would_be_garbled(fake_powershell: FakePowe
 def test_probe_transcript_records_what_the_connect_printed(
     fake_powershell: FakePowerShell, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # Stop-Transcript writes the held lines and the end block when the probe closes the host:
+    # the probe must wait for the host to exit, not kill it.
+    fake_powershell.set(stop_transcript_seconds=0.5)
     config = write_config(fake_powershell, tmp_path, pool_size=4)
     transcript = tmp_path / "connect-transcript.txt"
     assert main(["probe", "--config", str(config), "--transcript", str(transcript)]) == 0
@@ -269,7 +275,9 @@ def test_probe_transcript_records_what_the_connect_printed(
 def test_a_failed_connect_transcript_holds_every_record(
     fake_powershell: FakePowerShell, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fake_powershell.set(fault="connect")
+    # host.ps1 sends the startup error, then stops the transcript and exits; a host killed on
+    # the startup error left a transcript without its records' tail and its end.
+    fake_powershell.set(fault="connect", stop_transcript_seconds=0.5)
     config = write_config(fake_powershell, tmp_path)
     transcript = tmp_path / "connect-transcript.txt"
     assert main(["probe", "--config", str(config), "--transcript", str(transcript)]) == 1

@@ -75,6 +75,7 @@ class FakePowerShell:
         )
         self.monkeypatch.delenv("VZP_FAKE_FAULT_STARTS", raising=False)
         self.monkeypatch.delenv("VZP_FAKE_CONNECT_SECONDS", raising=False)
+        self.monkeypatch.delenv("VZP_FAKE_STOP_TRANSCRIPT_SECONDS", raising=False)
         self.monkeypatch.delenv("VZP_FAKE_LATENCY_MS", raising=False)
         self.monkeypatch.delenv("VZP_FAKE_STDERR_ENCODING", raising=False)
 

@@ -42,6 +42,14 @@ read there, none of their code is copied here):
 * Start-Transcript (Microsoft's Start-Transcript documentation): with a `transcript` in the
   hello the fake writes a transcript file: a header block, what the Exchange steps printed
   (banner, tip, VERBOSE lines, error records) and an end block, like host.ps1's Show-Captured.
+* PowerShell's transcription (PowerShell/PowerShell,
+  src/System.Management.Automation/engine/hostifaces/MshHostUserInterface.cs: FlushPendingOutput,
+  TranscriptionOption.FlushContentToDisk and Dispose; the decompiled 5.1 engine reads the same):
+  lines wait in memory and a background task writes them; Stop-Transcript waits up to 1 s for
+  it. So the file is complete only once Stop-Transcript has run, and a host killed before that
+  leaves a transcript without its last lines and its end. With VZP_FAKE_STOP_TRANSCRIPT_SECONDS
+  the fake holds the lines until Stop-Transcript and takes that long; without it every line is
+  written at once.
 
 What host.ps1 does and the fake does the same way: the connect mutex (a flock on VZP_FAKE_MUTEX
 stands for `Global\VezaProvisioner-Connect-<SID>`; enter and leave times are logged), the
@@ -77,6 +85,8 @@ Environment (set by the test; user data never travels on the command line):
     VZP_FAKE_MUTEX            the file standing for the account's connect mutex (default: one
                               per user in the temporary folder, like the machine-wide mutex)
     VZP_FAKE_CONNECT_SECONDS  how long Connect-ExchangeServer takes (held under the mutex)
+    VZP_FAKE_STOP_TRANSCRIPT_SECONDS  how long Stop-Transcript takes to write the lines it
+                              still holds (all of them, when set) and the end block; default 0
     VZP_FAKE_LATENCY_MS       how long every cmdlet takes in all, default 0
     VZP_FAKE_STDERR_ENCODING  the code page of standard error, default utf-8 (cp850 on a
                               German or French Windows)
@@ -327,6 +337,11 @@ class Host:
         self.shared: SharedForest[dict[str, str | None]] | None = None
         self.stderr_encoding = os.environ.get("VZP_FAKE_STDERR_ENCODING") or "utf-8"
         self.transcript: IO[str] | None = None
+        stop = os.environ.get("VZP_FAKE_STOP_TRANSCRIPT_SECONDS")
+        #: How long Stop-Transcript takes; None: every transcript line is written at once.
+        self.stop_transcript_seconds = float(stop) if stop else None
+        #: Lines PowerShell's background writer has not written yet.
+        self.pending: list[str] = []
 
     def frame(self, message: dict[str, Any]) -> bytes:
         return self.prefix + json.dumps(message, ensure_ascii=True, separators=(",", ":")).encode()
@@ -479,7 +494,11 @@ class Host:
         for line in lines:
             if echo or self.transcript is not None:
                 write_line(line)
-            if self.transcript is not None:
+            if self.transcript is None:
+                continue
+            if self.stop_transcript_seconds is not None:
+                self.pending.append(line.decode("ascii"))
+            else:
                 self.transcript.write(line.decode("ascii") + "\n")
                 self.transcript.flush()
 
@@ -494,6 +513,9 @@ class Host:
     def end(self, code: int) -> NoReturn:
         """Exit-Host: stop the transcript, then exit."""
         if self.transcript is not None:
+            # Stop-Transcript: wait for the background writer, then the end block.
+            time.sleep(self.stop_transcript_seconds or 0)
+            self.transcript.writelines(f"{line}\n" for line in self.pending)
             self.transcript.write(
                 "**********************\n"
                 "Windows PowerShell transcript end\n"

@@ -39,7 +39,8 @@ from .protocol import (
 )
 from .startup import describe
 
-#: How long a recycled or shut-down host may take to release its session before it is killed.
+#: How long a recycled or shut-down host may take to release its session, and a host that
+#: reported a startup error may take to stop its transcript and exit, before it is killed.
 GRACE_SECONDS = 5.0
 _STDERR_TAIL_BYTES = 2048
 
@@ -202,9 +203,14 @@ class Host:
         if isinstance(message, Ready):
             self.ready = message
             return message
-        self.kill("startup_failed")
         if isinstance(message, StartupFailure):
+            # host.ps1 sends its startup error, then Exit-Host: Stop-Transcript, then exit.
+            # Killed at once, the transcript of `probe --transcript` lost its end, and on
+            # Windows possibly its last records (PowerShell writes a transcript from a
+            # background thread; Stop-Transcript waits for it).
+            self._let_exit("startup_failed")
             raise HostStartupFailed(describe(message, self.remote_exchange_path), kind=message.kind)
+        self.kill("startup_failed")
         if isinstance(message, _End):
             raise HostStartupFailed(self._ended_text("during startup", message))
         raise HostStartupFailed(
@@ -260,6 +266,16 @@ class Host:
             if self.end_reason is None:
                 self.end_reason = reason
             self._tree.kill()
+
+    def _let_exit(self, reason: str, grace: float = GRACE_SECONDS) -> None:
+        """The host said it is ending: wait (at most `grace`) for it to exit by itself, then
+        kill what is left of its tree. `reason` is its end reason, whoever notices the exit."""
+        with self._kill_lock:
+            if self.end_reason is None:
+                self.end_reason = reason
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._tree.process.wait(timeout=grace)
+        self.kill(reason)
 
     def close(self, grace: float = GRACE_SECONDS) -> None:
         """Close stdin (the host releases its session and exits); kill it after `grace`."""
