@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import socket
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from tests.conftest import TEST_DIRECTORY
 from tests.fakes.local_host import FakePowerShell
 from vezaprovisioner.auth import verify_password
-from vezaprovisioner.cli import main, parse_since, path_warnings
+from vezaprovisioner.cli import listening_socket, main, parse_since, path_warnings
 from vezaprovisioner.config import Settings
 from vezaprovisioner.exchange.local.process_tree import ProcessTree
 from vezaprovisioner.exchange.local.warm_pool import HostPool
@@ -247,3 +248,28 @@ def test_check_says_windows_paths_cannot_be_checked_off_windows() -> None:
     assert "exchange.powershell_path and exchange.remote_exchange_path" in warnings[0]
     on_windows = path_warnings(settings, on_windows=True)  # C:\... is not a file here
     assert any("exchange.powershell_path" in w and "does not exist" in w for w in on_windows)
+
+
+def test_serve_socket_accepts_connections_with_nodelay() -> None:
+    """Responses go out at once, not after the client's delayed ACK (about 40 ms each)."""
+
+    async def accepted_nodelay() -> int:
+        loop = asyncio.get_running_loop()
+        seen: asyncio.Future[int] = loop.create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                sock = transport.get_extra_info("socket")
+                seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await loop.create_server(Probe, sock=listening_socket("127.0.0.1", 0))
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            return await asyncio.wait_for(seen, timeout=20)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0

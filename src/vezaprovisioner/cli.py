@@ -50,7 +50,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 def listening_socket(host: str, port: int) -> socket.socket:
     """The server's socket, bound and listening (OSError when the address cannot be used)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on accepted sockets whose
+    # proto says TCP, and without it uvicorn's h11 protocol (headers and body written apart)
+    # waits for the client's delayed ACK, about 40 ms a response.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
         sock.bind((host, port))
