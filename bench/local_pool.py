@@ -173,7 +173,8 @@ def wait_ready(base: str, *, need_warm: bool, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            response = httpx.get(f"{base}/health/ready", timeout=5)
+            # The public /health/ready carries no detail; the pool's warmth is in the details.
+            response = httpx.get(f"{base}/health/ready/details", auth=(USER, PASSWORD), timeout=5)
             detail = response.json()["checks"]["backend"]["detail"]
             if not need_warm or (response.status_code == 200 and "0 starting" in detail):
                 return
