@@ -124,7 +124,7 @@ def run_case(
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_ready(base, need_warm=pool_size > 0, timeout=connect_seconds * 4 + 60)
+        wait_ready(base, pool_size=pool_size, timeout=connect_seconds * pool_size + 60)
         latencies: list[float] = []
         failures = 0
         lock = threading.Lock()
@@ -168,7 +168,7 @@ def run_case(
     )
 
 
-def wait_ready(base: str, *, need_warm: bool, timeout: float) -> None:
+def wait_ready(base: str, *, pool_size: int, timeout: float) -> None:
     """Poll readiness until the pool is fully warm (or, without a pool, the server answers)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -176,7 +176,9 @@ def wait_ready(base: str, *, need_warm: bool, timeout: float) -> None:
             # The public /health/ready carries no detail; the pool's warmth is in the details.
             response = httpx.get(f"{base}/health/ready/details", auth=(USER, PASSWORD), timeout=5)
             detail = response.json()["checks"]["backend"]["detail"]
-            if not need_warm or (response.status_code == 200 and "0 starting" in detail):
+            # Hosts waiting for the connect mutex are not "starting": count the warm ones.
+            warm = f"{pool_size}/{pool_size} PowerShell hosts warm"
+            if not pool_size or (response.status_code == 200 and detail.startswith(warm)):
                 return
         except (httpx.HTTPError, KeyError, ValueError):
             pass
