@@ -150,6 +150,7 @@ def test_a_ready_service_with_requests(
             "configuration",
             "backend",
             "journal",
+            "logs",
         ]
         assert all("ok" in (c.get_attribute("class") or "") for c in checks)
         rows = browser.find_elements(By.CSS_SELECTOR, "#requests tr.request")
