@@ -33,8 +33,10 @@ from vezaprovisioner.provisioning import CreateEmail, Provisioner
 
 
 def build(
-    variant: str, users: int, latency_ms: int, data_dir: Path
+    variant: str, users: int, latency_ms: int, data_dir: Path, *, open_journal: bool = False
 ) -> tuple[Provisioner, Callable[[], None]]:
+    """The flow for `variant` ("without" or "with/<synchronous>") and what closes it; with
+    `open_journal`, the journal file is created now rather than by the first request."""
     clock = SystemClock()
     exchange = SimulatedExchange(
         parse_directory(plain_users(users)), clock=clock, latency_ms=latency_ms
@@ -45,7 +47,18 @@ def build(
     journal_settings = JournalSettings(synchronous=variant.removeprefix("with/"))  # type: ignore[arg-type]
     journal = Journal(data_dir, journal_settings)
     claims = JournalClaims(journal, journal_settings, clock, InProcessClaims())
+    if open_journal:
+        journal.check_writable()
     return Provisioner(settings, exchange, clock, claims=claims, journal=journal), journal.close
+
+
+def timed_create(provisioner: Provisioner, i: int) -> float:
+    """CREATE_EMAIL for the directory's new user `bench{i}`; its wall time in seconds."""
+    started = time.perf_counter()
+    context = RequestContext(f"bench-{i}", "bench", "none", "127.0.0.1")
+    result = provisioner.create_email(CreateEmail(identity=f"CONTOSO\\bench{i}"), context)
+    assert result.status == "created"
+    return time.perf_counter() - started
 
 
 def run(variant: str, requests: int, concurrency: int, latency_ms: int) -> dict[str, float]:
@@ -54,11 +67,7 @@ def run(variant: str, requests: int, concurrency: int, latency_ms: int) -> dict[
         latencies: list[float] = []
 
         def one(i: int) -> None:
-            started = time.perf_counter()
-            context = RequestContext(f"bench-{i}", "bench", "none", "127.0.0.1")
-            result = provisioner.create_email(CreateEmail(identity=f"CONTOSO\\bench{i}"), context)
-            assert result.status == "created"
-            latencies.append(time.perf_counter() - started)
+            latencies.append(timed_create(provisioner, i))
 
         started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=concurrency) as pool:

@@ -22,15 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
-from bench_directory import plain_users
-
-from vezaprovisioner.clock import SystemClock
-from vezaprovisioner.config import JournalSettings, Settings
-from vezaprovisioner.exchange.simulated.directory import parse_directory
-from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
-from vezaprovisioner.journal.claims import InProcessClaims, JournalClaims
-from vezaprovisioner.journal.records import Journal, RequestContext
-from vezaprovisioner.provisioning import CreateEmail, Provisioner
+from journal_cost import build, timed_create
 
 
 def worker(
@@ -39,31 +31,24 @@ def worker(
     start: Barrier,
     results: multiprocessing.Queue[tuple[float, float, list[float]]],
 ) -> None:
-    clock = SystemClock()
-    exchange = SimulatedExchange(
-        parse_directory(plain_users(args.requests)), clock=clock, latency_ms=args.latency_ms
+    provisioner, close = build(
+        f"with/{args.synchronous}",
+        args.requests,
+        args.latency_ms,
+        Path(data_dir),
+        open_journal=True,  # the file exists before the clock starts
     )
-    settings = Settings.model_validate({"data_dir": data_dir, "not_found_retry_seconds": 0})
-    journal_settings = JournalSettings(synchronous=args.synchronous)
-    journal = Journal(Path(data_dir), journal_settings)
-    claims = JournalClaims(journal, journal_settings, clock, InProcessClaims())
-    provisioner = Provisioner(settings, exchange, clock, claims=claims, journal=journal)
-    journal.check_writable()  # the file exists before the clock starts
     latencies: list[float] = []
 
     def one(i: int) -> None:
-        started = time.perf_counter()
-        context = RequestContext(f"bench-{i}", "bench", "none", "127.0.0.1")
-        result = provisioner.create_email(CreateEmail(identity=f"CONTOSO\\bench{i}"), context)
-        assert result.status == "created"
-        latencies.append(time.perf_counter() - started)
+        latencies.append(timed_create(provisioner, i))
 
     start.wait(60)
     began = time.perf_counter()
     with ThreadPoolExecutor(args.concurrency) as pool:
         list(pool.map(one, range(args.requests)))
     ended = time.perf_counter()
-    journal.close()
+    close()
     results.put((began, ended, latencies))
 
 

@@ -94,9 +94,7 @@ def main() -> None:
             base = "/VezaProvisioner/api/v1/requests"
             deep = client.get(base, params={"limit": 500}).json()["next_cursor"]
             for _ in range(20):  # 10,000 records down
-                deep = client.get(base, params={"limit": 500, "cursor": deep}).json()[
-                    "next_cursor"
-                ]
+                deep = client.get(base, params={"limit": 500, "cursor": deep}).json()["next_cursor"]
             print(f"journal of {args.records} records, {args.repeat} runs each")
             timed("list: first page (50)", args.repeat, lambda: client.get(base))
             timed(
@@ -114,7 +112,9 @@ def main() -> None:
                 args.repeat,
                 lambda: client.get(base, params={"identity": "CONTOSO\\user42"}),
             )
-            timed("/status (whole page)", args.repeat, lambda: client.get("/VezaProvisioner/status"))
+            timed(
+                "/status (whole page)", args.repeat, lambda: client.get("/VezaProvisioner/status")
+            )
 
 
 if __name__ == "__main__":

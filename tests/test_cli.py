@@ -23,7 +23,7 @@ from vezaprovisioner.cli import listening_socket, main, parse_since, path_warnin
 from vezaprovisioner.config import Settings
 from vezaprovisioner.exchange.local.process_tree import ProcessTree
 from vezaprovisioner.exchange.local.warm_pool import HostPool
-from vezaprovisioner.journal.records import JOURNAL_FILE
+from vezaprovisioner.journal.store import JOURNAL_FILE
 
 EXECUTABLE = Path(sys.executable).with_name("vezaprovisioner")
 

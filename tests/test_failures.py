@@ -56,7 +56,7 @@ from vezaprovisioner.failures import (
 )
 from vezaprovisioner.journal.claims import IdentityBusy
 from vezaprovisioner.journal.idempotency import IdempotencyKeyInUse, IdempotencyKeyMismatch
-from vezaprovisioner.journal.records import JournalUnavailable
+from vezaprovisioner.journal.store import JournalUnavailable
 from vezaprovisioner.provisioning import (
     AliasMismatch,
     AliasRequired,

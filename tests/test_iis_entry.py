@@ -21,6 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.conftest import TEST_DIRECTORY
+from tests.harness.iis import BASE, DEFAULT_USER, IIS_PASSWORD, iis_server_variables
 from vezaprovisioner import logs
 from vezaprovisioner.api.app import create_app
 from vezaprovisioner.config import Settings
@@ -30,9 +31,7 @@ from vezaprovisioner.iis_entry import (
     server_variables,
 )
 
-BASE = "/VezaProvisioner"
 EMAILS = f"{BASE}/api/v1/emails"
-IIS_PASSWORD = "Sup3r-secret-IIS-password"
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -53,62 +52,40 @@ class Request:
 
     method: str
     path: str
-    user: str | None = "CONTOSO\\svc-veza"
+    user: str | None = DEFAULT_USER
     https: bool = True
     split_script_name: bool = False  # SCRIPT_NAME=/VezaProvisioner, PATH_INFO=the rest
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
 
     def environ(self) -> dict[str, Any]:
-        path, _, query = self.path.partition("?")
+        environ: dict[str, Any] = iis_server_variables(
+            self.method,
+            self.path,
+            self.user,
+            https=self.https,
+            physical_path="C:\\VezaProvisioner\\app\\",
+            headers=self.headers,
+        )
+        path = environ["URL"]
         script_name, path_info = ("", path)
         if self.split_script_name and path.lower().startswith(BASE.lower()):
             script_name, path_info = path[: len(BASE)], path[len(BASE) :]
-        user = self.user or ""
-        environ: dict[str, Any] = {
-            "REQUEST_METHOD": self.method,
-            "SCRIPT_NAME": script_name,
-            "PATH_INFO": path_info,
-            "URL": path,
-            "QUERY_STRING": query,
-            "SERVER_NAME": "ex01.contoso.com",
-            "SERVER_PORT": "443" if self.https else "80",
-            "SERVER_PORT_SECURE": "1" if self.https else "0",
-            "SERVER_PROTOCOL": "HTTP/1.1",
-            "SERVER_SOFTWARE": "Microsoft-IIS/10.0",
-            "GATEWAY_INTERFACE": "CGI/1.1",
-            "HTTPS": "on" if self.https else "off",
-            "REMOTE_ADDR": "10.0.0.5",
-            "REMOTE_HOST": "10.0.0.5",
-            "REMOTE_PORT": "50123",
-            "LOCAL_ADDR": "10.0.0.10",
-            "INSTANCE_ID": "1",
-            "APPL_MD_PATH": "/LM/W3SVC/1/ROOT/VezaProvisioner",
-            "APPL_PHYSICAL_PATH": "C:\\VezaProvisioner\\app\\",
-            # IIS sends these empty when Anonymous authentication let the request in.
-            "AUTH_TYPE": "Basic" if user else "",
-            "AUTH_USER": user,
-            "REMOTE_USER": user,
-            "LOGON_USER": user,
-            "AUTH_PASSWORD": IIS_PASSWORD if user else "",
-            "HTTP_HOST": "ex01.contoso.com",
-            "HTTP_USER_AGENT": "Veza/1.0",
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "https" if self.https else "http",
-            "wsgi.input": io.BytesIO(self.body),
-            "wsgi.errors": io.StringIO(),
-            "wsgi.multithread": False,
-            "wsgi.multiprocess": True,
-            "wsgi.run_once": False,
-        }
-        if user:
-            token = base64.b64encode(f"{user}:{IIS_PASSWORD}".encode()).decode()
-            environ["HTTP_AUTHORIZATION"] = f"Basic {token}"
+        environ["SCRIPT_NAME"], environ["PATH_INFO"] = script_name, path_info
+        environ.update(
+            {
+                "wsgi.version": (1, 0),
+                "wsgi.url_scheme": "https" if self.https else "http",
+                "wsgi.input": io.BytesIO(self.body),
+                "wsgi.errors": io.StringIO(),
+                "wsgi.multithread": False,
+                "wsgi.multiprocess": True,
+                "wsgi.run_once": False,
+            }
+        )
         if self.body:
             environ["CONTENT_TYPE"] = "application/json"
             environ["CONTENT_LENGTH"] = str(len(self.body))
-        for name, value in self.headers.items():
-            environ["HTTP_" + name.upper().replace("-", "_")] = value
         return environ
 
 

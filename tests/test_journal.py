@@ -21,13 +21,8 @@ from vezaprovisioner.config import JournalSettings, Settings
 from vezaprovisioner.exchange.port import DirectoryUser, EnableMailbox, Recipient
 from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 from vezaprovisioner.journal.claims import ClaimTable, IdentityBusy, InProcessClaims, JournalClaims
-from vezaprovisioner.journal.records import (
-    JOURNAL_FILE,
-    MIGRATIONS,
-    Journal,
-    JournalUnavailable,
-    RequestContext,
-)
+from vezaprovisioner.journal.records import Journal, RequestContext
+from vezaprovisioner.journal.store import JOURNAL_FILE, MIGRATIONS, JournalUnavailable
 
 EMAILS = "/VezaProvisioner/api/v1/emails"
 REQUESTS = "/VezaProvisioner/api/v1/requests"

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO_ROOT
 from vezaprovisioner import __version__
-from vezaprovisioner.journal.records import JOURNAL_FILE
+from vezaprovisioner.journal.store import JOURNAL_FILE
 from vezaprovisioner.services import Services
 
 METRICS = "/VezaProvisioner/metrics"

@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -100,7 +101,14 @@ class Wine:
 
     def msiexec(self, *args: str, log: str = "msiexec") -> int:
         """msiexec with a verbose log in C:\\vpfake\\<log>.log; returns its exit code."""
-        return self.run("msiexec", *args, "/qn", "/l*v", f"C:\\vpfake\\{log}.log").returncode
+        done = self.run("msiexec", *args, "/qn", "/l*v", f"C:\\vpfake\\{log}.log")
+        if done.returncode != 0:  # shown by pytest when the test fails: what Wine and msiexec said
+            verbose = self.host_path(f"C:\\vpfake\\{log}.log")
+            tail = verbose.read_text("utf-8", "replace")[-4000:] if verbose.exists() else ""
+            print(
+                f"msiexec {args} exited {done.returncode}\n{done.stdout}\n{tail}", file=sys.stderr
+            )
+        return done.returncode
 
     def registry(self, key: str) -> dict[str, str]:
         """The values of `key` (64-bit view); {} when it does not exist."""

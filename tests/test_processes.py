@@ -27,7 +27,7 @@ import pytest
 
 from tests.conftest import AUTH, REPO_ROOT, TEST_DIRECTORY
 from tests.fakes.shared_exchange import read_calls, read_changes, read_queued
-from vezaprovisioner.journal.records import JOURNAL_FILE
+from vezaprovisioner.journal.store import JOURNAL_FILE
 from vezaprovisioner.logs import dated_files
 
 BASE = "/VezaProvisioner"

@@ -138,6 +138,19 @@ def _pip(cache_dir: Path | None) -> list[str]:
     return base + (["--cache-dir", str(cache_dir)] if cache_dir else [])
 
 
+def _windows_wheels(python: str) -> list[str]:
+    """pip's options that pick wheels for 64-bit Windows and CPython `python`, not this machine."""
+    return [
+        "--only-binary=:all:",
+        "--platform",
+        PIP_PLATFORM,
+        "--python-version",
+        python,
+        "--implementation",
+        "cp",
+    ]
+
+
 def _uv_compile(
     requirement: str, python: str, links: Sequence[Path], cache_dir: Path | None, *, offline: bool
 ) -> list[str]:
@@ -240,13 +253,7 @@ def verify_requirements(bundle: Path) -> None:
                     "--ignore-installed",
                     "--target",
                     target,
-                    "--platform",
-                    PIP_PLATFORM,
-                    "--python-version",
-                    python,
-                    "--implementation",
-                    "cp",
-                    "--only-binary=:all:",
+                    *_windows_wheels(python),
                     "--no-index",
                     "--find-links",
                     bundle / "wheelhouse",
@@ -310,13 +317,7 @@ def build(
                     "download",
                     "--no-deps",
                     "--require-hashes",
-                    "--only-binary=:all:",
-                    "--platform",
-                    PIP_PLATFORM,
-                    "--python-version",
-                    python,
-                    "--implementation",
-                    "cp",
+                    *_windows_wheels(python),
                     "--dest",
                     downloads,
                     "-r",

@@ -28,7 +28,8 @@ from .exchange.backends import open_exchange
 from .exchange.errors import ExchangeError
 from .exchange.local.backend import LocalExchange
 from .failures import Failure
-from .journal.records import STATES, Journal, JournalUnavailable, RequestContext
+from .journal.records import STATES, Journal, RequestContext
+from .journal.store import JournalUnavailable
 from .provisioning import CreateEmail
 from .services import build_services
 from .validation import InvalidValue, validate_alias, validate_identity

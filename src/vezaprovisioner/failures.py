@@ -21,7 +21,7 @@
     │   ├── PathMismatch          400 PATH_MISMATCH
     │   ├── AliasMismatch         409 ALIAS_MISMATCH
     │   └── AliasRequired         422 ALIAS_REQUIRED
-    ├── JournalUnavailable        503 JOURNAL_UNAVAILABLE  (journal/records.py)
+    ├── JournalUnavailable        503 JOURNAL_UNAVAILABLE  (journal/store.py)
     ├── IdentityBusy              503 IDENTITY_BUSY        (journal/claims.py)
     └── ExchangeError             502 EXCHANGE_ERROR       (exchange/errors.py: Exchange's branch)
 

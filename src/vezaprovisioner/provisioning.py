@@ -33,7 +33,8 @@ from .exchange.port import (
 )
 from .failures import Failure, as_failure
 from .journal.claims import ClaimGate, ClaimLost, ClaimTable, InProcessClaims, UserClaims
-from .journal.records import Journal, JournalUnavailable, RequestContext
+from .journal.records import Journal, RequestContext
+from .journal.store import JournalUnavailable
 from .validation import InvalidValue, validate_alias
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,8 @@ from .exchange.port import (
 )
 from .failures import Failure
 from .journal.claims import ClaimTable, UserClaims
-from .journal.records import Journal, JournalUnavailable, Record, State
+from .journal.records import Journal, Record, State
+from .journal.store import JournalUnavailable
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -37,6 +37,7 @@ import subprocess
 import sys
 import sysconfig
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,59 @@ class Reply:
         return json.loads(self.body)
 
 
+def iis_server_variables(
+    method: str,
+    path: str,
+    user: str | None,
+    *,
+    logon_user: str | None = None,
+    https: bool = True,
+    physical_path: str,
+    headers: Mapping[str, str],
+) -> dict[str, str]:
+    """The server variables IIS sends for a request of `path` (with an optional ?query) after
+    Basic authentication of `user` (None: anonymous, the variables empty), as listed above;
+    SCRIPT_NAME, PATH_INFO and URL all hold the path. Without CONTENT_TYPE/CONTENT_LENGTH."""
+    path, _, query = path.partition("?")
+    user = user or ""
+    logon = logon_user if logon_user is not None else user
+    variables = {
+        "REQUEST_METHOD": method,
+        "SCRIPT_NAME": path,
+        "PATH_INFO": path,
+        "URL": path,
+        "QUERY_STRING": query,
+        "SERVER_NAME": "ex01.contoso.com",
+        "SERVER_PORT": "443" if https else "80",
+        "SERVER_PORT_SECURE": "1" if https else "0",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "SERVER_SOFTWARE": "Microsoft-IIS/10.0",
+        "GATEWAY_INTERFACE": "CGI/1.1",
+        "HTTPS": "on" if https else "off",
+        "REMOTE_ADDR": "10.0.0.5",
+        "REMOTE_HOST": "10.0.0.5",
+        "REMOTE_PORT": "50123",
+        "LOCAL_ADDR": "10.0.0.10",
+        "INSTANCE_ID": "1",
+        "APPL_MD_PATH": "/LM/W3SVC/1/ROOT/VezaProvisioner",
+        "APPL_PHYSICAL_PATH": physical_path,
+        # IIS sends these empty when Anonymous authentication let the request in.
+        "AUTH_TYPE": "Basic" if user else "",
+        "AUTH_USER": user,
+        "REMOTE_USER": user,
+        "LOGON_USER": logon,
+        "AUTH_PASSWORD": IIS_PASSWORD if user else "",
+        "HTTP_HOST": "ex01.contoso.com",
+        "HTTP_USER_AGENT": "Veza/1.0",
+    }
+    if user:
+        token = base64.b64encode(f"{user}:{IIS_PASSWORD}".encode()).decode()
+        variables["HTTP_AUTHORIZATION"] = f"Basic {token}"
+    for name, value in headers.items():
+        variables["HTTP_" + name.upper().replace("-", "_")] = value
+    return variables
+
+
 @dataclass
 class IisRequest:
     """One request as IIS's FastCGI module hands it over, after IIS authenticated the caller."""
@@ -110,46 +164,20 @@ class IisRequest:
     headers: dict[str, str] = field(default_factory=dict)
 
     def params(self, site: Path) -> dict[str, bytes]:
-        path, _, query = self.path.partition("?")
-        user = self.user or ""
-        logon = self.logon_user if self.logon_user is not None else user
-        variables: dict[str, str | bytes] = {
-            "REQUEST_METHOD": self.method,
-            "SCRIPT_NAME": path.encode(),
-            "PATH_INFO": path.encode(),
-            "URL": path.encode(),
-            "QUERY_STRING": query,
-            "SERVER_NAME": "ex01.contoso.com",
-            "SERVER_PORT": "443" if self.https else "80",
-            "SERVER_PORT_SECURE": "1" if self.https else "0",
-            "SERVER_PROTOCOL": "HTTP/1.1",
-            "SERVER_SOFTWARE": "Microsoft-IIS/10.0",
-            "GATEWAY_INTERFACE": "CGI/1.1",
-            "HTTPS": "on" if self.https else "off",
-            "REMOTE_ADDR": "10.0.0.5",
-            "REMOTE_HOST": "10.0.0.5",
-            "REMOTE_PORT": "50123",
-            "LOCAL_ADDR": "10.0.0.10",
-            "INSTANCE_ID": "1",
-            "APPL_MD_PATH": "/LM/W3SVC/1/ROOT/VezaProvisioner",
-            "APPL_PHYSICAL_PATH": f"{site}{os.sep}",
-            "AUTH_TYPE": "Basic" if user else "",
-            "AUTH_USER": user,
-            "REMOTE_USER": user,
-            "LOGON_USER": logon,
-            "AUTH_PASSWORD": IIS_PASSWORD if user else "",
-            "CONTENT_LENGTH": str(len(self.body)),
-            "HTTP_HOST": "ex01.contoso.com",
-            "HTTP_USER_AGENT": "Veza/1.0",
-        }
+        variables = iis_server_variables(
+            self.method,
+            self.path,
+            self.user,
+            logon_user=self.logon_user,
+            https=self.https,
+            physical_path=f"{site}{os.sep}",
+            headers=self.headers,
+        )
+        variables["CONTENT_LENGTH"] = str(len(self.body))
         if self.body and self.content_type:
             variables["CONTENT_TYPE"] = self.content_type
-        if user:
-            token = base64.b64encode(f"{user}:{IIS_PASSWORD}".encode()).decode()
-            variables["HTTP_AUTHORIZATION"] = f"Basic {token}"
-        for name, value in self.headers.items():
-            variables["HTTP_" + name.upper().replace("-", "_")] = value
-        return {k: v if isinstance(v, bytes) else v.encode() for k, v in variables.items()}
+        # IIS sends the path's UTF-8 bytes (wfastcgi decodes latin-1).
+        return {name: value.encode() for name, value in variables.items()}
 
 
 def post(path: str, payload: object, **kwargs: Any) -> IisRequest:

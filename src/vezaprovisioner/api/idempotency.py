@@ -22,7 +22,7 @@ from starlette.responses import Response
 
 from ..failures import as_failure
 from ..journal.idempotency import IdempotencyKeyInUse, IdempotencyKeyMismatch, IdempotencyKeys
-from ..journal.records import JournalUnavailable
+from ..journal.store import JournalUnavailable
 from ..provisioning import CreateEmail
 from .problems import FAILURE_CODE_STATE, problem_response
 from .validation_errors import validation_failure

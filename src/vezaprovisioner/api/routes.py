@@ -21,7 +21,8 @@ from ..auth import Caller
 from ..exchange.backends import wait_for_warm_up
 from ..failures import ActionNotSupported, NotFound
 from ..journal.idempotency import IdempotencyKeys
-from ..journal.records import JournalUnavailable, RequestContext, State
+from ..journal.records import RequestContext, State
+from ..journal.store import JournalUnavailable
 from ..metrics import CONTENT_TYPE
 from ..services import Services
 from ..validation import InvalidValue, validate_identity

@@ -32,7 +32,8 @@ from ..clock import Clock
 from ..config import JournalSettings
 from ..failures import Failure
 from .liveness import owner_gone, process_token
-from .records import Journal, JournalUnavailable
+from .records import Journal
+from .store import JournalUnavailable
 
 log = logging.getLogger(__name__)
 
