@@ -119,17 +119,7 @@ def section_attributes(document: bytes, section: str) -> dict[str, str]:
     <system.webServer-security-access sslFlags="Ssl" /></CONFIG></appcmd>`: the section element
     is named after the section with '/' turned into '-'.
     """
-    try:
-        root = ET.fromstring(document)  # noqa: S314 - output of the local appcmd.exe
-    except ET.ParseError as exc:
-        raise IisReadError(f"appcmd's output for {section} is not XML: {exc}") from exc
-    for config in root.iter("CONFIG"):
-        if config.attrib.get("CONFIG.SECTION", "").lower() == section.lower():
-            element = config.find(section.replace("/", "-"))
-            if element is None and len(config):
-                element = config[0]
-            return dict(element.attrib) if element is not None else {}
-    raise IisReadError(f"appcmd's output has no {section} section")
+    return dict(section_element(document, section).attrib)
 
 
 def _flag(value: str | None, default: bool) -> bool:
