@@ -100,15 +100,34 @@ class Wine:
         return self.prefix.joinpath("drive_c", *path.parts[1:])
 
     def msiexec(self, *args: str, log: str = "msiexec") -> int:
-        """msiexec with a verbose log in C:\\vpfake\\<log>.log; returns its exit code."""
-        done = self.run("msiexec", *args, "/qn", "/l*v", f"C:\\vpfake\\{log}.log")
-        if done.returncode != 0:  # shown by pytest when the test fails: what Wine and msiexec said
-            verbose = self.host_path(f"C:\\vpfake\\{log}.log")
-            tail = verbose.read_text("utf-8", "replace")[-4000:] if verbose.exists() else ""
-            print(
-                f"msiexec {args} exited {done.returncode}\n{done.stdout}\n{tail}", file=sys.stderr
-            )
-        return done.returncode
+        """msiexec with a verbose log in C:\\vpfake\\<log>.log; returns its exit code.
+
+        The log is deleted first: msiexec creates it (MsiEnableLogW, read in Wine's
+        programs/msiexec/msiexec.c) while it parses its command line, before Windows Installer
+        does anything, and Wine 8's MsiEnableLogW never fails (dlls/msi/msi.c). Exit 1 with no
+        log at all therefore means msiexec.exe never ran: Wine itself failed to start the
+        process (its loader's fatal_error() exits 1, e.g. when it cannot reach the wineserver:
+        dlls/ntdll/unix/server.c), and no installation state was touched. Only then is the
+        same command started once more; every other exit is returned as it is, so a product
+        failure is never retried away."""
+        verbose = self.host_path(f"C:\\vpfake\\{log}.log")
+        for attempt in (1, 2):
+            verbose.unlink(missing_ok=True)
+            done = self.run("msiexec", *args, "/qn", "/l*v", f"C:\\vpfake\\{log}.log")
+            started = verbose.exists()
+            if done.returncode != 0:  # shown by pytest when the test fails
+                tail = verbose.read_text("utf-8", "replace")[-4000:] if started else "(no log)"
+                print(
+                    f"msiexec {args} exited {done.returncode} (attempt {attempt})\n"
+                    f"{done.stdout}\n{tail}",
+                    file=sys.stderr,
+                )
+            if done.returncode != 1 or started:
+                return done.returncode
+        raise AssertionError(
+            f"Wine could not start msiexec {args} twice (exit {done.returncode}, no log): "
+            f"{done.stdout}"
+        )
 
     def registry(self, key: str) -> dict[str, str]:
         """The values of `key` (64-bit view); {} when it does not exist."""
@@ -233,6 +252,9 @@ def machine(wine: Wine) -> Iterator[Wine]:
         wine.msiexec("/x", code, log="cleanup")
     wine.run("reg", "delete", REMEMBERED_KEY, "/f", "/reg:64")
     wine.host_path("C:\\vpfake\\calls.log").unlink(missing_ok=True)
+    # A product left behind would change what the next test installs (an upgrade, a refused
+    # downgrade): say so here, at the test that left it, not as a puzzle in the next one.
+    assert wine.products() == {}, "cleanup could not uninstall what the test left"
 
 
 def scripts(calls: list[tuple[list[str], int]]) -> list[str]:
