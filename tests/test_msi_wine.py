@@ -457,3 +457,45 @@ def test_a_signed_msi_installs_the_same(machine: Wine, wine_bundle: Path, tmp_pa
     assert machine.installed_files() == sorted(tree_digest(wine_bundle))
     installed = machine.host_path("C:\\Program Files\\VezaProvisioner\\deploy\\iis\\install.ps1")
     assert b"# SIG # Begin signature block" in installed.read_bytes()
+
+
+class _ScriptedWine(Wine):
+    """`wine` replaced by a script of outcomes: (exit code, whether msiexec wrote its log)."""
+
+    def __init__(self, prefix: Path, outcomes: list[tuple[int, bool]]) -> None:
+        super().__init__(prefix, {})
+        self.outcomes = outcomes
+        self.started = 0
+
+    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        code, writes_log = self.outcomes[self.started]
+        self.started += 1
+        if writes_log:
+            self.host_path(args[-1]).write_text("=== Verbose logging started\n", encoding="utf-8")
+        return subprocess.CompletedProcess(["wine", *args], code, "wine: said something\n", "")
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "expected", "started"),
+    [
+        ([(1, False), (0, True)], 0, 2),  # Wine failed to start it: the same command once more
+        ([(1, True)], 1, 1),  # msiexec ran and said 1: returned, never repeated
+        ([(1603, True)], 1603, 1),
+        ([(2, False)], 2, 1),  # not Wine's start failure: returned as it is
+    ],
+)
+def test_msiexec_is_started_again_only_when_wine_could_not_start_it(
+    tmp_path: Path, outcomes: list[tuple[int, bool]], expected: int, started: int
+) -> None:
+    machine = _ScriptedWine(tmp_path, outcomes)
+    machine.host_path("C:\\vpfake").mkdir(parents=True)
+    machine.host_path("C:\\vpfake\\msiexec.log").write_text("an earlier run's log")
+    assert machine.msiexec("/x", "x.msi") == expected
+    assert machine.started == started
+
+
+def test_msiexec_that_wine_cannot_start_twice_fails_the_test(tmp_path: Path) -> None:
+    machine = _ScriptedWine(tmp_path, [(1, False), (1, False)])
+    machine.host_path("C:\\vpfake").mkdir(parents=True)
+    with pytest.raises(AssertionError, match="Wine could not start msiexec"):
+        machine.msiexec("/x", "x.msi")
