@@ -4,10 +4,11 @@ Every record becomes one JSON line with ECS-style field names (README, Logs: the
 access log, the audit trail and the journal share). Records do no I/O on the thread that logs
 them: a `QueueHandler` on the root logger stamps the request id of the request being served
 (the `REQUEST_ID` context variable) and hands them to one writer thread (a `QueueListener`),
-which formats each once and appends it to its file. The audit trail uses the same writer thread
-(audit.py). Files are named by day and never renamed (`DatedFileHandler`), so the several
-FastCGI processes IIS runs can all append to them; whether a file is due to change (a new day,
-or `max_bytes` reached) is checked once per `CHECK_SECONDS`, not per record.
+which formats each once and appends it to its file. (The audit trail writes its lines itself, on
+the request's thread, before the response: audit.py.) Files are named by day and never renamed
+(`DatedFileHandler`), so the several FastCGI processes IIS runs can all append to them; whether
+a file is due to change (a new day, or `max_bytes` reached) is checked once per `CHECK_SECONDS`,
+not per record.
 
 `configure_logging(settings)` picks the destination: `logging.file` under data_dir, or standard
 error when it is empty. Standard error is looked up when a line is written, never bound: wfastcgi
@@ -262,21 +263,31 @@ class DatedFileHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
-            created = record.created
-            if (
-                self._descriptor is None
-                or created >= self._next_check
-                or created >= self._next_midnight
-                or self._size + len(data) > self.max_bytes
-            ):
-                self._roll(created, len(data))
-            self._pending.append(data)
-            self._pending_bytes += len(data)
-            self._size += len(data)
+            self._append(data, record.created)
             if self._pending_bytes >= _BATCH_BYTES:
                 self._write_pending()
         except Exception:
             self.handleError(record)
+
+    def write_now(self, record: logging.LogRecord) -> None:
+        """Formats and appends `record` on the calling thread, written when this returns
+        (the audit trail's lines); errors are raised, not handed to handleError."""
+        with _locked(self):
+            data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+            self._append(data, record.created)
+            self._write_pending()
+
+    def _append(self, data: bytes, created: float) -> None:
+        if (
+            self._descriptor is None
+            or created >= self._next_check
+            or created >= self._next_midnight
+            or self._size + len(data) > self.max_bytes
+        ):
+            self._roll(created, len(data))
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        self._size += len(data)
 
     def _write_pending(self) -> None:
         if not self._pending or self._descriptor is None:
@@ -356,8 +367,8 @@ class StderrHandler(logging.Handler):
 
 
 class _Router(logging.Handler):
-    """The listener's only handler: each record goes to its `sink` (an audit trail's file) or,
-    by default, to the log destination `configure_logging` chose."""
+    """The listener's only handler: each record goes to the log destination
+    `configure_logging` chose."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -365,8 +376,7 @@ class _Router(logging.Handler):
         self._dirty: set[logging.Handler] = set()
 
     def emit(self, record: logging.LogRecord) -> None:
-        sink = getattr(record, "sink", None)
-        target = sink if isinstance(sink, logging.Handler) else self.sink
+        target = self.sink
         target.handle(record)
         self._dirty.add(target)
 
