@@ -120,7 +120,14 @@ class BodyLimitMiddleware:
         max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self.app = app
-        self.routes = routes
+        # Only the routes that take a body are matched against each request (the app's other
+        # routes would only cost a regex match each). The stack is built at the first request,
+        # when every route exists.
+        self.routes = [
+            route
+            for route in routes
+            if getattr(route, "methods", None) is None or route.methods & _BODY_METHODS  # type: ignore[attr-defined]
+        ]
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
