@@ -11,6 +11,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timezone
 from functools import partial
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -245,7 +246,7 @@ async def _create(
         created = result.status == "created"
         headers = {}
         if created:
-            headers["Location"] = request.url_for("read_email", identity=result.guid).path
+            headers["Location"] = _email_path(request, result.guid)
         return JSONResponse(
             response.model_dump(mode="json"), status_code=201 if created else 200, headers=headers
         )
@@ -280,6 +281,13 @@ async def read_email(
         ) from exc
     state = await services.flows.run(partial(services.provisioner.read_state, identity))
     return RecipientStateResponse.build(state, request_id)
+
+
+def _email_path(request: Request, guid: str) -> str:
+    """The path of `read_email` for this mailbox (the Location of a 201), built directly:
+    `request.url_for` walks every route and builds a whole URL for each response."""
+    base = request.scope.get("root_path", "") + request.app.state.services.settings.base_path
+    return f"{base}/api/v1/emails/{quote(guid, safe='')}"
 
 
 def _context(request: Request, request_id: str) -> RequestContext:
