@@ -504,7 +504,10 @@ class _StampingQueueHandler(logging.handlers.QueueHandler):
     """Freezes a record on the logging thread (message, traceback, request id) and queues it."""
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        record = copy.copy(record)
+        if record.args or record.exc_info:
+            # Other handlers of the same record must still see its own msg/args/exc_info; a
+            # record with neither (the access log's) only gains request_id, so it is not copied.
+            record = copy.copy(record)
         if not hasattr(record, "request_id"):
             record.request_id = REQUEST_ID.get()
         record.msg = record.getMessage()
@@ -584,6 +587,11 @@ def configure_logging(settings: Settings) -> LogStatus:
     if old is not handler:
         WRITER.flush()
         old.close()
+    # What no line here shows is not collected per record (the logging HOWTO's "Optimization"):
+    # the caller's file and line (a walk up the stack), the thread's and the process's names.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     if not any(h.get_name() == _QUEUE_HANDLER_NAME for h in root.handlers):
         queued = _StampingQueueHandler(WRITER.queue)
