@@ -404,7 +404,8 @@ def _default_sink() -> logging.Handler:
 
 
 class _Listener(logging.handlers.QueueListener):
-    """Flushes whenever the queue runs empty, and wakes those waiting for their record."""
+    """Takes records in batches, flushes whenever the queue runs empty, and wakes those waiting
+    for their record."""
 
     def __init__(self, records: queue.Queue[logging.LogRecord | None], router: _Router) -> None:
         super().__init__(records, router)
@@ -414,6 +415,30 @@ class _Listener(logging.handlers.QueueListener):
 
     #: At most this many records wait for their flush while the queue keeps filling.
     GROUP = 256
+    #: After a batch the writer looks again this much later instead of waiting on the queue, as
+    #: long as it keeps finding records: a busy service's records are then taken in batches and
+    #: a logging call finds nobody to wake (each wake-up is a thread switch and a hand-off of
+    #: the GIL on the request's thread). An idle writer blocks until the next record.
+    LINGER_SECONDS = 0.02
+    _busy = False
+
+    def dequeue(self, block: bool) -> logging.LogRecord:  # or None, the stop sentinel
+        return self._next(block)  # type: ignore[return-value]
+
+    def _next(self, block: bool) -> logging.LogRecord | None:
+        try:
+            return self.records.get_nowait()
+        except queue.Empty:
+            pass
+        if self._busy:
+            time.sleep(self.LINGER_SECONDS)  # a batching interval: records keep coming meanwhile
+            try:
+                return self.records.get_nowait()
+            except queue.Empty:
+                self._busy = False
+        record = self.records.get(block)
+        self._busy = True
+        return record
 
     def handle(self, record: logging.LogRecord) -> None:
         try:
