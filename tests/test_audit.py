@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import PASSWORD, USER, basic
+from vezaprovisioner import logs
 from vezaprovisioner.audit import AuditEvent, AuditTrail
 from vezaprovisioner.config import AuditSettings
 from vezaprovisioner.logs import dated_files
@@ -122,6 +125,31 @@ def test_non_printable_characters_from_any_field_are_escaped(tmp_path: Path, hos
     assert raw.rstrip("\n").isprintable()
     (line,) = audit_lines(tmp_path)
     assert line["user.name"] == line["http.request.id"] == line["vezaprovisioner.detail"] == hostile
+
+
+def test_the_line_is_written_on_the_requests_thread_not_behind_the_log_writer(
+    tmp_path: Path,
+) -> None:
+    """The audit line is in the file when `write` returns even while the logging writer
+    thread is stuck (a log destination that blocks): no hand-off to that thread and back."""
+    stuck, entered = threading.Event(), threading.Event()
+
+    class Blocking(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            entered.set()
+            stuck.wait(30)
+
+    old = logs.WRITER.use_sink(Blocking())
+    try:
+        logging.getLogger("vezaprovisioner.test").warning("the writer thread takes this one")
+        assert entered.wait(10)
+        trail = AuditTrail(tmp_path, AuditSettings())
+        trail.write(_event("while-stuck", request_id="r-stuck"))
+        assert [line["http.request.id"] for line in audit_lines(tmp_path)] == ["r-stuck"]
+        trail.close()
+    finally:
+        stuck.set()
+        logs.WRITER.use_sink(old)
 
 
 def test_an_unwritable_trail_is_logged_not_raised(tmp_path: Path) -> None:

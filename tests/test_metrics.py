@@ -211,10 +211,14 @@ def test_invented_methods_and_paths_add_no_series(
     invent(0)
     client.get(METRICS)  # its own series exist from here on
     before = series(client.get(METRICS).text)
+    metrics = client.app.state.services.metrics  # type: ignore[attr-defined]
+    children_before = len(metrics.requests_by._children)
     for n in range(1, 60):
         invent(n)
     after = series(client.get(METRICS).text)
     assert after == before
+    # ... nor the per-request cache of labelled children (metrics.Children).
+    assert len(metrics.requests_by._children) == children_before
     labels = {
         dict(key[1]).get(name)
         for key in after

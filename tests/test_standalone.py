@@ -8,6 +8,7 @@ upper bounds for a failure, never the thing measured.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ from tests.fakes.clock import FakeClock
 from vezaprovisioner.api.app import create_app
 from vezaprovisioner.config import Settings
 from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
-from vezaprovisioner.standalone import uvicorn_config
+from vezaprovisioner.standalone import CoalescingTransport, uvicorn_config
 
 SLOW_CLIENT = "127.0.0.2"
 #: How long a test waits for the server to close a connection before it calls that a failure.
@@ -153,3 +154,56 @@ def test_a_request_that_takes_longer_than_the_timeouts_is_answered(
             timeout=FAILURE_BOUND_SECONDS,
         )
     assert response.status_code == 201
+
+
+class RecordingTransport:
+    """Stands in for asyncio's socket transport: records each write call."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def test_a_responses_head_and_body_leave_in_one_write() -> None:
+    """uvicorn writes the head and the body apart, in one loop step: one send for both."""
+
+    async def respond() -> tuple[list[bytes], list[bytes]]:
+        real = RecordingTransport()
+        transport = CoalescingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport.write(b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n")
+        transport.write(b"{}")
+        transport.write(b"")  # h11's EndOfMessage for a sized body
+        within_the_step = list(real.writes)
+        assert transport.get_write_buffer_size() == 45
+        await asyncio.sleep(0)  # the end of the loop step
+        return within_the_step, real.writes
+
+    within_the_step, after = asyncio.run(respond())
+    assert within_the_step == []
+    assert after == [b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}"]
+
+
+def test_closing_sends_what_was_written_first() -> None:
+    async def close_at_once() -> RecordingTransport:
+        real = RecordingTransport()
+        transport = CoalescingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport.write(b"last words")
+        transport.close()
+        await asyncio.sleep(0)
+        return real
+
+    real = asyncio.run(close_at_once())
+    assert real.writes == [b"last words"]
+    assert real.closed

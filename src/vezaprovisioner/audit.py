@@ -6,9 +6,12 @@ file. Each line says who asked, from where, what, the outcome and Exchange's err
 field names the access log uses (README, Logs). It holds only the fields written here: never a
 password, a password hash or an Authorization header; anything non-printable is escaped.
 
-Lines are written by the logging writer thread (logs.py), formatted there once; `write` returns
-when its line has been handed to the operating system (flushed), so a finished request's line is
-in the file before its response is sent, and survives a crash of the process from then on.
+`write` formats the line once and appends it on the calling thread (one write call of the whole
+line on an append-only descriptor, logs.DatedFileHandler), so a finished request's line is in the
+file before its response is sent, and survives a crash of the process from then on. The audit
+line does not go through the logging writer thread: its promise needs the write to be done before
+the response anyway, and handing it to that thread and waiting for it cost two thread switches
+per request (bench/log_cost.py: 133-595 µs a line against 50-60 µs written directly).
 """
 
 from __future__ import annotations
@@ -23,9 +26,6 @@ from . import logs
 from .config import AuditSettings
 
 log = logging.getLogger(__name__)
-
-#: How long a request waits for its audit line to be written before it goes on without (logged).
-WRITE_WAIT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,8 @@ class AuditTrail:
         return logs.dated_files(self.path)
 
     def write(self, event: AuditEvent) -> None:
-        """Appends one line and waits until it is written; an unwritable file is logged."""
+        """Appends one line, written when this returns; a file that cannot be written is
+        logged (the request has finished in Exchange: its response is not withheld)."""
         handler = self._handler
         if handler is None:
             try:
@@ -115,13 +116,10 @@ class AuditTrail:
             {"name": "vezaprovisioner.audit", "levelno": logging.INFO, "levelname": "INFO"}
         )
         record.fields = audit_fields(event)
-        record.sink = handler
-        if not logs.WRITER.submit(record, wait_seconds=WRITE_WAIT_SECONDS):
-            log.error(
-                "the audit line of request %s was not written within %g s",
-                event.request_id,
-                WRITE_WAIT_SECONDS,
-            )
+        try:
+            handler.write_now(record)
+        except Exception:
+            log.exception("the audit line of request %s could not be written", event.request_id)
 
     def _open(self) -> logs.DatedFileHandler:
         with self._lock:
@@ -140,5 +138,4 @@ class AuditTrail:
     def close(self) -> None:
         handler, self._handler = self._handler, None
         if handler is not None:
-            logs.flush()
             handler.close()

@@ -221,7 +221,11 @@ class Authenticator:
         name, password = _basic_credentials(authorization)
         user = self._users.get(name.casefold() if self._fold_users else name)
         configured_name, hashed = user if user is not None else (name, None)
-        fingerprint = hmac.digest(self._cache_key, password.encode("utf-8"), "sha256")
+        # A keyed BLAKE2b (a MAC by design; CPython's own, no OpenSSL provider look-up per
+        # call): what the cache remembers of a verified password, never the password itself.
+        fingerprint = hashlib.blake2b(
+            password.encode("utf-8"), key=self._cache_key, digest_size=32
+        ).digest()
         key = (configured_name, fingerprint)
         with self._lock:
             remembered = self._verified.get(configured_name) if user is not None else None

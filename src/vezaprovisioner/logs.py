@@ -4,10 +4,11 @@ Every record becomes one JSON line with ECS-style field names (README, Logs: the
 access log, the audit trail and the journal share). Records do no I/O on the thread that logs
 them: a `QueueHandler` on the root logger stamps the request id of the request being served
 (the `REQUEST_ID` context variable) and hands them to one writer thread (a `QueueListener`),
-which formats each once and appends it to its file. The audit trail uses the same writer thread
-(audit.py). Files are named by day and never renamed (`DatedFileHandler`), so the several
-FastCGI processes IIS runs can all append to them; whether a file is due to change (a new day,
-or `max_bytes` reached) is checked once per `CHECK_SECONDS`, not per record.
+which formats each once and appends it to its file. (The audit trail writes its lines itself, on
+the request's thread, before the response: audit.py.) Files are named by day and never renamed
+(`DatedFileHandler`), so the several FastCGI processes IIS runs can all append to them; whether
+a file is due to change (a new day, or `max_bytes` reached) is checked once per `CHECK_SECONDS`,
+not per record.
 
 `configure_logging(settings)` picks the destination: `logging.file` under data_dir, or standard
 error when it is empty. Standard error is looked up when a line is written, never bound: wfastcgi
@@ -262,21 +263,31 @@ class DatedFileHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
-            created = record.created
-            if (
-                self._descriptor is None
-                or created >= self._next_check
-                or created >= self._next_midnight
-                or self._size + len(data) > self.max_bytes
-            ):
-                self._roll(created, len(data))
-            self._pending.append(data)
-            self._pending_bytes += len(data)
-            self._size += len(data)
+            self._append(data, record.created)
             if self._pending_bytes >= _BATCH_BYTES:
                 self._write_pending()
         except Exception:
             self.handleError(record)
+
+    def write_now(self, record: logging.LogRecord) -> None:
+        """Formats and appends `record` on the calling thread, written when this returns
+        (the audit trail's lines); errors are raised, not handed to handleError."""
+        with _locked(self):
+            data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+            self._append(data, record.created)
+            self._write_pending()
+
+    def _append(self, data: bytes, created: float) -> None:
+        if (
+            self._descriptor is None
+            or created >= self._next_check
+            or created >= self._next_midnight
+            or self._size + len(data) > self.max_bytes
+        ):
+            self._roll(created, len(data))
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        self._size += len(data)
 
     def _write_pending(self) -> None:
         if not self._pending or self._descriptor is None:
@@ -356,8 +367,8 @@ class StderrHandler(logging.Handler):
 
 
 class _Router(logging.Handler):
-    """The listener's only handler: each record goes to its `sink` (an audit trail's file) or,
-    by default, to the log destination `configure_logging` chose."""
+    """The listener's only handler: each record goes to the log destination
+    `configure_logging` chose."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -365,8 +376,7 @@ class _Router(logging.Handler):
         self._dirty: set[logging.Handler] = set()
 
     def emit(self, record: logging.LogRecord) -> None:
-        sink = getattr(record, "sink", None)
-        target = sink if isinstance(sink, logging.Handler) else self.sink
+        target = self.sink
         target.handle(record)
         self._dirty.add(target)
 
@@ -394,7 +404,8 @@ def _default_sink() -> logging.Handler:
 
 
 class _Listener(logging.handlers.QueueListener):
-    """Flushes whenever the queue runs empty, and wakes those waiting for their record."""
+    """Takes records in batches, flushes whenever the queue runs empty, and wakes those waiting
+    for their record."""
 
     def __init__(self, records: queue.Queue[logging.LogRecord | None], router: _Router) -> None:
         super().__init__(records, router)
@@ -404,6 +415,30 @@ class _Listener(logging.handlers.QueueListener):
 
     #: At most this many records wait for their flush while the queue keeps filling.
     GROUP = 256
+    #: After a batch the writer looks again this much later instead of waiting on the queue, as
+    #: long as it keeps finding records: a busy service's records are then taken in batches and
+    #: a logging call finds nobody to wake (each wake-up is a thread switch and a hand-off of
+    #: the GIL on the request's thread). An idle writer blocks until the next record.
+    LINGER_SECONDS = 0.02
+    _busy = False
+
+    def dequeue(self, block: bool) -> logging.LogRecord:  # or None, the stop sentinel
+        return self._next(block)  # type: ignore[return-value]
+
+    def _next(self, block: bool) -> logging.LogRecord | None:
+        try:
+            return self.records.get_nowait()
+        except queue.Empty:
+            pass
+        if self._busy:
+            time.sleep(self.LINGER_SECONDS)  # a batching interval: records keep coming meanwhile
+            try:
+                return self.records.get_nowait()
+            except queue.Empty:
+                self._busy = False
+        record = self.records.get(block)
+        self._busy = True
+        return record
 
     def handle(self, record: logging.LogRecord) -> None:
         try:
@@ -494,7 +529,10 @@ class _StampingQueueHandler(logging.handlers.QueueHandler):
     """Freezes a record on the logging thread (message, traceback, request id) and queues it."""
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        record = copy.copy(record)
+        if record.args or record.exc_info:
+            # Other handlers of the same record must still see its own msg/args/exc_info; a
+            # record with neither (the access log's) only gains request_id, so it is not copied.
+            record = copy.copy(record)
         if not hasattr(record, "request_id"):
             record.request_id = REQUEST_ID.get()
         record.msg = record.getMessage()
@@ -574,6 +612,11 @@ def configure_logging(settings: Settings) -> LogStatus:
     if old is not handler:
         WRITER.flush()
         old.close()
+    # What no line here shows is not collected per record (the logging HOWTO's "Optimization"):
+    # the caller's file and line (a walk up the stack), the thread's and the process's names.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     if not any(h.get_name() == _QUEUE_HANDLER_NAME for h in root.handlers):
         queued = _StampingQueueHandler(WRITER.queue)

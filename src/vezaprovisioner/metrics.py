@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from prometheus_client import (
     PLATFORM_COLLECTOR,
@@ -96,6 +96,25 @@ def empty_if_no_live_owner(directory: Path) -> list[Path]:
     return deleted
 
 
+_M = TypeVar("_M", Counter, Histogram)
+
+
+class Children(Generic[_M]):
+    """A labelled metric's children, each looked up once: prometheus-client's `labels()`
+    validates, converts and takes a lock on every call. Only for label sets that are closed
+    (routes, methods, statuses, failure codes, cmdlets), so the cache stays small."""
+
+    def __init__(self, metric: _M) -> None:
+        self._metric: _M = metric
+        self._children: dict[tuple[str, ...], _M] = {}
+
+    def __call__(self, *values: str) -> _M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 class Metrics:
     """The service's metrics and their exposition."""
 
@@ -173,6 +192,12 @@ class Metrics:
             registry=registry,
         )
 
+        # The per-request ones, by their (closed) label values.
+        self.requests_by = Children(self.requests)
+        self.request_seconds_by = Children(self.request_seconds)
+        self.exchange_seconds_by = Children(self.exchange_seconds)
+        self.create_email_by = Children(self.create_email)
+
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric (of every process in multiprocess mode)."""
         if self.multiprocess_dir is None:
@@ -248,7 +273,7 @@ class TimedExchange:
             outcome = "ok"
             return result
         finally:
-            self._metrics.exchange_seconds.labels(cmdlet, outcome).observe(
+            self._metrics.exchange_seconds_by(cmdlet, outcome).observe(
                 time.perf_counter() - started
             )
 

@@ -85,7 +85,7 @@ def build_services(
             claims=claims,
             journal=journal,
             audit=audit,
-            outcomes=lambda outcome, error: metrics.create_email.labels(
+            outcomes=lambda outcome, error: metrics.create_email_by(
                 outcome, as_failure(error).code if error else ""
             ).inc(),
         ),

@@ -16,6 +16,8 @@ use up the server. So `serve` runs uvicorn's own h11 protocol with a guard aroun
 - **keep-alive** (`server.keep_alive_seconds`): uvicorn's `timeout_keep_alive`, how long an
   idle connection waits for its next request.
 
+A response's head and body leave in one send (`CoalescingTransport`), not two.
+
 Neither timeout runs while the app works on a request (an Exchange command may take minutes):
 only while the server waits for the client.
 """
@@ -26,7 +28,7 @@ import asyncio
 import logging
 import socket
 from collections import Counter
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import h11
 import uvicorn
@@ -39,6 +41,57 @@ log = logging.getLogger(__name__)
 
 #: The most a request line plus headers may take (h11's own default, stated here on purpose).
 MAX_HEADER_BYTES = 16 * 1024
+
+
+class CoalescingTransport:
+    """A connection's transport whose writes of one event-loop step go out in one call.
+
+    uvicorn's h11 protocol writes a response's head and its body apart; on a connection with
+    nothing buffered each write is a send() of its own, so every response cost two system calls
+    and two TCP segments for the client to read. Here writes are collected and handed to the
+    real transport once, at the end of the loop step that made them (head and body of a response
+    are written in the same step). Everything else is the real transport's.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+        self._scheduled = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        self._pending.append(bytes(data))
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def writelines(self, lines: Any) -> None:
+        for data in lines:
+            self.write(data)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+
+    def close(self) -> None:
+        self._flush()  # what was written goes out before the close
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending.clear()
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -57,7 +110,8 @@ class GuardedH11Protocol(H11Protocol):
         self._address: str | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        coalescing = CoalescingTransport(transport, self.loop)
+        super().connection_made(cast(asyncio.Transport, coalescing))
         self._address = self.client[0] if self.client else ""
         self.open_by_address[self._address] += 1
         if self.open_by_address[self._address] > self.limits.max_connections_per_client:

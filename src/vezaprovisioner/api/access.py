@@ -92,8 +92,8 @@ class AccessLogMiddleware:
         code = state.get(FAILURE_CODE_STATE)
         caller = state.get("caller")
         route = _route_of(scope, self.base_path)
-        self.metrics.requests.labels(*metric_labels(route, scope["method"], status, code)).inc()
-        self.metrics.request_seconds.labels(route).observe(seconds)
+        self.metrics.requests_by(*metric_labels(route, scope["method"], status, code)).inc()
+        self.metrics.request_seconds_by(route).observe(seconds)
         event(
             log,
             "request finished",

@@ -78,7 +78,7 @@ def create_app_from_services(services: Services) -> FastAPI:
     basic_realm = REALM if services.settings.auth.mode == "basic" else None
     # Added innermost first: the access log wraps the request context, which wraps
     # authentication, which wraps body limits.
-    app.add_middleware(BodyLimitMiddleware, routes=app.router.routes)
+    app.add_middleware(BodyLimitMiddleware, routes=router.routes, base_path=base)
     app.add_middleware(
         AuthenticationMiddleware,
         authenticator=services.authenticator,

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Sequence
 
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.routing import BaseRoute, Match
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..auth import AuthenticationError, Authenticator
@@ -110,17 +110,26 @@ class BodyLimitMiddleware:
     """Accepts only JSON bodies of at most `max_body_bytes`, refused before any route runs.
 
     Only requests a route takes (path and method) are checked: anything else goes on to the
-    router untouched, which answers 404 or 405 (a PUT to a GET route is 405, not 415).
+    router untouched, which answers 404 or 405 (a PUT to a GET route is 405, not 415). `routes`
+    are the API's routes (without `base_path`); only those with a body method are kept, and a
+    request is matched against their own path patterns: asking the app's router would walk every
+    route of every included router a second time per request.
     """
 
     def __init__(
         self,
         app: ASGIApp,
         routes: Sequence[BaseRoute] = (),
+        base_path: str = "",
         max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self.app = app
-        self.routes = routes
+        self.base_path = base_path
+        self.routes = [
+            (route.path_regex, frozenset(route.methods or ()) & _BODY_METHODS)
+            for route in routes
+            if isinstance(route, Route) and (route.methods or set()) & _BODY_METHODS
+        ]
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -139,7 +148,11 @@ class BodyLimitMiddleware:
 
     def _routed(self, scope: Scope) -> bool:
         """Whether a route takes this path with this method."""
-        return any(route.matches(scope)[0] is Match.FULL for route in self.routes)
+        path: str = scope["path"]
+        if not path.startswith(self.base_path):
+            return False
+        rest, method = path[len(self.base_path) :], scope["method"]
+        return any(method in methods and regex.match(rest) for regex, methods in self.routes)
 
     async def _read_body(
         self, headers: Headers, receive: Receive

@@ -11,8 +11,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timezone
 from functools import partial
 from typing import Annotated
+from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 
@@ -58,19 +59,17 @@ _EXCHANGE = (502, 503, 504)
 _probe_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readiness-probe")
 
 
-# Both are `async`: they do no blocking work, so FastAPI runs them on the event loop instead of
-# a thread-pool hop each.
-async def get_services(request: Request) -> Services:
+# Plain look-ups, not FastAPI dependencies: each dependency costs FastAPI a round of
+# dependency solving per request, for what is one attribute read.
+def services_of(request: Request) -> Services:
+    """The app's services (create_app puts them on the app's state)."""
     services: Services = request.app.state.services
     return services
 
 
-async def get_request_id(request: Request) -> str:
-    return str(request.state.request_id)
-
-
-ServicesDep = Annotated[Services, Depends(get_services)]
-RequestIdDep = Annotated[str, Depends(get_request_id)]
+def request_id_of(request: Request) -> str:
+    """The id RequestContextMiddleware gave this request."""
+    return str(request.scope["state"]["request_id"])
 
 
 @router.get("/health", tags=["health"], operation_id="health")
@@ -91,7 +90,7 @@ WARM_UP_WAIT_SECONDS = 60.0
     response_class=Response,
     responses={204: {"description": "The service is started; nothing else is said"}},
 )
-def warmup(request: Request, services: ServicesDep) -> Response:
+def warmup(request: Request) -> Response:
     """IIS Application Initialization's page: warm the service before the first caller.
 
     IIS requests it when the application pool starts (startMode AlwaysRunning, preloadEnabled),
@@ -101,6 +100,7 @@ def warmup(request: Request, services: ServicesDep) -> Response:
     answer at once (an anonymous caller cannot hold a process). It reads no input and says
     nothing (204, no body), so it is safe without credentials.
     """
+    services = services_of(request)
     state = request.app.state
     if not getattr(state, "warmed_up", False):
         limit = min(services.settings.local.longest_start_seconds, WARM_UP_WAIT_SECONDS)
@@ -116,12 +116,13 @@ def warmup(request: Request, services: ServicesDep) -> Response:
     response_model=ReadinessSummary,
     responses={503: {"model": ReadinessSummary, "description": "Not ready"}},
 )
-def ready(services: ServicesDep) -> JSONResponse:
+def ready(request: Request) -> JSONResponse:
     """Readiness, public: the overall status and whether each check passed, nothing more.
 
     The details (paths, backend hosts, error text) are for authenticated callers only, at
     `/health/ready/details`.
     """
+    services = services_of(request)
     checks = readiness_checks(services)
     ok = all(check.ok for check in checks.values())
     body = ReadinessSummary(
@@ -138,9 +139,10 @@ def ready(services: ServicesDep) -> JSONResponse:
     response_model=ReadinessResponse,
     responses={503: {"model": ReadinessResponse, "description": "Not ready"}},
 )
-def ready_details(services: ServicesDep) -> JSONResponse:
+def ready_details(request: Request) -> JSONResponse:
     """Readiness with each check's detail: the configuration file, the backend's hosts or
     session, the journal's path and any error text. Authenticated like the API."""
+    services = services_of(request)
     checks = readiness_checks(services)
     ok = all(check.ok for check in checks.values())
     body = ReadinessResponse(status="ready" if ok else "not_ready", checks=checks)
@@ -199,11 +201,9 @@ def _journal_writable(services: Services) -> ReadinessCheck:
         **problem_responses(400, 404, 409, *_AUTH_AND_BODY, *_EXCHANGE),
     },
 )
-async def create_email(
-    body: EmailRequest, request: Request, services: ServicesDep, request_id: RequestIdDep
-) -> Response:
+async def create_email(body: EmailRequest, request: Request) -> Response:
     """CREATE_EMAIL: give an existing AD user a mailbox (201), or report the one it has (200)."""
-    return await _create(body, request, services, request_id)
+    return await _create(body, request)
 
 
 @router.post(
@@ -218,9 +218,7 @@ async def create_email(
         **problem_responses(400, 404, 409, 501, *_AUTH_AND_BODY, *_EXCHANGE),
     },
 )
-async def run_action(
-    body: ActionRequest, request: Request, services: ServicesDep, request_id: RequestIdDep
-) -> Response:
+async def run_action(body: ActionRequest, request: Request) -> Response:
     """The platform's action envelope; CREATE_EMAIL behaves exactly like POST /api/v1/emails."""
     if body.action not in SUPPORTED_ACTIONS:
         raise ActionNotSupported(
@@ -231,12 +229,11 @@ async def run_action(
         email = EmailRequest.model_validate(body.attributes)
     except ValidationError as exc:
         raise validation_failure(exc.errors(), prefix=("attributes",)) from exc
-    return await _create(email, request, services, request_id)
+    return await _create(email, request)
 
 
-async def _create(
-    body: EmailRequest, request: Request, services: ServicesDep, request_id: str
-) -> Response:
+async def _create(body: EmailRequest, request: Request) -> Response:
+    services, request_id = services_of(request), request_id_of(request)
     command, context = body.to_command(), _context(request, request_id)
 
     def run() -> Response:
@@ -245,7 +242,7 @@ async def _create(
         created = result.status == "created"
         headers = {}
         if created:
-            headers["Location"] = request.url_for("read_email", identity=result.guid).path
+            headers["Location"] = _email_path(request, result.guid)
         return JSONResponse(
             response.model_dump(mode="json"), status_code=201 if created else 200, headers=headers
         )
@@ -268,10 +265,10 @@ async def _create(
 )
 async def read_email(
     identity: Annotated[str, Path(description="The user's AD identity (URL-encoded)")],
-    services: ServicesDep,
-    request_id: RequestIdDep,
+    request: Request,
 ) -> RecipientStateResponse:
     """The user's current mail state; 404 when no AD user matches."""
+    services, request_id = services_of(request), request_id_of(request)
     try:
         identity = validate_identity(identity)
     except InvalidValue as exc:
@@ -280,6 +277,13 @@ async def read_email(
         ) from exc
     state = await services.flows.run(partial(services.provisioner.read_state, identity))
     return RecipientStateResponse.build(state, request_id)
+
+
+def _email_path(request: Request, guid: str) -> str:
+    """The path of `read_email` for this mailbox (the Location of a 201), built directly:
+    `request.url_for` walks every route and builds a whole URL for each response."""
+    base = request.scope.get("root_path", "") + request.app.state.services.settings.base_path
+    return f"{base}/api/v1/emails/{quote(guid, safe='')}"
 
 
 def _context(request: Request, request_id: str) -> RequestContext:
@@ -300,7 +304,7 @@ def _context(request: Request, request_id: str) -> RequestContext:
     responses=problem_responses(401, 403, 422),
 )
 def list_requests(
-    services: ServicesDep,
+    request: Request,
     since: Annotated[
         datetime | None, Query(description="Received at or after (ISO 8601; no zone: UTC)")
     ] = None,
@@ -327,7 +331,7 @@ def list_requests(
     ] = None,
 ) -> RequestListResponse:
     """Journal records, newest first, one page at a time; follow `next_cursor` for more."""
-    records = services.journal.page(
+    records = services_of(request).journal.page(
         since=_epoch(since),
         until=_epoch(until),
         state=state,
@@ -368,9 +372,10 @@ def read_request(
             "percent-encoded, or use GET /api/v1/requests?request_id=",
         ),
     ],
-    services: ServicesDep,
+    request: Request,
 ) -> RequestRecordResponse:
     """The journal record of a request: who asked, what, its state and what Exchange said."""
+    services = services_of(request)
     record = services.journal.get(request_id)
     if record is None:
         raise NotFound(
@@ -381,8 +386,9 @@ def read_request(
 
 
 @router.get("/status", include_in_schema=False, response_class=HTMLResponse)
-def status_page(services: ServicesDep) -> HTMLResponse:
+def status_page(request: Request) -> HTMLResponse:
     """The admin's page: readiness, backend, the last 24 hours and the last requests."""
+    services = services_of(request)
     html = render_status(services, readiness_checks(services))
     return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
@@ -397,8 +403,9 @@ def status_page(services: ServicesDep) -> HTMLResponse:
         **problem_responses(401, 403, 404),
     },
 )
-def metrics(services: ServicesDep) -> Response:
+def metrics(request: Request) -> Response:
     """Prometheus text format."""
+    services = services_of(request)
     if not services.settings.metrics.enabled:
         raise NotFound("Metrics are disabled (metrics.enabled = false).")
     return Response(services.metrics.exposition(), media_type=CONTENT_TYPE)
