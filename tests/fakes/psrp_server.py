@@ -16,6 +16,28 @@ Like Exchange's ``Microsoft.Exchange`` endpoint it
 
 Authentication is Basic, accepted over TLS only (like WinRM with AllowUnencrypted=false).
 
+The wire exchange per cmdlet is the real one, three HTTP requests with pypsrp: Command (carrying
+the CreatePipeline message), one Receive that waits until the cmdlet has output or ended, and the
+Signal `terminate` with which the client closes the command. As PowerShell's server does, the
+pipeline's Running state is not sent to the client: `ServerPowerShellDriver.
+HandlePowerShellInvocationStateChanged` sends only Completed, Failed and Stopped (read in
+PowerShell/PowerShell src/System.Management.Automation/engine/remoting/server/
+ServerPowerShellDriver.cs, and the same switch in a decompiled Windows PowerShell copy of that
+class); psrpcore's `ServerPipeline.start()` would send it and cost every cmdlet a second Receive.
+
+Timing: with `delay_seconds`, a cmdlet ends that long after its Command request arrived. This
+endpoint's own decoding of the pipeline (psrpcore in Python, 2-4 ms per Command on these
+machines; Exchange's .NET does it in a fraction of that) falls inside the cmdlet's time instead of
+being added to it, so `bench/remote_latency.py` measures the client, not this fake's Python.
+Encoding the output after the cmdlet (about 1.5 ms) and the HTTP and TLS work of every request
+still add to what the client waits for.
+
+Not modelled: Kerberos/Negotiate and WS-Man message encryption; Exchange's full objects (a real
+Get-User or Enable-Mailbox result carries far more properties than the few sent here, so the
+client's deserialization costs more against Exchange); Exchange's per-user throttling
+(PowerShellMaxConcurrency and friends); session loading time (seconds on Exchange); the
+two-minute idle drop by itself (tests call `drop_idle_pools()`).
+
 Fault modes for the tests: `delay_seconds` (every cmdlet takes that long), `hold_commands()`
 (cmdlets wait until released or stopped; `wait_for_commands(n)` waits until n arrived),
 `drop_idle_pools()` (the server forgets every shell,
@@ -34,6 +56,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
@@ -129,6 +152,8 @@ class ReceivedCommand:
 @dataclass
 class _Pipeline:
     server: psrpcore.ServerPipeline
+    #: When its Command request arrived (`time.monotonic()`): the cmdlet's time counts from here.
+    arrived: float
     stopped: threading.Event = field(default_factory=threading.Event)
     done: bool = False
 
@@ -338,13 +363,14 @@ class FakeExchangeEndpoint:
         return "DeleteResponse", _bodies()
 
     def _command(self, header: ET.Element, body: ET.Element) -> tuple[str, ET.Element]:
+        arrived = time.monotonic()
         line = _find(body, "rsp:CommandLine")
         command_id = line.attrib.get("CommandId") or str(uuid.uuid4()).upper()
         first_fragment = _b64(_text(line, "rsp:Arguments"))
         with self._cond:
             shell = self._shell(header)
             pipeline_id = uuid.UUID(command_id)
-            pipeline = _Pipeline(psrpcore.ServerPipeline(shell.pool, pipeline_id))
+            pipeline = _Pipeline(psrpcore.ServerPipeline(shell.pool, pipeline_id), arrived)
             shell.pipelines[pipeline_id] = pipeline
             self._feed(shell, first_fragment, pipeline_id)
         response = ET.Element(_q("rsp:CommandResponse"))
@@ -453,8 +479,11 @@ class FakeExchangeEndpoint:
         server = pipeline.server
         metadata = server.metadata
         with self._cond:
-            server.start()
-            self._drain(shell)
+            # Running, told to nobody: PowerShell's server reports only terminal pipeline states
+            # (Completed, Failed, Stopped) to the client, so a client's first Receive waits for
+            # the cmdlet's output or end (psrpcore's start() would send a Running state message
+            # and cost the client one more Receive per cmdlet than Exchange does).
+            server._change_state(PSInvocationState.Running, emit=False)
             gate = self._gate
         commands = list(getattr(metadata, "commands", []))
         for command in commands:
@@ -470,7 +499,11 @@ class FakeExchangeEndpoint:
                     lambda: gate.is_set() or pipeline.stopped.is_set(), _MAX_WAIT_SECONDS
                 )
         if self.delay_seconds:
-            pipeline.stopped.wait(self.delay_seconds)
+            # The cmdlet's time counts from its Command's arrival (or its release), so this
+            # endpoint's own decoding of the pipeline in Python (psrpcore: 2-4 ms here, which
+            # Exchange's .NET does in far less) falls inside it instead of adding to it.
+            started = pipeline.arrived if gate is None else time.monotonic()
+            pipeline.stopped.wait(max(0.0, started + self.delay_seconds - time.monotonic()))
         if pipeline.stopped.is_set():
             return
         outputs: list[PSObject] = []
