@@ -206,6 +206,8 @@ class FakeExchangeEndpoint:
         self.actions: Counter[str] = Counter()
         #: Seconds every cmdlet takes (the stop signal cuts it short).
         self.delay_seconds = 0.0
+        #: How many Receive requests are waiting for a pipeline's data right now.
+        self.receives_waiting = 0
         self._cond = threading.Condition()
         self._shells: dict[str, _Shell] = {}
         self._gate: threading.Event | None = None
@@ -263,6 +265,11 @@ class FakeExchangeEndpoint:
         """Block until `count` cmdlets have arrived (True), or the timeout passed (False)."""
         with self._cond:
             return self._cond.wait_for(lambda: len(self.commands) >= count, timeout)
+
+    def wait_for_waiting_receive(self, timeout: float = 10.0) -> bool:
+        """Block until a Receive request waits for data (True), or the timeout passed (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.receives_waiting > 0, timeout)
 
     def drop_idle_pools(self) -> None:
         """Forget every shell, as Exchange does with sessions idle for about two minutes."""
@@ -416,9 +423,15 @@ class FakeExchangeEndpoint:
         wait = min(_operation_timeout(header), _MAX_WAIT_SECONDS)
         with self._cond:
             shell = self._shell(header)
-            if not self._cond.wait_for(
-                lambda: shell.shell_id not in self._shells or bool(shell.outgoing[target]), wait
-            ):
+            self.receives_waiting += 1
+            self._cond.notify_all()
+            try:
+                arrived = self._cond.wait_for(
+                    lambda: shell.shell_id not in self._shells or bool(shell.outgoing[target]), wait
+                )
+            finally:
+                self.receives_waiting -= 1
+            if not arrived:
                 raise _Fault(
                     FAULT_OPERATION_TIMEOUT,
                     "The WS-Management service cannot complete the operation within the time "
