@@ -32,14 +32,17 @@ being added to it, so `bench/remote_latency.py` measures the client, not this fa
 Encoding the output after the cmdlet (about 1.5 ms) and the HTTP and TLS work of every request
 still add to what the client waits for.
 
-Not modelled: Kerberos/Negotiate and WS-Man message encryption; Exchange's full objects (a real
+Not modelled: whether WinRM answers a waiting Receive with a cmdlet's output before its final
+state is queued (here both go in one Receive; if Exchange split them, a cmdlet would cost one more
+Receive); Kerberos/Negotiate and WS-Man message encryption; Exchange's full objects (a real
 Get-User or Enable-Mailbox result carries far more properties than the few sent here, so the
 client's deserialization costs more against Exchange); Exchange's per-user throttling
 (PowerShellMaxConcurrency and friends); session loading time (seconds on Exchange); the
 two-minute idle drop by itself (tests call `drop_idle_pools()`).
 
-Fault modes for the tests: `delay_seconds` (every cmdlet takes that long), `hold_commands()`
-(cmdlets wait until released or stopped; `wait_for_commands(n)` waits until n arrived),
+Fault modes for the tests: `delay_seconds` (every cmdlet ends that long after its Command
+arrived), `hold_commands()` (cmdlets wait until released or stopped; `wait_for_commands(n)` waits
+until n arrived, `wait_for_waiting_receive()` until a Receive waits for a pipeline's data),
 `drop_idle_pools()` (the server forgets every shell,
 as Exchange does with idle sessions) and `drop_connection_on(action)` (the next such request is
 answered by closing the socket).
