@@ -295,8 +295,13 @@ class FakeExchangeEndpoint:
 
     # ---- WS-Man ----------------------------------------------------------------------------
 
-    def handle(self, body: bytes) -> tuple[int, bytes] | None:
-        """One SOAP request -> (HTTP status, SOAP response), or None to drop the connection."""
+    def handle(self, body: bytes, *, arrived: float | None = None) -> tuple[int, bytes] | None:
+        """One SOAP request -> (HTTP status, SOAP response), or None to drop the connection.
+
+        `arrived` is when the request arrived (`time.monotonic()`, default now): a Command's cmdlet
+        time counts from it.
+        """
+        arrived = time.monotonic() if arrived is None else arrived
         request = ET.fromstring(body)
         header = _find(request, "s:Header")
         action_uri = _text(header, "wsa:Action")
@@ -311,7 +316,12 @@ class FakeExchangeEndpoint:
             handler = getattr(self, f"_{action.lower()}", None)
             if handler is None:
                 raise _Fault(0x80338000, f"The WS-Management action {action_uri} is not supported.")
-            response_action, response_body = handler(header, _find(request, "s:Body"))
+            if action == "Command":
+                response_action, response_body = self._command(
+                    header, _find(request, "s:Body"), arrived
+                )
+            else:
+                response_action, response_body = handler(header, _find(request, "s:Body"))
         except _Fault as fault:
             return 500, self._fault_envelope(message_id, fault)
         return 200, _envelope(response_action, message_id, response_body)
@@ -372,8 +382,9 @@ class FakeExchangeEndpoint:
             self._cond.notify_all()
         return "DeleteResponse", _bodies()
 
-    def _command(self, header: ET.Element, body: ET.Element) -> tuple[str, ET.Element]:
-        arrived = time.monotonic()
+    def _command(
+        self, header: ET.Element, body: ET.Element, arrived: float
+    ) -> tuple[str, ET.Element]:
         line = _find(body, "rsp:CommandLine")
         command_id = line.attrib.get("CommandId") or str(uuid.uuid4()).upper()
         first_fragment = _b64(_text(line, "rsp:Arguments"))
@@ -429,12 +440,12 @@ class FakeExchangeEndpoint:
             self.receives_waiting += 1
             self._cond.notify_all()
             try:
-                arrived = self._cond.wait_for(
+                ready = self._cond.wait_for(
                     lambda: shell.shell_id not in self._shells or bool(shell.outgoing[target]), wait
                 )
             finally:
                 self.receives_waiting -= 1
-            if not arrived:
+            if not ready:
                 raise _Fault(
                     FAULT_OPERATION_TIMEOUT,
                     "The WS-Management service cannot complete the operation within the time "
@@ -670,6 +681,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Quiet: pytest shows failures, not access logs."""
 
     def do_POST(self) -> None:
+        arrived = time.monotonic()  # the request line and headers are in
         endpoint = self.server.endpoint
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
@@ -679,7 +691,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not endpoint.authorized(self.headers.get("Authorization")):
             self._reply(401, b"", {"WWW-Authenticate": 'Basic realm="WSMAN"'})
             return
-        result = endpoint.handle(body)
+        result = endpoint.handle(body, arrived=arrived)
         if result is None:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
