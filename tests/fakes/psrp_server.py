@@ -165,6 +165,8 @@ class _Pipeline:
 class _Shell:
     shell_id: str
     pool: psrpcore.ServerRunspacePool
+    #: Notified when data for this shell is queued or the shell goes (the endpoint's lock).
+    ready: threading.Condition
     pipelines: dict[uuid.UUID, _Pipeline] = field(default_factory=dict)
     # Outgoing PSRP data per target (None = the pool itself), drained by Receive.
     outgoing: dict[uuid.UUID | None, bytearray] = field(
@@ -211,7 +213,8 @@ class FakeExchangeEndpoint:
         self.delay_seconds = 0.0
         #: How many Receive requests are waiting for a pipeline's data right now.
         self.receives_waiting = 0
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._shells: dict[str, _Shell] = {}
         self._gate: threading.Event | None = None
         self._drop: dict[str, int] = defaultdict(int)
@@ -280,6 +283,7 @@ class FakeExchangeEndpoint:
             for shell in self._shells.values():
                 for pipeline in shell.pipelines.values():
                     pipeline.stopped.set()
+                shell.ready.notify_all()
             self._shells.clear()
             self._cond.notify_all()
 
@@ -339,7 +343,7 @@ class FakeExchangeEndpoint:
         shell_el = _find(body, "rsp:Shell")
         shell_id = shell_el.attrib.get("ShellId") or str(uuid.uuid4()).upper()
         creation = _text(shell_el, "pwsh:creationXml")
-        shell = _Shell(shell_id, psrpcore.ServerRunspacePool())
+        shell = _Shell(shell_id, psrpcore.ServerRunspacePool(), threading.Condition(self._lock))
         with self._cond:
             self._shells[shell_id] = shell
             self.shells_created += 1
@@ -379,6 +383,7 @@ class FakeExchangeEndpoint:
             for pipeline in shell.pipelines.values():
                 pipeline.stopped.set()
             del self._shells[shell.shell_id]
+            shell.ready.notify_all()
             self._cond.notify_all()
         return "DeleteResponse", _bodies()
 
@@ -440,7 +445,8 @@ class FakeExchangeEndpoint:
             self.receives_waiting += 1
             self._cond.notify_all()
             try:
-                ready = self._cond.wait_for(
+                # Woken only by this shell's data: other sessions' Receives sleep on.
+                ready = shell.ready.wait_for(
                     lambda: shell.shell_id not in self._shells or bool(shell.outgoing[target]), wait
                 )
             finally:
@@ -499,7 +505,7 @@ class FakeExchangeEndpoint:
         """Move everything the pool wants to send into the per-target queues (lock held)."""
         while (payload := shell.pool.data_to_send()) is not None:
             shell.outgoing[payload.pipeline_id] += payload.data
-        self._cond.notify_all()
+        shell.ready.notify_all()
 
     def _run(self, shell: _Shell, pipeline: _Pipeline) -> None:
         """Execute one pipeline: like Exchange's endpoint, cmdlets only, never script text."""
