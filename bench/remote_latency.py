@@ -5,8 +5,11 @@ Runs the real flow (`Provisioner`) over `RemoteExchange` -> pypsrp -> WS-Man ove
 where every cmdlet takes `--delay-ms` (150 ms by default, a
 plausible Exchange cmdlet time). Each iteration enables a fresh user, so every request runs
 Get-User, Get-User (by GUID, under the per-user claim) and Enable-Mailbox. The overhead is the
-end-to-end time minus the cmdlet time (cmdlets run x delay): what the warm pool, the is_alive
-check, PSRP (de)serialization, WS-Man and TLS add.
+end-to-end time minus the cmdlet time (cmdlets run x delay): what the warm pool, PSRP
+(de)serialization, WS-Man, HTTP and TLS add. It also prints the WS-Man requests per cmdlet and the
+CPU each process spent per cmdlet (the client: the flow, `RemoteExchange`, pypsrp, requests, TLS;
+the endpoint: psrpcore, its HTTP server, TLS), and the load average before and after, since on a
+shared machine other work's CPU shows up as overhead.
 
 Then the same flow in parallel: for each `--pool-sizes` value P, P callers at once on a backend
 with `remote.pool_size = P` (`--parallel-requests` each), printing throughput against the ideal
@@ -15,20 +18,22 @@ P / (3 x delay) requests per second and p50/p99. Bounded: about 2 x 40 requests 
     .venv/bin/python bench/remote_latency.py [--iterations 100] [--delay-ms 150]
         [--pool-sizes 2 4] [--parallel-requests 40]
 
-Numbers are for this machine and loopback; a real network adds its round trips (about five
-HTTP requests per cmdlet: is_alive, Command, Receive x2, Signal).
+Numbers are for this machine and loopback; a real network adds its round trips (three HTTP
+requests per cmdlet: Command, Receive, Signal terminate).
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import ssl
 import statistics
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -49,6 +54,15 @@ from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 from vezaprovisioner.provisioning import CreateEmail, Provisioner
 
 USER, PASSWORD = "svc-bench@contoso.com", "bench-password"
+
+
+@dataclass(frozen=True)
+class EndpointStats:
+    """What the endpoint process counted so far."""
+
+    commands: int
+    actions: dict[str, int]
+    cpu_seconds: float
 
 
 class EndpointProcess:
@@ -77,14 +91,22 @@ class EndpointProcess:
         self._conn.send("count")
         return int(self._conn.recv())
 
+    def stats(self) -> EndpointStats:
+        self._conn.send("stats")
+        commands, actions, cpu_seconds = self._conn.recv()
+        return EndpointStats(commands, actions, cpu_seconds)
+
 
 def _serve(conn: Connection, users: int, tls: ssl.SSLContext, delay_seconds: float) -> None:
     simulated = SimulatedExchange(parse_directory(plain_users(users)), clock=FakeClock())
     with FakeExchangeEndpoint(simulated, username=USER, password=PASSWORD, tls=tls) as endpoint:
         endpoint.delay_seconds = delay_seconds
         conn.send(endpoint.port)
-        while conn.recv() == "count":
-            conn.send(len(endpoint.commands))
+        while (question := conn.recv()) != "stop":
+            if question == "count":
+                conn.send(len(endpoint.commands))
+            else:
+                conn.send((len(endpoint.commands), dict(endpoint.actions), time.process_time()))
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -102,6 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     parallel_users = sum(p * args.parallel_requests + p for p in args.pool_sizes)
 
+    load_before = os.getloadavg()
     ca = trustme.CA()
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost").configure_cert(tls)
@@ -139,6 +162,8 @@ def main() -> None:
 
         totals: list[float] = []
         overheads: list[float] = []
+        stats_before = endpoint.stats()
+        client_cpu = time.process_time()
         for n in range(1, args.iterations + 1):
             before = endpoint.commands()
             started = time.perf_counter()
@@ -148,6 +173,8 @@ def main() -> None:
             cmdlets = endpoint.commands() - before
             totals.append(elapsed)
             overheads.append(elapsed - cmdlets * endpoint.delay_seconds)
+        client_cpu = time.process_time() - client_cpu
+        stats_after = endpoint.stats()
         remote.close()
 
         first_user = args.iterations + 1
@@ -158,8 +185,15 @@ def main() -> None:
             )
             first_user += pool_size * args.parallel_requests + pool_size
 
+    load_after = os.getloadavg()
     cmdlets_per_request = cmdlets
     per_cmdlet = [o / cmdlets_per_request for o in overheads]
+    sequential_cmdlets = stats_after.commands - stats_before.commands
+    requests_per_cmdlet = {
+        action: (count - stats_before.actions.get(action, 0)) / sequential_cmdlets
+        for action, count in sorted(stats_after.actions.items())
+        if count > stats_before.actions.get(action, 0)
+    }
     print(
         f"CREATE_EMAIL through the remote backend (fake endpoint, TLS on loopback), "
         f"cmdlet delay {args.delay_ms:g} ms, {args.iterations} requests, "
@@ -179,14 +213,38 @@ def main() -> None:
             f"| {statistics.fmean(values) * 1000:.1f} ms |"
         )
     print()
+    print(
+        "WS-Man requests per cmdlet: "
+        + ", ".join(f"{action} {count:.2f}" for action, count in requests_per_cmdlet.items())
+    )
+    print(
+        f"CPU per cmdlet: client process {client_cpu / sequential_cmdlets * 1000:.1f} ms, "
+        f"endpoint process "
+        f"{(stats_after.cpu_seconds - stats_before.cpu_seconds) / sequential_cmdlets * 1000:.1f} ms"
+    )
     print(f"cold first request (opens the pool): {cold * 1000:.1f} ms")
-    if not parallel_rows:
-        return
+    if parallel_rows:
+        print_parallel(parallel_rows, args.parallel_requests, cmdlets_per_request, args.delay_ms)
     print()
     print(
-        f"In parallel: concurrency = remote.pool_size, {args.parallel_requests} requests per "
+        "load average (1/5/15 min) before: "
+        + " ".join(f"{x:.2f}" for x in load_before)
+        + ", after: "
+        + " ".join(f"{x:.2f}" for x in load_after)
+    )
+
+
+def print_parallel(
+    parallel_rows: list[tuple[int, float, float, float, float]],
+    parallel_requests: int,
+    cmdlets_per_request: int,
+    delay_ms: float,
+) -> None:
+    print()
+    print(
+        f"In parallel: concurrency = remote.pool_size, {parallel_requests} requests per "
         f"caller, pools warmed first; ideal = pool_size / ({cmdlets_per_request} x "
-        f"{args.delay_ms:g} ms)"
+        f"{delay_ms:g} ms)"
     )
     print()
     print("| pool_size = concurrency | req/s | ideal | of ideal | p50 | p99 | p99/p50 |")

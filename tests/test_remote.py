@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -554,6 +555,22 @@ def test_liveness_is_checked_only_after_an_idle_period(
     remote.get_user("plain")
     assert endpoint.actions["Get"] == 1
     assert remote.pools_opened == 1
+
+
+def test_a_command_on_a_warm_session_costs_three_wsman_requests(
+    remote: RemoteExchange, endpoint: FakeExchangeEndpoint
+) -> None:
+    remote.get_user("plain")  # opens the session
+    endpoint.actions.clear()
+    endpoint.hold_commands()  # the cmdlet still runs when the client's Receive arrives
+    with ThreadPoolExecutor(max_workers=1) as caller:
+        running = caller.submit(remote.get_user, "mailbox")
+        assert endpoint.wait_for_waiting_receive()
+        endpoint.release_commands()
+        assert running.result(timeout=30).sam_account_name == "mailbox"
+    # Command, one Receive (the server reports a pipeline only when it ends, with its output)
+    # and the Signal that closes the command: no liveness check, no polling.
+    assert dict(endpoint.actions) == {"Command": 1, "Receive": 1, "Signal": 1}
 
 
 def test_an_idle_pool_dropped_by_the_server_is_noticed_before_enable(

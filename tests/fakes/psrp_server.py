@@ -16,8 +16,33 @@ Like Exchange's ``Microsoft.Exchange`` endpoint it
 
 Authentication is Basic, accepted over TLS only (like WinRM with AllowUnencrypted=false).
 
-Fault modes for the tests: `delay_seconds` (every cmdlet takes that long), `hold_commands()`
-(cmdlets wait until released or stopped; `wait_for_commands(n)` waits until n arrived),
+The wire exchange per cmdlet is the real one, three HTTP requests with pypsrp: Command (carrying
+the CreatePipeline message), one Receive that waits until the cmdlet has output or ended, and the
+Signal `terminate` with which the client closes the command. As PowerShell's server does, the
+pipeline's Running state is not sent to the client: `ServerPowerShellDriver.
+HandlePowerShellInvocationStateChanged` sends only Completed, Failed and Stopped (read in
+PowerShell/PowerShell src/System.Management.Automation/engine/remoting/server/
+ServerPowerShellDriver.cs, and the same switch in a decompiled Windows PowerShell copy of that
+class); psrpcore's `ServerPipeline.start()` would send it and cost every cmdlet a second Receive.
+
+Timing: with `delay_seconds`, a cmdlet ends that long after its Command request arrived. This
+endpoint's own decoding of the pipeline (psrpcore in Python, 2-4 ms per Command on these
+machines; Exchange's .NET does it in a fraction of that) falls inside the cmdlet's time instead of
+being added to it, so `bench/remote_latency.py` measures the client, not this fake's Python.
+Encoding the output after the cmdlet (about 1.5 ms) and the HTTP and TLS work of every request
+still add to what the client waits for.
+
+Not modelled: whether WinRM answers a waiting Receive with a cmdlet's output before its final
+state is queued (here both go in one Receive; if Exchange split them, a cmdlet would cost one more
+Receive); Kerberos/Negotiate and WS-Man message encryption; Exchange's full objects (a real
+Get-User or Enable-Mailbox result carries far more properties than the few sent here, so the
+client's deserialization costs more against Exchange); Exchange's per-user throttling
+(PowerShellMaxConcurrency and friends); session loading time (seconds on Exchange); the
+two-minute idle drop by itself (tests call `drop_idle_pools()`).
+
+Fault modes for the tests: `delay_seconds` (every cmdlet ends that long after its Command
+arrived), `hold_commands()` (cmdlets wait until released or stopped; `wait_for_commands(n)` waits
+until n arrived, `wait_for_waiting_receive()` until a Receive waits for a pipeline's data),
 `drop_idle_pools()` (the server forgets every shell,
 as Exchange does with idle sessions) and `drop_connection_on(action)` (the next such request is
 answered by closing the socket).
@@ -34,6 +59,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
@@ -129,6 +155,8 @@ class ReceivedCommand:
 @dataclass
 class _Pipeline:
     server: psrpcore.ServerPipeline
+    #: When its Command request arrived (`time.monotonic()`): the cmdlet's time counts from here.
+    arrived: float
     stopped: threading.Event = field(default_factory=threading.Event)
     done: bool = False
 
@@ -137,6 +165,8 @@ class _Pipeline:
 class _Shell:
     shell_id: str
     pool: psrpcore.ServerRunspacePool
+    #: Notified when data for this shell is queued or the shell goes (the endpoint's lock).
+    ready: threading.Condition
     pipelines: dict[uuid.UUID, _Pipeline] = field(default_factory=dict)
     # Outgoing PSRP data per target (None = the pool itself), drained by Receive.
     outgoing: dict[uuid.UUID | None, bytearray] = field(
@@ -181,7 +211,10 @@ class FakeExchangeEndpoint:
         self.actions: Counter[str] = Counter()
         #: Seconds every cmdlet takes (the stop signal cuts it short).
         self.delay_seconds = 0.0
-        self._cond = threading.Condition()
+        #: How many Receive requests are waiting for a pipeline's data right now.
+        self.receives_waiting = 0
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._shells: dict[str, _Shell] = {}
         self._gate: threading.Event | None = None
         self._drop: dict[str, int] = defaultdict(int)
@@ -239,12 +272,18 @@ class FakeExchangeEndpoint:
         with self._cond:
             return self._cond.wait_for(lambda: len(self.commands) >= count, timeout)
 
+    def wait_for_waiting_receive(self, timeout: float = 10.0) -> bool:
+        """Block until a Receive request waits for data (True), or the timeout passed (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.receives_waiting > 0, timeout)
+
     def drop_idle_pools(self) -> None:
         """Forget every shell, as Exchange does with sessions idle for about two minutes."""
         with self._cond:
             for shell in self._shells.values():
                 for pipeline in shell.pipelines.values():
                     pipeline.stopped.set()
+                shell.ready.notify_all()
             self._shells.clear()
             self._cond.notify_all()
 
@@ -260,8 +299,13 @@ class FakeExchangeEndpoint:
 
     # ---- WS-Man ----------------------------------------------------------------------------
 
-    def handle(self, body: bytes) -> tuple[int, bytes] | None:
-        """One SOAP request -> (HTTP status, SOAP response), or None to drop the connection."""
+    def handle(self, body: bytes, *, arrived: float | None = None) -> tuple[int, bytes] | None:
+        """One SOAP request -> (HTTP status, SOAP response), or None to drop the connection.
+
+        `arrived` is when the request arrived (`time.monotonic()`, default now): a Command's cmdlet
+        time counts from it.
+        """
+        arrived = time.monotonic() if arrived is None else arrived
         request = ET.fromstring(body)
         header = _find(request, "s:Header")
         action_uri = _text(header, "wsa:Action")
@@ -276,7 +320,12 @@ class FakeExchangeEndpoint:
             handler = getattr(self, f"_{action.lower()}", None)
             if handler is None:
                 raise _Fault(0x80338000, f"The WS-Management action {action_uri} is not supported.")
-            response_action, response_body = handler(header, _find(request, "s:Body"))
+            if action == "Command":
+                response_action, response_body = self._command(
+                    header, _find(request, "s:Body"), arrived
+                )
+            else:
+                response_action, response_body = handler(header, _find(request, "s:Body"))
         except _Fault as fault:
             return 500, self._fault_envelope(message_id, fault)
         return 200, _envelope(response_action, message_id, response_body)
@@ -294,7 +343,7 @@ class FakeExchangeEndpoint:
         shell_el = _find(body, "rsp:Shell")
         shell_id = shell_el.attrib.get("ShellId") or str(uuid.uuid4()).upper()
         creation = _text(shell_el, "pwsh:creationXml")
-        shell = _Shell(shell_id, psrpcore.ServerRunspacePool())
+        shell = _Shell(shell_id, psrpcore.ServerRunspacePool(), threading.Condition(self._lock))
         with self._cond:
             self._shells[shell_id] = shell
             self.shells_created += 1
@@ -334,17 +383,20 @@ class FakeExchangeEndpoint:
             for pipeline in shell.pipelines.values():
                 pipeline.stopped.set()
             del self._shells[shell.shell_id]
+            shell.ready.notify_all()
             self._cond.notify_all()
         return "DeleteResponse", _bodies()
 
-    def _command(self, header: ET.Element, body: ET.Element) -> tuple[str, ET.Element]:
+    def _command(
+        self, header: ET.Element, body: ET.Element, arrived: float
+    ) -> tuple[str, ET.Element]:
         line = _find(body, "rsp:CommandLine")
         command_id = line.attrib.get("CommandId") or str(uuid.uuid4()).upper()
         first_fragment = _b64(_text(line, "rsp:Arguments"))
         with self._cond:
             shell = self._shell(header)
             pipeline_id = uuid.UUID(command_id)
-            pipeline = _Pipeline(psrpcore.ServerPipeline(shell.pool, pipeline_id))
+            pipeline = _Pipeline(psrpcore.ServerPipeline(shell.pool, pipeline_id), arrived)
             shell.pipelines[pipeline_id] = pipeline
             self._feed(shell, first_fragment, pipeline_id)
         response = ET.Element(_q("rsp:CommandResponse"))
@@ -390,9 +442,16 @@ class FakeExchangeEndpoint:
         wait = min(_operation_timeout(header), _MAX_WAIT_SECONDS)
         with self._cond:
             shell = self._shell(header)
-            if not self._cond.wait_for(
-                lambda: shell.shell_id not in self._shells or bool(shell.outgoing[target]), wait
-            ):
+            self.receives_waiting += 1
+            self._cond.notify_all()
+            try:
+                # Woken only by this shell's data: other sessions' Receives sleep on.
+                ready = shell.ready.wait_for(
+                    lambda: shell.shell_id not in self._shells or bool(shell.outgoing[target]), wait
+                )
+            finally:
+                self.receives_waiting -= 1
+            if not ready:
                 raise _Fault(
                     FAULT_OPERATION_TIMEOUT,
                     "The WS-Management service cannot complete the operation within the time "
@@ -446,15 +505,18 @@ class FakeExchangeEndpoint:
         """Move everything the pool wants to send into the per-target queues (lock held)."""
         while (payload := shell.pool.data_to_send()) is not None:
             shell.outgoing[payload.pipeline_id] += payload.data
-        self._cond.notify_all()
+        shell.ready.notify_all()
 
     def _run(self, shell: _Shell, pipeline: _Pipeline) -> None:
         """Execute one pipeline: like Exchange's endpoint, cmdlets only, never script text."""
         server = pipeline.server
         metadata = server.metadata
         with self._cond:
-            server.start()
-            self._drain(shell)
+            # Running, told to nobody: PowerShell's server reports only terminal pipeline states
+            # (Completed, Failed, Stopped) to the client, so a client's first Receive waits for
+            # the cmdlet's output or end (psrpcore's start() would send a Running state message
+            # and cost the client one more Receive per cmdlet than Exchange does).
+            server._change_state(PSInvocationState.Running, emit=False)
             gate = self._gate
         commands = list(getattr(metadata, "commands", []))
         for command in commands:
@@ -470,7 +532,11 @@ class FakeExchangeEndpoint:
                     lambda: gate.is_set() or pipeline.stopped.is_set(), _MAX_WAIT_SECONDS
                 )
         if self.delay_seconds:
-            pipeline.stopped.wait(self.delay_seconds)
+            # The cmdlet's time counts from its Command's arrival (or its release), so this
+            # endpoint's own decoding of the pipeline in Python (psrpcore: 2-4 ms here, which
+            # Exchange's .NET does in far less) falls inside it instead of adding to it.
+            started = pipeline.arrived if gate is None else time.monotonic()
+            pipeline.stopped.wait(max(0.0, started + self.delay_seconds - time.monotonic()))
         if pipeline.stopped.is_set():
             return
         outputs: list[PSObject] = []
@@ -621,6 +687,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Quiet: pytest shows failures, not access logs."""
 
     def do_POST(self) -> None:
+        arrived = time.monotonic()  # the request line and headers are in
         endpoint = self.server.endpoint
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
@@ -630,7 +697,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not endpoint.authorized(self.headers.get("Authorization")):
             self._reply(401, b"", {"WWW-Authenticate": 'Basic realm="WSMAN"'})
             return
-        result = endpoint.handle(body)
+        result = endpoint.handle(body, arrived=arrived)
         if result is None:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
