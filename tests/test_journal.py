@@ -236,6 +236,71 @@ def test_concurrent_writes_share_a_commit(make_journal: Callable[..., Journal]) 
     assert journal.commits == 3
 
 
+def test_a_transaction_runs_alone_in_queue_order(
+    make_journal: Callable[..., Journal],
+) -> None:
+    journal = make_journal()
+    journal.receive(CONTEXT, "CREATE_EMAIL", "warm", None)  # opens the file
+    release, entered = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def slow_write(db: sqlite3.Connection) -> None:
+        entered.set()
+        release.wait(10)
+        order.append("batch")
+
+    def exclusive() -> None:
+        with journal.transaction("maintenance") as db:
+            order.append("transaction")
+            db.execute("DELETE FROM claims")
+
+    def queued_write(n: int) -> None:
+        journal.write("queued", lambda db: order.append(f"write {n}"))
+
+    threads = [threading.Thread(target=journal.write, args=("slow", slow_write))]
+    threads[0].start()
+    assert entered.wait(10)
+    writes = [lambda n=n: queued_write(n) for n in range(3)]
+    for queued, target in enumerate([writes[0], exclusive, writes[1], writes[2]]):
+        threads.append(threading.Thread(target=target))
+        threads[-1].start()
+        assert journal.wait_queued(queued + 1, timeout=10)  # queued in this order
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert not any(thread.is_alive() for thread in threads)
+    # The transaction runs alone, between the writes queued before it and those queued after.
+    assert order == ["batch", "write 0", "transaction", "write 1", "write 2"]
+    assert journal.commits == 4  # warm, the slow batch, write 0, then writes 1 and 2 together
+
+
+def test_many_threads_writing_each_get_their_own_result(
+    make_journal: Callable[..., Journal],
+) -> None:
+    journal = make_journal()
+    results: dict[int, list[int]] = {n: [] for n in range(8)}
+
+    def writer(n: int) -> None:
+        for i in range(25):
+            results[n].append(journal.receive(CONTEXT, "CREATE_EMAIL", f"u{n}-{i}", None))
+            if i % 10 == 9:
+                with journal.transaction("between") as db:
+                    db.execute("DELETE FROM claims")
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)  # no wake-up was lost
+    rows = sorted(row for rows in results.values() for row in rows)
+    assert rows == list(range(1, 201))
+    identities = dict(journal.read("SELECT id, identity FROM requests"))
+    for n, mine in results.items():
+        assert [identities[row] for row in mine] == [f"u{n}-{i}" for i in range(25)]
+    assert journal.commits <= 200
+
+
 # ---- a journal deleted or replaced under the running service -----------------------------------
 
 

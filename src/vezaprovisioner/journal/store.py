@@ -7,7 +7,10 @@ mean lives beside it: `records` (a request's record), `claims` (the per-user cla
 
 Writes are group-committed: concurrent requests' writes queue, and whichever thread finds no
 commit in progress runs everything queued in one transaction (one fsync); no Python lock is held
-while SQLite waits for another process's writer. Reads take an idle read connection.
+while SQLite waits for another process's writer. Each queued write has its own wake-up: when a
+batch is committed only its writers are woken, and only the oldest queued write's thread is woken
+to lead the next batch (no thread wakes just to find it has nothing to do). Reads take an idle
+read connection.
 
 Before every write transaction (and in readiness) the store checks that its path still names
 the file it holds open, and that the WAL does too (device and inode on POSIX, volume serial and
@@ -119,16 +122,26 @@ class JournalUnavailable(Failure):
 
 
 class _Write(Generic[_T]):
-    """One queued write: its statements, then its result or error once its batch committed."""
+    """One queued write: its statements, then its result or error once its batch committed.
 
-    __slots__ = ("done", "durable", "error", "op", "result")
+    `wake` is held from the start; the thread that finished the write's batch (then `done`) or
+    that hands it the leader's role releases it. An `exclusive` one has no statements: it waits
+    for the leader's role alone (`JournalStore.transaction`, `close`).
+    """
 
-    def __init__(self, op: Callable[[sqlite3.Connection], _T], durable: bool) -> None:
+    __slots__ = ("done", "durable", "error", "exclusive", "op", "result", "wake")
+
+    def __init__(
+        self, op: Callable[[sqlite3.Connection], _T], durable: bool, *, exclusive: bool = False
+    ) -> None:
         self.op = op
         self.durable = durable
+        self.exclusive = exclusive
         self.done = False
         self.result: _T | None = None
         self.error: BaseException | None = None
+        self.wake = threading.Lock()
+        self.wake.acquire()
 
 
 class JournalStore:
@@ -138,9 +151,12 @@ class JournalStore:
         self.path = data_dir / JOURNAL_FILE
         self._settings = settings
         # Group commit: writes queue here; the thread that finds no leader commits them all.
-        self._queue_changed = threading.Condition()
+        # `_mutex` guards the queue and the leader's role and is never held around SQLite.
+        self._mutex = threading.Lock()
         self._queued: list[_Write[Any]] = []
         self._leading = False
+        self._queue_grew = threading.Condition(self._mutex)  # for wait_queued only
+        self._watchers = 0
         #: Write transactions committed by this instance (each may carry many writes).
         self.commits = 0
         self._writer: sqlite3.Connection | None = None  # used by the leader only
@@ -253,25 +269,50 @@ class JournalStore:
         others is not, and reaches the disk with the next fsynced commit (the WAL is sequential).
         """
         item: _Write[_T] = _Write(op, durable)
-        with self._queue_changed:
-            self._queued.append(item)
-            self._queue_changed.notify_all()
-            while self._leading and not item.done:
-                self._queue_changed.wait()
-            lead = not item.done
-            if lead:
-                self._leading = True
-                batch, self._queued = self._queued, []
-        if lead:
-            try:
-                self._commit(batch, what)
-            finally:
-                with self._queue_changed:
-                    self._leading = False
-                    self._queue_changed.notify_all()
+        if self._enqueue(item):
+            item.wake.acquire()  # until our batch is committed or we are to lead the next one
+        if not item.done:
+            self._lead(what)
         if item.error is not None:
             raise item.error
         return item.result  # type: ignore[return-value] # set when done without an error
+
+    def _enqueue(self, item: _Write[Any]) -> bool:
+        """Queues `item`; False if its thread has the leader's role now (no commit running)."""
+        with self._mutex:
+            self._queued.append(item)
+            if self._watchers:
+                self._queue_grew.notify_all()
+            if self._leading:
+                return True
+            self._leading = True
+            return False
+
+    def _lead(self, what: str) -> None:
+        """The leader's role: commit every queued write (up to an exclusive transaction), wake
+        their threads, and hand the role to the oldest write still queued."""
+        with self._mutex:
+            cut = next((n for n, w in enumerate(self._queued) if w.exclusive), None)
+            if cut is None:
+                batch, self._queued = self._queued, []
+            else:
+                batch, self._queued = self._queued[:cut], self._queued[cut:]
+        try:
+            self._commit(batch, what)
+        finally:
+            self._hand_over(batch)
+
+    def _hand_over(self, finished: Sequence[_Write[Any]]) -> None:
+        """Marks `finished` done, wakes their threads, and passes the leader's role on."""
+        with self._mutex:
+            for item in finished:
+                item.done = True
+            successor = self._queued[0] if self._queued else None
+            self._leading = successor is not None
+        for item in finished:
+            item.wake.release()  # the leader's own write was never waited for: release is harmless
+        if successor is not None:
+            successor.wake.release()
 
     def _commit(self, batch: list[_Write[Any]], what: str) -> None:
         """One transaction for the whole batch (called by the leader, no lock held).
@@ -312,10 +353,6 @@ class JournalStore:
                 item.error = error
         except BaseException as exc:  # the single write's own refusal (ClaimLost, ...)
             batch[0].error = exc
-        finally:
-            with self._queue_changed:
-                for item in batch:
-                    item.done = True
 
     def _begin(self, db: sqlite3.Connection) -> None:
         """BEGIN IMMEDIATE, retried in short steps while another process writes, for up to
@@ -341,17 +378,30 @@ class JournalStore:
 
     def wait_queued(self, count: int, timeout: float) -> bool:
         """Blocks until `count` writes wait for the next commit (diagnostics and tests)."""
-        with self._queue_changed:
-            return self._queue_changed.wait_for(lambda: len(self._queued) >= count, timeout)
+        with self._mutex:
+            self._watchers += 1
+            try:
+                return self._queue_grew.wait_for(lambda: len(self._queued) >= count, timeout)
+            finally:
+                self._watchers -= 1
+
+    @contextmanager
+    def _alone(self) -> Iterator[None]:
+        """The leader's role for the block, with no batch running meanwhile (in queue order)."""
+        item: _Write[None] = _Write(lambda db: None, True, exclusive=True)
+        if self._enqueue(item):
+            item.wake.acquire()  # until the previous leader hands the role to us
+        with self._mutex:
+            self._queued.remove(item)
+        try:
+            yield
+        finally:
+            self._hand_over([item])
 
     @contextmanager
     def transaction(self, what: str) -> Iterator[sqlite3.Connection]:
         """One write transaction of its own, not grouped (claims of recovery, maintenance)."""
-        with self._queue_changed:  # take the leader's role: no batch runs meanwhile
-            while self._leading:
-                self._queue_changed.wait()
-            self._leading = True
-        try:
+        with self._alone():
             try:
                 db = self._connect()
                 self._check_identity()
@@ -365,10 +415,6 @@ class JournalStore:
                 db.execute("COMMIT")
             except (sqlite3.Error, OSError) as exc:
                 raise self._unavailable(what, exc) from exc
-        finally:
-            with self._queue_changed:
-                self._leading = False
-                self._queue_changed.notify_all()
 
     def _unavailable(self, what: str, exc: BaseException) -> JournalUnavailable:
         if self._lost is None:
@@ -407,9 +453,7 @@ class JournalStore:
             self._writer_sync = self._settings.synchronous.upper()
 
     def close(self) -> None:
-        with self._queue_changed:
-            while self._leading:
-                self._queue_changed.wait()
+        with self._alone():
             self._drop_writer()
         with self._readers_lock:
             readers, self._idle_readers = self._idle_readers, []
