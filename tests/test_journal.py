@@ -236,6 +236,52 @@ def test_concurrent_writes_share_a_commit(make_journal: Callable[..., Journal]) 
     assert journal.commits == 3
 
 
+def test_writes_queued_while_another_process_writes_join_the_waiting_commit(
+    make_journal: Callable[..., Journal], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = make_journal(busy_timeout_ms=60_000)
+    journal.receive(CONTEXT, "CREATE_EMAIL", "warm", None)  # opens the file
+    waiting = threading.Event()
+    connect = sqlite3.connect
+
+    def seen(sql: str) -> None:
+        if sql == "BEGIN IMMEDIATE":
+            waiting.set()
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        connection: sqlite3.Connection = connect(*args, **kwargs)
+        connection.set_trace_callback(seen)
+        return connection
+
+    with closing(sqlite3.connect(tmp_path / "data" / JOURNAL_FILE, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")  # another process's writer holds the lock
+        journal.close()  # the next writer connection is traced
+        monkeypatch.setattr(sqlite3, "connect", traced)
+        rows: list[int] = []
+        leader = threading.Thread(
+            target=lambda: rows.append(journal.receive(CONTEXT, "CREATE_EMAIL", "lead", None))
+        )
+        leader.start()
+        assert waiting.wait(10)  # the leader took its batch and waits for the write lock
+        followers = [
+            threading.Thread(
+                target=lambda n=n: rows.append(
+                    journal.receive(CONTEXT, "CREATE_EMAIL", f"u{n}", None)
+                )
+            )
+            for n in range(3)
+        ]
+        for follower in followers:
+            follower.start()
+        assert journal.wait_queued(3, timeout=10)
+        commits_before = journal.commits
+        other.execute("ROLLBACK")
+        for thread in [leader, *followers]:
+            thread.join(10)
+    assert sorted(rows) == [2, 3, 4, 5]
+    assert journal.commits == commits_before + 1  # one commit for the leader and the three
+
+
 def test_a_transaction_runs_alone_in_queue_order(
     make_journal: Callable[..., Journal],
 ) -> None:

@@ -289,18 +289,25 @@ class JournalStore:
             return False
 
     def _lead(self, what: str) -> None:
-        """The leader's role: commit every queued write (up to an exclusive transaction), wake
-        their threads, and hand the role to the oldest write still queued."""
-        with self._mutex:
-            cut = next((n for n, w in enumerate(self._queued) if w.exclusive), None)
-            if cut is None:
-                batch, self._queued = self._queued, []
-            else:
-                batch, self._queued = self._queued[:cut], self._queued[cut:]
+        """The leader's role: commit the queued writes, wake their threads, and hand the role to
+        the oldest write still queued."""
+        batch: list[_Write[Any]] = []
         try:
             self._commit(batch, what)
         finally:
             self._hand_over(batch)
+
+    def _take(self, batch: list[_Write[Any]], *, durable_too: bool) -> None:
+        """Moves queued writes into `batch`, oldest first, up to an exclusive transaction (and,
+        unless `durable_too`, up to a durable write)."""
+        with self._mutex:
+            taken = 0
+            for item in self._queued:
+                if item.exclusive or (item.durable and not durable_too):
+                    break
+                taken += 1
+            batch += self._queued[:taken]
+            del self._queued[:taken]
 
     def _hand_over(self, finished: Sequence[_Write[Any]]) -> None:
         """Marks `finished` done, wakes their threads, and passes the leader's role on."""
@@ -315,17 +322,26 @@ class JournalStore:
             successor.wake.release()
 
     def _commit(self, batch: list[_Write[Any]], what: str) -> None:
-        """One transaction for the whole batch (called by the leader, no lock held).
+        """One transaction for the queued writes, which it moves into `batch` (called by the
+        leader, no lock held).
+
+        The writes queued when it starts decide whether the commit is fsynced; those queued
+        while it waited for the write lock (another process's commit) join the batch once it
+        holds the lock, if that does not need a stronger `synchronous` than was set.
 
         A write whose own statements fail is undone alone (a savepoint, when the batch has
         others) and gets its error; a failure of the transaction fails every write in it. SQLite
         errors become JournalUnavailable either way.
         """
         try:
+            self._take(batch, durable_too=True)  # the leader's own write and those queued now
+            durable = any(item.durable for item in batch)
             db = self._connect()
             self._check_identity()
-            self._synchronous(db, full=any(item.durable for item in batch))
+            self._synchronous(db, full=durable)
             self._begin(db)
+            # What queued meanwhile, unless it needs the fsync this commit will not make.
+            self._take(batch, durable_too=durable or self._settings.synchronous != "full")
             try:
                 if len(batch) == 1:  # the usual case at low concurrency: no savepoint needed
                     batch[0].result = batch[0].op(db)
