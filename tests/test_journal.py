@@ -4,6 +4,7 @@ that a journal that cannot be written means nothing is sent to Exchange (503).""
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -318,6 +319,51 @@ def test_a_transaction_runs_alone_in_queue_order(
     # The transaction runs alone, between the writes queued before it and those queued after.
     assert order == ["batch", "write 0", "transaction", "write 1", "write 2"]
     assert journal.commits == 4  # warm, the slow batch, write 0, then writes 1 and 2 together
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_write_interrupted_while_queued_leaves_the_queue(
+    make_journal: Callable[..., Journal],
+) -> None:
+    journal = make_journal()
+    journal.receive(CONTEXT, "CREATE_EMAIL", "warm", None)  # opens the file
+    release, entered = threading.Event(), threading.Event()
+
+    def slow_write(db: sqlite3.Connection) -> None:
+        entered.set()
+        release.wait(10)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    leader = threading.Thread(target=journal.write, args=("slow", slow_write))
+    leader.start()
+    assert entered.wait(10)
+    main = threading.get_ident()
+
+    def kick() -> None:
+        if journal.wait_queued(1, 10):  # the main thread waits in the queue
+            signal.pthread_kill(main, signal.SIGUSR1)
+
+    kicker = threading.Thread(target=kick)
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        kicker.start()
+        with pytest.raises(Interrupted):  # as Ctrl-C interrupts the CLI waiting for a commit
+            journal.receive(CONTEXT, "CREATE_EMAIL", "interrupted", None)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        release.set()
+    leader.join(10)
+    kicker.join(10)
+    later = threading.Thread(target=journal.receive, args=(CONTEXT, "CREATE_EMAIL", "later", None))
+    later.start()
+    later.join(10)
+    assert not later.is_alive()  # the leader's role was not handed to the thread that left
+    assert journal.read("SELECT identity FROM requests ORDER BY id") == [("warm",), ("later",)]
 
 
 def test_many_threads_writing_each_get_their_own_result(

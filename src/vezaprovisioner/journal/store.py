@@ -129,7 +129,7 @@ class _Write(Generic[_T]):
     for the leader's role alone (`JournalStore.transaction`, `close`).
     """
 
-    __slots__ = ("done", "durable", "error", "exclusive", "op", "result", "wake")
+    __slots__ = ("done", "durable", "error", "exclusive", "op", "promoted", "result", "wake")
 
     def __init__(
         self, op: Callable[[sqlite3.Connection], _T], durable: bool, *, exclusive: bool = False
@@ -137,6 +137,7 @@ class _Write(Generic[_T]):
         self.op = op
         self.durable = durable
         self.exclusive = exclusive
+        self.promoted = False  # handed the leader's role
         self.done = False
         self.result: _T | None = None
         self.error: BaseException | None = None
@@ -270,7 +271,7 @@ class JournalStore:
         """
         item: _Write[_T] = _Write(op, durable)
         if self._enqueue(item):
-            item.wake.acquire()  # until our batch is committed or we are to lead the next one
+            self._wait(item)  # until our batch is committed or we are to lead the next one
         if not item.done:
             self._lead(what)
         if item.error is not None:
@@ -287,6 +288,22 @@ class JournalStore:
                 return True
             self._leading = True
             return False
+
+    def _wait(self, item: _Write[Any]) -> None:
+        """Blocks until `item`'s batch is done or it is handed the leader's role. Interrupted
+        (KeyboardInterrupt in the CLI), it leaves the queue and passes on a role it was handed,
+        so no write waits for a thread that is gone."""
+        try:
+            item.wake.acquire()
+        except BaseException:
+            with self._mutex:
+                queued = item in self._queued
+                if queued:
+                    self._queued.remove(item)
+                promoted = item.promoted and not item.done
+            if promoted:
+                self._hand_over([])
+            raise  # (taken into a batch being committed: its leader finishes it)
 
     def _lead(self, what: str) -> None:
         """The leader's role: commit the queued writes, wake their threads, and hand the role to
@@ -316,6 +333,8 @@ class JournalStore:
                 item.done = True
             successor = self._queued[0] if self._queued else None
             self._leading = successor is not None
+            if successor is not None:
+                successor.promoted = True
         for item in finished:
             item.wake.release()  # the leader's own write was never waited for: release is harmless
         if successor is not None:
@@ -406,7 +425,7 @@ class JournalStore:
         """The leader's role for the block, with no batch running meanwhile (in queue order)."""
         item: _Write[None] = _Write(lambda db: None, True, exclusive=True)
         if self._enqueue(item):
-            item.wake.acquire()  # until the previous leader hands the role to us
+            self._wait(item)  # until the previous leader hands the role to us
         with self._mutex:
             self._queued.remove(item)
         try:
