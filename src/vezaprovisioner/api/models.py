@@ -11,18 +11,20 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     WithJsonSchema,
 )
-from pydantic_core import PydanticCustomError
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
 
 from ..journal.records import Record
 from ..provisioning import CreateEmail, MailboxResult, RecipientState
 from ..validation import (
     ALIAS_PATTERN,
-    IDENTITY_PATTERN,
     MAX_ALIAS_LENGTH,
     MAX_IDENTITY_LENGTH,
     InvalidValue,
+    identity_pattern,
     validate_alias,
     validate_identity,
 )
@@ -51,14 +53,25 @@ def _empty_is_absent(value: Any) -> Any:
 
 # The schemas state the rules for clients; validation.py's checks stay the ones that run (their
 # messages say which character at which position is wrong).
-_IDENTITY_SCHEMA = {
-    "type": "string",
-    "minLength": 1,
-    "maxLength": MAX_IDENTITY_LENGTH,
-    "pattern": IDENTITY_PATTERN,
-    "description": "The user's AD identity: UPN, DOMAIN\\user, DN, GUID, SID or name; not only "
-    "whitespace, no control characters, no '*'. Surrounding whitespace is trimmed.",
-}
+class _IdentitySchema:
+    """Like WithJsonSchema(..., mode="validation"), but the pattern is computed when the OpenAPI
+    document is built (validation.identity_pattern), not when this module is imported."""
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        if handler.mode != "validation":
+            return handler(core_schema)
+        return {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_IDENTITY_LENGTH,
+            "pattern": identity_pattern(),
+            "description": "The user's AD identity: UPN, DOMAIN\\user, DN, GUID, SID or name; not "
+            "only whitespace, no control characters, no '*'. Surrounding whitespace is trimmed.",
+        }
+
+
 _ALIAS_SCHEMA = {
     "anyOf": [
         {"type": "string", "maxLength": MAX_ALIAS_LENGTH, "pattern": f"^$|{ALIAS_PATTERN}"},
@@ -67,9 +80,7 @@ _ALIAS_SCHEMA = {
     "description": 'Exchange alias; omitted, null or "" lets the service choose it '
     "(exchange.alias_policy).",
 }
-Identity = Annotated[
-    str, _exchange_rule(validate_identity), WithJsonSchema(_IDENTITY_SCHEMA, mode="validation")
-]
+Identity = Annotated[str, _exchange_rule(validate_identity), _IdentitySchema()]
 Alias = Annotated[
     str | None,
     BeforeValidator(_empty_is_absent),

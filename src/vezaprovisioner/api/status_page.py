@@ -15,7 +15,6 @@ from html import escape
 from urllib.parse import quote
 
 from .. import __version__
-from ..exchange.local.backend import LocalExchange
 from ..failures import advice_for_code
 from ..journal.records import Record
 from ..services import Services
@@ -83,6 +82,9 @@ def _backend(services: Services) -> str:
     exchange = services.exchange
     items: list[tuple[str, str, str]] = [("backend", "backend", settings.backend)]
     error = ""
+    # Imported here: the remote and simulated backends never load the local one (~15 ms).
+    from ..exchange.local.backend import LocalExchange
+
     if isinstance(exchange, LocalExchange):
         status = exchange.pool.status()
         items += [
