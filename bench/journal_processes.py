@@ -5,16 +5,19 @@ claim) over its own simulated Exchange with `--latency-ms` cmdlets, `--requests`
 users at `--concurrency` threads. Both processes start together (forked, released by a barrier);
 the result is the total throughput of the pair and each request's latency. "shared" points both
 at one data_dir, "separate" gives each its own; the ratio shared/separate is what sharing costs.
-Runs alternate `--repeats` times; medians are printed. Bounded; no network.
+Runs alternate `--repeats` times; medians are printed, with the ratio of each shared run to the
+separate run just before it and the load average (other work on the machine moves the ratio by
+about ±0.05 from run to run). Bounded; no network.
 
-    .venv/bin/python bench/journal_processes.py [--requests 300] [--concurrency 8]
-        [--latency-ms 5] [--synchronous full] [--repeats 3]
+    .venv/bin/python bench/journal_processes.py [--requests 600] [--concurrency 8]
+        [--latency-ms 5] [--synchronous full] [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -74,20 +77,23 @@ def pair(shared: bool, args: argparse.Namespace) -> tuple[float, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=300, help="per process")
+    parser.add_argument("--requests", type=int, default=600, help="per process")
     parser.add_argument("--concurrency", type=int, default=8, help="threads per process")
     parser.add_argument("--latency-ms", type=int, default=5)
     parser.add_argument("--synchronous", choices=("full", "normal"), default="full")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     runs: dict[str, list[tuple[float, float, float]]] = {"separate": [], "shared": []}
+    loads = [os.getloadavg()[0]]
     for _ in range(args.repeats):
         for name in ("separate", "shared"):
             runs[name].append(pair(name == "shared", args))
+        loads.append(os.getloadavg()[0])
     print(
         f"2 processes x {args.requests} CREATE_EMAIL at {args.concurrency} threads each, "
         f"cmdlets {args.latency_ms} ms, synchronous={args.synchronous}, "
-        f"median of {args.repeats} alternating runs"
+        f"median of {args.repeats} alternating runs, load average (1 min) "
+        f"{min(loads):.2f}-{max(loads):.2f}"
     )
     print()
     print("| journal | req/s (both) | p50 ms | p99 ms |")
@@ -98,7 +104,9 @@ def main() -> None:
         medians[name] = rate
         print(f"| {name} | {rate:.0f} | {p50:.1f} | {p99:.1f} |")
     print()
+    pairs = [s[0] / p[0] for s, p in zip(runs["shared"], runs["separate"], strict=True)]
     print(f"shared / separate = {medians['shared'] / medians['separate']:.2f}")
+    print(f"per run: {' '.join(f'{r:.2f}' for r in pairs)}")
 
 
 if __name__ == "__main__":

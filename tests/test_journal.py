@@ -4,6 +4,7 @@ that a journal that cannot be written means nothing is sent to Exchange (503).""
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -234,6 +235,162 @@ def test_concurrent_writes_share_a_commit(make_journal: Callable[..., Journal]) 
     assert sorted(rows) == list(range(2, 7))
     # The five writes that queued while a commit ran were committed together, in one more.
     assert journal.commits == 3
+
+
+def test_writes_queued_while_another_process_writes_join_the_waiting_commit(
+    make_journal: Callable[..., Journal], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = make_journal(busy_timeout_ms=60_000)
+    journal.receive(CONTEXT, "CREATE_EMAIL", "warm", None)  # opens the file
+    waiting = threading.Event()
+    connect = sqlite3.connect
+
+    def seen(sql: str) -> None:
+        if sql == "BEGIN IMMEDIATE":
+            waiting.set()
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        connection: sqlite3.Connection = connect(*args, **kwargs)
+        connection.set_trace_callback(seen)
+        return connection
+
+    with closing(sqlite3.connect(tmp_path / "data" / JOURNAL_FILE, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")  # another process's writer holds the lock
+        journal.close()  # the next writer connection is traced
+        monkeypatch.setattr(sqlite3, "connect", traced)
+        rows: list[int] = []
+        leader = threading.Thread(
+            target=lambda: rows.append(journal.receive(CONTEXT, "CREATE_EMAIL", "lead", None))
+        )
+        leader.start()
+        assert waiting.wait(10)  # the leader took its batch and waits for the write lock
+        followers = [
+            threading.Thread(
+                target=lambda n=n: rows.append(
+                    journal.receive(CONTEXT, "CREATE_EMAIL", f"u{n}", None)
+                )
+            )
+            for n in range(3)
+        ]
+        for follower in followers:
+            follower.start()
+        assert journal.wait_queued(3, timeout=10)
+        commits_before = journal.commits
+        other.execute("ROLLBACK")
+        for thread in [leader, *followers]:
+            thread.join(10)
+    assert sorted(rows) == [2, 3, 4, 5]
+    assert journal.commits == commits_before + 1  # one commit for the leader and the three
+
+
+def test_a_transaction_runs_alone_in_queue_order(
+    make_journal: Callable[..., Journal],
+) -> None:
+    journal = make_journal()
+    journal.receive(CONTEXT, "CREATE_EMAIL", "warm", None)  # opens the file
+    release, entered = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def slow_write(db: sqlite3.Connection) -> None:
+        entered.set()
+        release.wait(10)
+        order.append("batch")
+
+    def exclusive() -> None:
+        with journal.transaction("maintenance") as db:
+            order.append("transaction")
+            db.execute("DELETE FROM claims")
+
+    def queued_write(n: int) -> None:
+        journal.write("queued", lambda db: order.append(f"write {n}"))
+
+    threads = [threading.Thread(target=journal.write, args=("slow", slow_write))]
+    threads[0].start()
+    assert entered.wait(10)
+    writes = [lambda n=n: queued_write(n) for n in range(3)]
+    for queued, target in enumerate([writes[0], exclusive, writes[1], writes[2]]):
+        threads.append(threading.Thread(target=target))
+        threads[-1].start()
+        assert journal.wait_queued(queued + 1, timeout=10)  # queued in this order
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert not any(thread.is_alive() for thread in threads)
+    # The transaction runs alone, between the writes queued before it and those queued after.
+    assert order == ["batch", "write 0", "transaction", "write 1", "write 2"]
+    assert journal.commits == 4  # warm, the slow batch, write 0, then writes 1 and 2 together
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_write_interrupted_while_queued_leaves_the_queue(
+    make_journal: Callable[..., Journal],
+) -> None:
+    journal = make_journal()
+    journal.receive(CONTEXT, "CREATE_EMAIL", "warm", None)  # opens the file
+    release, entered = threading.Event(), threading.Event()
+
+    def slow_write(db: sqlite3.Connection) -> None:
+        entered.set()
+        release.wait(10)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    leader = threading.Thread(target=journal.write, args=("slow", slow_write))
+    leader.start()
+    assert entered.wait(10)
+    main = threading.get_ident()
+
+    def kick() -> None:
+        if journal.wait_queued(1, 10):  # the main thread waits in the queue
+            signal.pthread_kill(main, signal.SIGUSR1)
+
+    kicker = threading.Thread(target=kick)
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        kicker.start()
+        with pytest.raises(Interrupted):  # as Ctrl-C interrupts the CLI waiting for a commit
+            journal.receive(CONTEXT, "CREATE_EMAIL", "interrupted", None)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        release.set()
+    leader.join(10)
+    kicker.join(10)
+    later = threading.Thread(target=journal.receive, args=(CONTEXT, "CREATE_EMAIL", "later", None))
+    later.start()
+    later.join(10)
+    assert not later.is_alive()  # the leader's role was not handed to the thread that left
+    assert journal.read("SELECT identity FROM requests ORDER BY id") == [("warm",), ("later",)]
+
+
+def test_many_threads_writing_each_get_their_own_result(
+    make_journal: Callable[..., Journal],
+) -> None:
+    journal = make_journal()
+    results: dict[int, list[int]] = {n: [] for n in range(8)}
+
+    def writer(n: int) -> None:
+        for i in range(25):
+            results[n].append(journal.receive(CONTEXT, "CREATE_EMAIL", f"u{n}-{i}", None))
+            if i % 10 == 9:
+                with journal.transaction("between") as db:
+                    db.execute("DELETE FROM claims")
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)  # no wake-up was lost
+    rows = sorted(row for rows in results.values() for row in rows)
+    assert rows == list(range(1, 201))
+    identities = dict(journal.read("SELECT id, identity FROM requests"))
+    for n, mine in results.items():
+        assert [identities[row] for row in mine] == [f"u{n}-{i}" for i in range(25)]
+    assert journal.commits <= 200
 
 
 # ---- a journal deleted or replaced under the running service -----------------------------------

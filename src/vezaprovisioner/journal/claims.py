@@ -70,6 +70,16 @@ class ClaimGate:
         return (self.key, self.token) if self.token else None
 
 
+# The user's claim (NULLs when none) and how many Enable-* the journal records as sent for the
+# user, in one statement: read by the gate, then again in the commit that takes the claim.
+_CLAIM_AND_SENT = (
+    "SELECT c.owner_host, c.owner_pid, c.owner_token, c.expires_at,"
+    " (SELECT count(*) FROM requests WHERE guid = ? COLLATE NOCASE"
+    "  AND enable_sent_at IS NOT NULL)"
+    " FROM (SELECT 1) LEFT JOIN claims c ON c.identity_key = ?"
+)
+
+
 class ClaimTable:
     """The claims table of one journal: one row per claimed user."""
 
@@ -78,13 +88,7 @@ class ClaimTable:
 
     def look(self, key: str) -> tuple[bool, int]:
         """(held by a live owner, Enable-* sent for the user so far), in one read; no commit."""
-        rows = self._journal.read(
-            "SELECT c.owner_host, c.owner_pid, c.owner_token, c.expires_at,"
-            " (SELECT count(*) FROM requests WHERE guid = ? COLLATE NOCASE"
-            "  AND enable_sent_at IS NOT NULL)"
-            " FROM (SELECT 1) LEFT JOIN claims c ON c.identity_key = ?",
-            (key, key),
-        )
+        rows = self._journal.read(_CLAIM_AND_SENT, (key, key))
         host, pid, token, expires_at, sent = rows[0]
         now = self._journal.now()
         held = host is not None and not self._stale(host, pid, token, expires_at, now)
@@ -100,18 +104,11 @@ class ClaimTable:
 
         def claim_and_mark(db: sqlite3.Connection) -> None:
             now = self._journal.now()
-            held = db.execute(
-                "SELECT owner_host, owner_pid, owner_token, expires_at FROM claims"
-                " WHERE identity_key = ?",
-                (gate.key,),
+            host, pid, owner, expires_at, sent = db.execute(
+                _CLAIM_AND_SENT, (gate.key, gate.key)
             ).fetchone()
-            if held is not None and not self._stale(held[0], held[1], held[2], held[3], now):
+            if host is not None and not self._stale(host, pid, owner, expires_at, now):
                 raise ClaimLost(f"another request claimed user {gate.key}")
-            sent = db.execute(
-                "SELECT count(*) FROM requests WHERE guid = ? COLLATE NOCASE"
-                " AND enable_sent_at IS NOT NULL",
-                (gate.key,),
-            ).fetchone()[0]
             if sent != gate.sent_before:
                 raise ClaimLost(f"another request sent Enable-* for user {gate.key}")
             self._insert(db, gate.key, token, now)

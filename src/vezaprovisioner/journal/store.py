@@ -7,7 +7,10 @@ mean lives beside it: `records` (a request's record), `claims` (the per-user cla
 
 Writes are group-committed: concurrent requests' writes queue, and whichever thread finds no
 commit in progress runs everything queued in one transaction (one fsync); no Python lock is held
-while SQLite waits for another process's writer. Reads take an idle read connection.
+while SQLite waits for another process's writer. Each queued write has its own wake-up: when a
+batch is committed only its writers are woken, and only the oldest queued write's thread is woken
+to lead the next batch (no thread wakes just to find it has nothing to do). Reads take an idle
+read connection.
 
 Before every write transaction (and in readiness) the store checks that its path still names
 the file it holds open, and that the WAL does too (device and inode on POSIX, volume serial and
@@ -119,16 +122,27 @@ class JournalUnavailable(Failure):
 
 
 class _Write(Generic[_T]):
-    """One queued write: its statements, then its result or error once its batch committed."""
+    """One queued write: its statements, then its result or error once its batch committed.
 
-    __slots__ = ("done", "durable", "error", "op", "result")
+    `wake` is held from the start; the thread that finished the write's batch (then `done`) or
+    that hands it the leader's role releases it. An `exclusive` one has no statements: it waits
+    for the leader's role alone (`JournalStore.transaction`, `close`).
+    """
 
-    def __init__(self, op: Callable[[sqlite3.Connection], _T], durable: bool) -> None:
+    __slots__ = ("done", "durable", "error", "exclusive", "op", "promoted", "result", "wake")
+
+    def __init__(
+        self, op: Callable[[sqlite3.Connection], _T], durable: bool, *, exclusive: bool = False
+    ) -> None:
         self.op = op
         self.durable = durable
+        self.exclusive = exclusive
+        self.promoted = False  # handed the leader's role
         self.done = False
         self.result: _T | None = None
         self.error: BaseException | None = None
+        self.wake = threading.Lock()
+        self.wake.acquire()
 
 
 class JournalStore:
@@ -138,9 +152,12 @@ class JournalStore:
         self.path = data_dir / JOURNAL_FILE
         self._settings = settings
         # Group commit: writes queue here; the thread that finds no leader commits them all.
-        self._queue_changed = threading.Condition()
+        # `_mutex` guards the queue and the leader's role and is never held around SQLite.
+        self._mutex = threading.Lock()
         self._queued: list[_Write[Any]] = []
         self._leading = False
+        self._queue_grew = threading.Condition(self._mutex)  # for wait_queued only
+        self._watchers = 0
         #: Write transactions committed by this instance (each may carry many writes).
         self.commits = 0
         self._writer: sqlite3.Connection | None = None  # used by the leader only
@@ -253,38 +270,97 @@ class JournalStore:
         others is not, and reaches the disk with the next fsynced commit (the WAL is sequential).
         """
         item: _Write[_T] = _Write(op, durable)
-        with self._queue_changed:
-            self._queued.append(item)
-            self._queue_changed.notify_all()
-            while self._leading and not item.done:
-                self._queue_changed.wait()
-            lead = not item.done
-            if lead:
-                self._leading = True
-                batch, self._queued = self._queued, []
-        if lead:
-            try:
-                self._commit(batch, what)
-            finally:
-                with self._queue_changed:
-                    self._leading = False
-                    self._queue_changed.notify_all()
+        if self._enqueue(item):
+            self._wait(item)  # until our batch is committed or we are to lead the next one
+        if not item.done:
+            self._lead(what)
         if item.error is not None:
             raise item.error
         return item.result  # type: ignore[return-value] # set when done without an error
 
+    def _enqueue(self, item: _Write[Any]) -> bool:
+        """Queues `item`; False if its thread has the leader's role now (no commit running)."""
+        with self._mutex:
+            self._queued.append(item)
+            if self._watchers:
+                self._queue_grew.notify_all()
+            if self._leading:
+                return True
+            self._leading = True
+            return False
+
+    def _wait(self, item: _Write[Any]) -> None:
+        """Blocks until `item`'s batch is done or it is handed the leader's role. Interrupted
+        (KeyboardInterrupt in the CLI), it leaves the queue and passes on a role it was handed,
+        so no write waits for a thread that is gone."""
+        try:
+            item.wake.acquire()
+        except BaseException:
+            with self._mutex:
+                queued = item in self._queued
+                if queued:
+                    self._queued.remove(item)
+                promoted = item.promoted and not item.done
+            if promoted:
+                self._hand_over([])
+            raise  # (taken into a batch being committed: its leader finishes it)
+
+    def _lead(self, what: str) -> None:
+        """The leader's role: commit the queued writes, wake their threads, and hand the role to
+        the oldest write still queued."""
+        batch: list[_Write[Any]] = []
+        try:
+            self._commit(batch, what)
+        finally:
+            self._hand_over(batch)
+
+    def _take(self, batch: list[_Write[Any]], *, durable_too: bool) -> None:
+        """Moves queued writes into `batch`, oldest first, up to an exclusive transaction (and,
+        unless `durable_too`, up to a durable write)."""
+        with self._mutex:
+            taken = 0
+            for item in self._queued:
+                if item.exclusive or (item.durable and not durable_too):
+                    break
+                taken += 1
+            batch += self._queued[:taken]
+            del self._queued[:taken]
+
+    def _hand_over(self, finished: Sequence[_Write[Any]]) -> None:
+        """Marks `finished` done, wakes their threads, and passes the leader's role on."""
+        with self._mutex:
+            for item in finished:
+                item.done = True
+            successor = self._queued[0] if self._queued else None
+            self._leading = successor is not None
+            if successor is not None:
+                successor.promoted = True
+        for item in finished:
+            item.wake.release()  # the leader's own write was never waited for: release is harmless
+        if successor is not None:
+            successor.wake.release()
+
     def _commit(self, batch: list[_Write[Any]], what: str) -> None:
-        """One transaction for the whole batch (called by the leader, no lock held).
+        """One transaction for the queued writes, which it moves into `batch` (called by the
+        leader, no lock held).
+
+        The writes queued when it starts decide whether the commit is fsynced; those queued
+        while it waited for the write lock (another process's commit) join the batch once it
+        holds the lock, if that does not need a stronger `synchronous` than was set.
 
         A write whose own statements fail is undone alone (a savepoint, when the batch has
         others) and gets its error; a failure of the transaction fails every write in it. SQLite
         errors become JournalUnavailable either way.
         """
         try:
+            self._take(batch, durable_too=True)  # the leader's own write and those queued now
+            durable = any(item.durable for item in batch)
             db = self._connect()
             self._check_identity()
-            self._synchronous(db, full=any(item.durable for item in batch))
+            self._synchronous(db, full=durable)
             self._begin(db)
+            # What queued meanwhile, unless it needs the fsync this commit will not make.
+            self._take(batch, durable_too=durable or self._settings.synchronous != "full")
             try:
                 if len(batch) == 1:  # the usual case at low concurrency: no savepoint needed
                     batch[0].result = batch[0].op(db)
@@ -312,10 +388,6 @@ class JournalStore:
                 item.error = error
         except BaseException as exc:  # the single write's own refusal (ClaimLost, ...)
             batch[0].error = exc
-        finally:
-            with self._queue_changed:
-                for item in batch:
-                    item.done = True
 
     def _begin(self, db: sqlite3.Connection) -> None:
         """BEGIN IMMEDIATE, retried in short steps while another process writes, for up to
@@ -341,17 +413,30 @@ class JournalStore:
 
     def wait_queued(self, count: int, timeout: float) -> bool:
         """Blocks until `count` writes wait for the next commit (diagnostics and tests)."""
-        with self._queue_changed:
-            return self._queue_changed.wait_for(lambda: len(self._queued) >= count, timeout)
+        with self._mutex:
+            self._watchers += 1
+            try:
+                return self._queue_grew.wait_for(lambda: len(self._queued) >= count, timeout)
+            finally:
+                self._watchers -= 1
+
+    @contextmanager
+    def _alone(self) -> Iterator[None]:
+        """The leader's role for the block, with no batch running meanwhile (in queue order)."""
+        item: _Write[None] = _Write(lambda db: None, True, exclusive=True)
+        if self._enqueue(item):
+            self._wait(item)  # until the previous leader hands the role to us
+        with self._mutex:
+            self._queued.remove(item)
+        try:
+            yield
+        finally:
+            self._hand_over([item])
 
     @contextmanager
     def transaction(self, what: str) -> Iterator[sqlite3.Connection]:
         """One write transaction of its own, not grouped (claims of recovery, maintenance)."""
-        with self._queue_changed:  # take the leader's role: no batch runs meanwhile
-            while self._leading:
-                self._queue_changed.wait()
-            self._leading = True
-        try:
+        with self._alone():
             try:
                 db = self._connect()
                 self._check_identity()
@@ -365,10 +450,6 @@ class JournalStore:
                 db.execute("COMMIT")
             except (sqlite3.Error, OSError) as exc:
                 raise self._unavailable(what, exc) from exc
-        finally:
-            with self._queue_changed:
-                self._leading = False
-                self._queue_changed.notify_all()
 
     def _unavailable(self, what: str, exc: BaseException) -> JournalUnavailable:
         if self._lost is None:
@@ -407,9 +488,7 @@ class JournalStore:
             self._writer_sync = self._settings.synchronous.upper()
 
     def close(self) -> None:
-        with self._queue_changed:
-            while self._leading:
-                self._queue_changed.wait()
+        with self._alone():
             self._drop_writer()
         with self._readers_lock:
             readers, self._idle_readers = self._idle_readers, []
