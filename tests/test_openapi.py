@@ -204,3 +204,13 @@ def test_a_generated_client_creates_an_email(tmp_path: Path) -> None:
         )
         assert isinstance(missing.parsed, models.Problem)
         assert missing.parsed.code == models.ProblemCode.IDENTITY_NOT_FOUND
+
+
+def test_the_api_routes_are_on_the_apps_own_router(client: TestClient) -> None:
+    """No included router: FastAPI 0.165 walks an included router's entry on every request
+    (route_table.py). Every API path is a route of the app's router, base path in front."""
+    app = client.app
+    paths = {getattr(route, "path", None) for route in app.router.routes}  # type: ignore[attr-defined]
+    for path in ("/api/v1/emails", "/api/v1/actions", "/health", "/docs", "/openapi.json"):
+        assert f"/VezaProvisioner{path}" in paths
+    assert all(type(route).__name__ != "_IncludedRouter" for route in app.router.routes)  # type: ignore[attr-defined]

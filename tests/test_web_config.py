@@ -149,14 +149,17 @@ def test_locked_sections_are_left_to_install_ps1(config: ET.Element) -> None:
 def test_application_initialization_requests_the_apps_warm_up_page(config: ET.Element) -> None:
     """IIS requests initializationPage, relative to the application, when the pool starts; the
     app serves that path (without credentials) and the doctor checks the same path."""
+    from fastapi import APIRouter
     from fastapi.routing import APIRoute
 
-    from vezaprovisioner.api.routes import router
+    from vezaprovisioner.api.routes import routes
     from vezaprovisioner.iis_settings import WARMUP_PAGE
 
     init = config.find("system.webServer/applicationInitialization")
     assert init is not None
     assert init.attrib["doAppInitAfterRestart"] == "true"
     assert [add.attrib["initializationPage"] for add in init.iterfind("add")] == [WARMUP_PAGE]
+    router = APIRouter()
+    routes.add_to(router)
     served = {route.path: route.methods for route in router.routes if isinstance(route, APIRoute)}
     assert served[WARMUP_PAGE] == {"GET"}  # what Application Initialization sends

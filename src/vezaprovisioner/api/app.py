@@ -29,9 +29,9 @@ from ..services import Services, build_services
 from ..validation import visible
 from .access import AccessLogMiddleware
 from .middleware import AuthenticationMiddleware, BodyLimitMiddleware, RequestContextMiddleware
-from .openapi import DOCS_ASSETS, docs_router, install_openapi
+from .openapi import DOCS_ASSETS, add_docs_routes, install_openapi
 from .problems import problem_for_request
-from .routes import router
+from .routes import routes
 from .validation_errors import validation_failure
 
 
@@ -60,14 +60,13 @@ def create_app_from_services(services: Services) -> FastAPI:
         version=__version__,
         summary="Gives existing Active Directory users an Exchange mailbox (CREATE_EMAIL).",
         openapi_url=f"{base}/openapi.json",
-        docs_url=None,  # served by docs_router from packaged files, not from a CDN
+        docs_url=None,  # served by add_docs_routes from packaged files, not from a CDN
         redoc_url=None,
     )
     app.state.services = services
-    app.include_router(router, prefix=base)
-    app.include_router(
-        docs_router(app.title, f"{base}/openapi.json", f"{base}/docs", f"{base}/redoc")
-    )
+    # On the app's own router, not included (route_table.py says why).
+    routes.add_to(app.router, prefix=base)
+    add_docs_routes(app.router, app.title, f"{base}/openapi.json", f"{base}/docs", f"{base}/redoc")
 
     public_paths = ["/health", "/health/ready", "/warmup", "/docs", "/redoc", "/openapi.json"]
     public_paths += [f"/docs/assets/{name}" for name in DOCS_ASSETS]
@@ -78,7 +77,7 @@ def create_app_from_services(services: Services) -> FastAPI:
     basic_realm = REALM if services.settings.auth.mode == "basic" else None
     # Added innermost first: the access log wraps the request context, which wraps
     # authentication, which wraps body limits.
-    app.add_middleware(BodyLimitMiddleware, routes=router.routes, base_path=base)
+    app.add_middleware(BodyLimitMiddleware, routes=app.router.routes)
     app.add_middleware(
         AuthenticationMiddleware,
         authenticator=services.authenticator,

@@ -110,21 +110,18 @@ class BodyLimitMiddleware:
     """Accepts only JSON bodies of at most `max_body_bytes`, refused before any route runs.
 
     Only requests a route takes (path and method) are checked: anything else goes on to the
-    router untouched, which answers 404 or 405 (a PUT to a GET route is 405, not 415). `routes`
-    are the API's routes (without `base_path`); only those with a body method are kept, and a
-    request is matched against their own path patterns: asking the app's router would walk every
-    route of every included router a second time per request.
+    router untouched, which answers 404 or 405 (a PUT to a GET route is 405, not 415). Of the
+    app's `routes` only those with a body method are kept (the stack is built at the first
+    request, when every route exists), and a request is matched against their path patterns.
     """
 
     def __init__(
         self,
         app: ASGIApp,
         routes: Sequence[BaseRoute] = (),
-        base_path: str = "",
         max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self.app = app
-        self.base_path = base_path
         self.routes = [
             (route.path_regex, frozenset(route.methods or ()) & _BODY_METHODS)
             for route in routes
@@ -148,11 +145,8 @@ class BodyLimitMiddleware:
 
     def _routed(self, scope: Scope) -> bool:
         """Whether a route takes this path with this method."""
-        path: str = scope["path"]
-        if not path.startswith(self.base_path):
-            return False
-        rest, method = path[len(self.base_path) :], scope["method"]
-        return any(method in methods and regex.match(rest) for regex, methods in self.routes)
+        path, method = scope["path"], scope["method"]
+        return any(method in methods and regex.match(path) for regex, methods in self.routes)
 
     async def _read_body(
         self, headers: Headers, receive: Receive

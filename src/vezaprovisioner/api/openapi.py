@@ -142,12 +142,14 @@ def install_openapi(app: FastAPI, public_paths: frozenset[str]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def docs_router(title: str, openapi_url: str, docs_url: str, redoc_url: str) -> APIRouter:
-    """/docs (Swagger UI), /redoc (ReDoc) and their assets, served from the installed package."""
-    router = APIRouter(include_in_schema=False)
+def add_docs_routes(
+    router: APIRouter, title: str, openapi_url: str, docs_url: str, redoc_url: str
+) -> None:
+    """/docs (Swagger UI), /redoc (ReDoc) and their assets, served from the installed package,
+    added to `router` (the app's own: see route_table.py)."""
     assets = f"{docs_url}/assets"
 
-    @router.get(docs_url)
+    @router.get(docs_url, include_in_schema=False)
     def swagger_ui() -> HTMLResponse:
         return get_swagger_ui_html(
             openapi_url=openapi_url,
@@ -157,7 +159,7 @@ def docs_router(title: str, openapi_url: str, docs_url: str, redoc_url: str) -> 
             swagger_favicon_url=f"{assets}/favicon.png",
         )
 
-    @router.get(redoc_url)
+    @router.get(redoc_url, include_in_schema=False)
     def redoc() -> HTMLResponse:
         return get_redoc_html(
             openapi_url=openapi_url,
@@ -168,8 +170,9 @@ def docs_router(title: str, openapi_url: str, docs_url: str, redoc_url: str) -> 
         )
 
     for name in DOCS_ASSETS:
-        router.add_api_route(f"{assets}/{name}", _asset(name), methods=["GET"])
-    return router
+        router.add_api_route(
+            f"{assets}/{name}", _asset(name), methods=["GET"], include_in_schema=False
+        )
 
 
 def _asset(name: str) -> Any:

@@ -13,7 +13,7 @@ from functools import partial
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 
@@ -45,10 +45,12 @@ from .models import (
     RequestRecordResponse,
 )
 from .openapi import problem_responses
+from .route_table import RouteTable
 from .status_page import render as render_status
 from .validation_errors import validation_failure
 
-router = APIRouter()
+#: Added to each app under its base path by create_app (route_table.py says why not a router).
+routes = RouteTable()
 
 
 MAX_PAGE = 500
@@ -72,7 +74,7 @@ def request_id_of(request: Request) -> str:
     return str(request.scope["state"]["request_id"])
 
 
-@router.get("/health", tags=["health"], operation_id="health")
+@routes.get("/health", tags=["health"], operation_id="health")
 async def health() -> HealthResponse:
     """Liveness: the process answers. Touches no backend."""
     return HealthResponse(status="ok", version=__version__)
@@ -83,7 +85,7 @@ async def health() -> HealthResponse:
 WARM_UP_WAIT_SECONDS = 60.0
 
 
-@router.get(
+@routes.get(
     "/warmup",
     tags=["health"],
     status_code=204,
@@ -109,7 +111,7 @@ def warmup(request: Request) -> Response:
     return Response(status_code=204, headers={"Cache-Control": "no-store"})
 
 
-@router.get(
+@routes.get(
     "/health/ready",
     tags=["health"],
     operation_id="ready",
@@ -132,7 +134,7 @@ def ready(request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 
-@router.get(
+@routes.get(
     "/health/ready/details",
     tags=["health"],
     operation_id="readyDetails",
@@ -189,7 +191,7 @@ def _journal_writable(services: Services) -> ReadinessCheck:
         return ReadinessCheck(ok=False, detail=str(exc))
 
 
-@router.post(
+@routes.post(
     "/api/v1/emails",
     operation_id="createEmail",
     openapi_extra={"parameters": [IDEMPOTENCY_PARAMETER]},
@@ -206,7 +208,7 @@ async def create_email(body: EmailRequest, request: Request) -> Response:
     return await _create(body, request)
 
 
-@router.post(
+@routes.post(
     "/api/v1/actions",
     operation_id="runAction",
     openapi_extra={"parameters": [IDEMPOTENCY_PARAMETER]},
@@ -256,7 +258,7 @@ async def _create(body: EmailRequest, request: Request) -> Response:
     )
 
 
-@router.get(
+@routes.get(
     "/api/v1/emails/{identity:path}",
     tags=["emails"],
     name="read_email",
@@ -297,7 +299,7 @@ def _context(request: Request, request_id: str) -> RequestContext:
     )
 
 
-@router.get(
+@routes.get(
     "/api/v1/requests",
     tags=["requests"],
     operation_id="listRequests",
@@ -356,7 +358,7 @@ def _epoch(moment: datetime | None) -> float | None:
     return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
 
-@router.get(
+@routes.get(
     "/api/v1/requests/{request_id:path}",
     tags=["requests"],
     operation_id="getRequest",
@@ -385,7 +387,7 @@ def read_request(
     return RequestRecordResponse.build(record)
 
 
-@router.get("/status", include_in_schema=False, response_class=HTMLResponse)
+@routes.get("/status", include_in_schema=False, response_class=HTMLResponse)
 def status_page(request: Request) -> HTMLResponse:
     """The admin's page: readiness, backend, the last 24 hours and the last requests."""
     services = services_of(request)
@@ -393,7 +395,7 @@ def status_page(request: Request) -> HTMLResponse:
     return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
 
-@router.get(
+@routes.get(
     "/metrics",
     tags=["metrics"],
     operation_id="metrics",
