@@ -207,3 +207,35 @@ def test_closing_sends_what_was_written_first() -> None:
     real = asyncio.run(close_at_once())
     assert real.writes == [b"last words"]
     assert real.closed
+
+
+def test_a_complete_response_is_sent_before_the_app_finishes(make_settings: Any) -> None:
+    """The response leaves as soon as its last byte is written, not when the app (its access
+    log, metrics) returns: here the app blocks the event loop after sending until the client
+    has read the response, which it could not if the send waited for the end of the loop step."""
+    client_has_it = threading.Event()
+    seen_by_client_while_app_ran: list[bool] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        headers = [(b"content-length", b"4")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"done"})
+        # Blocks the loop on purpose, until the client has the response (or the bound).
+        seen_by_client_while_app_ran.append(client_has_it.wait(FAILURE_BOUND_SECONDS))
+
+    with running(app, make_settings()) as base:
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=FAILURE_BOUND_SECONDS) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            received = b""
+            while not received.endswith(b"done"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+            client_has_it.set()
+    assert received.startswith(b"HTTP/1.1 200 ")
+    assert received.endswith(b"done")
+    assert seen_by_client_while_app_ran == [True]

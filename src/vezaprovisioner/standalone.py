@@ -50,7 +50,9 @@ class CoalescingTransport:
     nothing buffered each write is a send() of its own, so every response cost two system calls
     and two TCP segments for the client to read. Here writes are collected and handed to the
     real transport once, at the end of the loop step that made them (head and body of a response
-    are written in the same step). Everything else is the real transport's.
+    are written in the same step), or as soon as the response is complete (`send_now`, from the
+    protocol), so the client is not kept waiting while the app logs the request. Everything else
+    is the real transport's.
     """
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
@@ -70,6 +72,10 @@ class CoalescingTransport:
     def writelines(self, lines: Any) -> None:
         for data in lines:
             self.write(data)
+
+    def send_now(self) -> None:
+        """Hands what is pending to the real transport at once (a response is complete)."""
+        self._flush()
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -134,6 +140,9 @@ class GuardedH11Protocol(H11Protocol):
         self._follow_client()
 
     def on_response_complete(self) -> None:
+        # The whole response is written: send it now, before the app's middleware unwinds
+        # (access log, metrics) and before a pipelined next request is read.
+        cast(CoalescingTransport, self.transport).send_now()
         super().on_response_complete()
         if self.conn.their_state is h11.IDLE:
             self._wait_for(None)  # idle until the next request: uvicorn's keep-alive applies
