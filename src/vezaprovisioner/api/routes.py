@@ -245,8 +245,12 @@ async def _create(body: EmailRequest, request: Request) -> Response:
         headers = {}
         if created:
             headers["Location"] = _email_path(request, result.guid)
-        return JSONResponse(
-            response.model_dump(mode="json"), status_code=201 if created else 200, headers=headers
+        # Serialized by pydantic-core straight to JSON (no dict, then json.dumps).
+        return Response(
+            response.model_dump_json(),
+            status_code=201 if created else 200,
+            headers=headers,
+            media_type="application/json",
         )
 
     key = idempotency_key(request)
