@@ -123,9 +123,9 @@ class BodyLimitMiddleware:
     ) -> None:
         self.app = app
         self.routes = [
-            (route.path_regex, frozenset(route.methods or ()) & _BODY_METHODS)
+            (route.path_regex, route.methods)
             for route in routes
-            if isinstance(route, Route) and (route.methods or set()) & _BODY_METHODS
+            if isinstance(route, Route) and route.methods and route.methods & _BODY_METHODS
         ]
         self.max_body_bytes = max_body_bytes
 

@@ -288,7 +288,7 @@ async def read_email(
 def _email_path(request: Request, guid: str) -> str:
     """The path of `read_email` for this mailbox (the Location of a 201), built directly:
     `request.url_for` walks every route and builds a whole URL for each response."""
-    base = request.scope.get("root_path", "") + request.app.state.services.settings.base_path
+    base = request.scope.get("root_path", "") + services_of(request).settings.base_path
     return f"{base}/api/v1/emails/{quote(guid, safe='')}"
 
 
