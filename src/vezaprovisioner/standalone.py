@@ -67,17 +67,15 @@ class CoalescingTransport:
         self._pending.append(bytes(data))
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.send_now)
 
     def writelines(self, lines: Any) -> None:
         for data in lines:
             self.write(data)
 
     def send_now(self) -> None:
-        """Hands what is pending to the real transport at once (a response is complete)."""
-        self._flush()
-
-    def _flush(self) -> None:
+        """Hands what is pending to the real transport (at the end of the loop step, or at once
+        when a response is complete)."""
         self._scheduled = False
         if self._pending:
             data = b"".join(self._pending)
@@ -89,7 +87,7 @@ class CoalescingTransport:
         return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
 
     def close(self) -> None:
-        self._flush()  # what was written goes out before the close
+        self.send_now()  # what was written goes out before the close
         self._transport.close()
 
     def abort(self) -> None:
