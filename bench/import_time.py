@@ -144,20 +144,21 @@ extra = {{"floor": floor, "dependencies": dependencies, "added": _added}}
 """
 
 
-def third_party_modules(env: dict[str, str]) -> list[str]:
-    """What importing the IIS entry loads besides the package itself, in load order."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys, vezaprovisioner.iis_entry; print(' '.join(sys.modules))",
-        ],
+def run_python(code: str, env: dict[str, str]) -> str:
+    """What a fresh interpreter running `code` prints."""
+    return subprocess.run(  # noqa: S603 - this interpreter, the bench's own code
+        [sys.executable, "-c", code],
         check=True,
         capture_output=True,
         text=True,
         timeout=120,
         env=env,
     ).stdout
+
+
+def third_party_modules(env: dict[str, str]) -> list[str]:
+    """What importing the IIS entry loads besides the package itself, in load order."""
+    out = run_python("import sys, vezaprovisioner.iis_entry; print(' '.join(sys.modules))", env)
     return [name for name in out.split() if not name.startswith(("vezaprovisioner", "__"))]
 
 
@@ -177,14 +178,7 @@ CASES = (
 
 
 def measure(case: Case, env: dict[str, str]) -> dict[str, float]:
-    out = subprocess.run(  # noqa: S603 - this interpreter, constant arguments
-        [sys.executable, "-c", _MEASURE.format(body=case.body)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    ).stdout
+    out = run_python(_MEASURE.format(body=case.body), env)
     return {key: float(value) for key, value in json.loads(out.splitlines()[-1]).items()}
 
 
