@@ -442,7 +442,7 @@ class _Listener(logging.handlers.QueueListener):
 
     def handle(self, record: logging.LogRecord) -> None:
         try:
-            if getattr(record, "sink", None) is not _BARRIER:
+            if not getattr(record, "flush_only", False):
                 self.router.handle(record)
         except Exception:  # nothing a record does may end the writer thread
             _report_failure(f"could not write a record of {record.name}")
@@ -456,10 +456,6 @@ class _Listener(logging.handlers.QueueListener):
             for event in self.waiting:
                 event.set()
             self.waiting.clear()
-
-
-#: The sink of a record that only asks the writer to flush and say so.
-_BARRIER = object()
 
 
 class LogWriter:
@@ -498,8 +494,8 @@ class LogWriter:
         """Waits until every record queued so far is written and flushed."""
         if self._listener is None and self.queue.empty():
             return True
-        barrier = logging.makeLogRecord({"name": ROOT_LOGGER, "msg": "flush"})
-        barrier.sink = _BARRIER
+        # A record that is not written: it only asks the writer to flush and say so.
+        barrier = logging.makeLogRecord({"name": ROOT_LOGGER, "msg": "flush", "flush_only": True})
         return self.submit(barrier, wait_seconds=wait_seconds)
 
     def stop(self) -> None:
