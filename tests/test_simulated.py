@@ -852,3 +852,16 @@ def test_every_name_of_every_user_resolves_to_that_user(exchange: SimulatedExcha
         for name in names:
             if user.appears_after_seconds == 0:
                 assert exchange.get_user(name).guid == user.guid, name
+
+
+def test_call_history_stays_bounded_while_count_counts_every_cmdlet(
+    exchange: SimulatedExchange, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A demo server runs for weeks: `calls` keeps only the most recent cmdlets."""
+    monkeypatch.setattr("vezaprovisioner.exchange.simulated.engine.CALLS_KEPT", 5)
+    for _ in range(23):
+        exchange.get_user("jdoe")
+    assert 5 <= len(exchange.calls) < 10
+    assert exchange.calls[-1] == ("Get-User", {"Identity": "jdoe"})
+    assert exchange.count("Get-User") == 23
+    assert exchange.count("Enable-Mailbox") == 0

@@ -48,6 +48,7 @@ import contextlib
 import threading
 import uuid
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Final, NoReturn
@@ -90,6 +91,10 @@ __all__ = ["SimulatedExchange"]
 
 _ENABLE_MAILBOX_TYPES: Final = frozenset({"User", "DisabledUser", "MailUser"})
 _ENABLE_REMOTE_MAILBOX_TYPES: Final = frozenset({"User", "DisabledUser"})
+
+#: The cmdlets `calls` keeps (the most recent); a demo server that runs for weeks must not grow
+#: by every command it ever ran. `count()` counts all of them.
+CALLS_KEPT: Final = 10_000
 
 _TASK_NAMESPACE: Final = "Microsoft.Exchange.Management.RecipientTasks"
 _NOT_FOUND_TYPE: Final = "Microsoft.Exchange.Configuration.Tasks.ManagementObjectNotFoundException"
@@ -172,8 +177,10 @@ class SimulatedExchange:
         self._by_alias: dict[str, list[_Entry]] = {}
         for entry in self._entries:
             self._index(entry)
-        #: Every cmdlet run, in order: (cmdlet name, bound parameters).
+        #: The cmdlets run, in order: (cmdlet name, bound parameters); the most recent
+        #: `CALLS_KEPT` to twice that many (older ones are dropped in one go).
         self.calls: list[tuple[str, dict[str, str]]] = []
+        self._counts: Counter[str] = Counter()
 
     # ---- ExchangePort -----------------------------------------------------------------------
 
@@ -274,7 +281,7 @@ class SimulatedExchange:
     def count(self, cmdlet: str) -> int:
         """How often `cmdlet` (e.g. "Enable-Mailbox") was run."""
         with self._lock:
-            return sum(1 for name, _ in self.calls if name == cmdlet)
+            return self._counts[cmdlet]
 
     def snapshot(self) -> dict[str, object]:
         """The current state as a directory document `parse_directory` accepts.
@@ -316,7 +323,10 @@ class SimulatedExchange:
 
     def _begin(self, cmdlet: str, parameters: dict[str, str]) -> None:
         with self._lock:
+            self._counts[cmdlet] += 1
             self.calls.append((cmdlet, parameters))
+            if len(self.calls) >= 2 * CALLS_KEPT:
+                del self.calls[:-CALLS_KEPT]
 
     def _pause(self, cmdlet: str, seconds: float) -> float:
         """Sleep the simulated latency (lock not held); time out like a stuck command."""
