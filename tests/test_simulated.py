@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.fakes.clock import FakeClock
 from vezaprovisioner.exchange.errors import (
@@ -30,6 +32,7 @@ from vezaprovisioner.exchange.port import (
     ExchangePort,
     Recipient,
 )
+from vezaprovisioner.exchange.simulated import naming
 from vezaprovisioner.exchange.simulated.directory import (
     DirectoryError,
     SimulatedDirectory,
@@ -865,3 +868,27 @@ def test_call_history_stays_bounded_while_count_counts_every_cmdlet(
     assert exchange.calls[-1] == ("Get-User", {"Identity": "jdoe"})
     assert exchange.count("Get-User") == 23
     assert exchange.count("Enable-Mailbox") == 0
+
+
+# Exchange's mappings go character by character; the common all-ASCII case takes a shortcut.
+# Appending a character that the per-character path maps to nothing (a combining accent) or to
+# a known letter forces that path, so these fail if the shortcut ever answers differently.
+_NAMES = st.text(
+    alphabet=st.one_of(
+        st.sampled_from("a.Z9-~ "),
+        st.characters(max_codepoint=0x7F),
+        st.characters(max_codepoint=0x2FF),
+    ),
+    max_size=40,
+)
+
+
+@given(_NAMES)
+def test_windows_1252_shortcut_agrees_with_the_per_character_mapping(text: str) -> None:
+    assert naming._to_windows_1252(text) + "A" == naming._to_windows_1252(text + "\u0100")
+    assert naming._to_windows_1252(text) == "".join(naming._to_windows_1252(c) for c in text)
+
+
+@given(st.one_of(_NAMES, st.text(alphabet="ab.Z9-~'\u00e4", max_size=12)))
+def test_smtp_local_part_shortcut_agrees_with_the_per_character_mapping(alias: str) -> None:
+    assert naming.smtp_local_part(alias) == naming.smtp_local_part(alias + "\u0301")

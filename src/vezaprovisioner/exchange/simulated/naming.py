@@ -136,6 +136,12 @@ def _alias_char_category(char: str) -> str:
 
 def _to_windows_1252(text: str) -> str:
     """UnicodeToAnsiConverter: keep what cp1252 encodes, best-fit letters, else '?'."""
+    try:
+        text.encode("cp1252")
+    except UnicodeEncodeError:
+        pass
+    else:
+        return text  # every character encodes: each is kept (the common case, one call)
     out: list[str] = []
     for char in text:
         try:
@@ -199,6 +205,8 @@ def alias_problem(alias: str) -> str | None:
 
 def smtp_local_part(alias: str) -> str:
     """The alias mapped to best-fit US-ASCII, as in the generated primary SMTP address."""
+    if _SMTP_ATEXT.issuperset(alias):  # ASCII atext maps to itself (the common case)
+        return re.sub(r"\.{2,}", ".", alias).strip(".") or "User"
     out: list[str] = []
     for char in alias:
         if char in _SMTP_BEST_FIT:
