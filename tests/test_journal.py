@@ -24,6 +24,7 @@ from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
 from vezaprovisioner.journal.claims import ClaimTable, IdentityBusy, InProcessClaims, JournalClaims
 from vezaprovisioner.journal.records import Journal, RequestContext
 from vezaprovisioner.journal.store import JOURNAL_FILE, MIGRATIONS, JournalUnavailable
+from vezaprovisioner.provisioning import CreateEmail
 
 EMAILS = "/VezaProvisioner/api/v1/emails"
 REQUESTS = "/VezaProvisioner/api/v1/requests"
@@ -88,6 +89,51 @@ def test_created_goes_received_running_created(client: TestClient) -> None:
     assert rec["received_at"] <= rec["enable_sent_at"] <= rec["finished_at"]
     assert rec["duration_ms"] >= 0
     assert rec["recovered"] is False
+
+
+def test_the_user_is_read_once_when_no_request_enabled_it_since(
+    client: TestClient, exchange: SimulatedExchange
+) -> None:
+    assert post(client, "r-once", identity="CONTOSO\\plain").status_code == 201
+    assert [cmdlet for cmdlet, _ in exchange.calls] == ["Get-User", "Enable-Mailbox"]
+
+
+def test_a_user_enabled_by_another_request_since_the_first_read_is_read_again(
+    make_client: Callable[..., TestClient],
+    exchange: SimulatedExchange,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another request enables the user after this one read it and finishes before this one
+    reaches the gate (nothing to wait for): the journal shows that Enable-*, so the user is
+    read again and no doomed Enable-Mailbox is sent."""
+    client = make_client()
+    services = client.app.state.services  # type: ignore[attr-defined]
+    read = exchange.get_user
+    others: list[str] = []
+
+    def read_then_let_another_request_enable(
+        identity: str, domain_controller: str | None = None
+    ) -> DirectoryUser:
+        user = read(identity, domain_controller)
+        if not others:
+            others.append("r-other")
+            other = RequestContext("r-other", "CONTOSO\\svc-veza", "basic", "10.0.0.6")
+            result = services.provisioner.create_email(CreateEmail(identity=user.guid), other)
+            assert result.status == "created"
+        return user  # read before the other request enabled the user
+
+    monkeypatch.setattr(exchange, "get_user", read_then_let_another_request_enable)
+    response = post(client, "r-late", identity="CONTOSO\\plain")
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "already_exists"
+    assert exchange.count("Enable-Mailbox") == 1
+    assert [cmdlet for cmdlet, _ in exchange.calls] == [
+        "Get-User",  # r-late's first read: a plain user
+        "Get-User",  # r-other
+        "Enable-Mailbox",  # r-other
+        "Get-User",  # r-late again, past the gate: the journal shows r-other's Enable-Mailbox
+        "Get-Recipient",  # r-late: the mailbox it now has
+    ]
 
 
 def test_already_exists_never_sends_enable(client: TestClient) -> None:

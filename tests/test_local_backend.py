@@ -55,7 +55,7 @@ def local_client(
         service.close()
 
 
-def test_create_email_makes_three_cmdlet_calls_and_state_is_shared(
+def test_create_email_makes_two_cmdlet_calls_and_state_is_shared(
     local_client: LocalClient, fake_powershell: FakePowerShell
 ) -> None:
     client = local_client(pool_size=2)
@@ -63,11 +63,9 @@ def test_create_email_makes_three_cmdlet_calls_and_state_is_shared(
     assert created.status_code == 201, created.text
     assert created.json()["primary_smtp_address"] == "Jose@contoso.com"
     assert created.json()["alias"] == "José"
-    assert [cmdlet for cmdlet, _ in fake_powershell.calls()] == [
-        "Get-User",
-        "Get-User",
-        "Enable-Mailbox",
-    ]
+    # The user is read once: no request sharing the journal enabled it since, so the flow does
+    # not read it again past the gate.
+    assert [cmdlet for cmdlet, _ in fake_powershell.calls()] == ["Get-User", "Enable-Mailbox"]
     # Another host of the pool sees the new mailbox: one forest behind every host.
     again = client.post(EMAILS, json={"identity": "CONTOSO\\jose"})
     assert again.status_code == 200
@@ -95,7 +93,6 @@ def test_enable_timeout_rereads_state_and_never_retries(
     assert response.status_code == 504
     assert response.json()["code"] == "EXCHANGE_TIMEOUT"
     assert [cmdlet for cmdlet, _ in fake_powershell.calls()] == [
-        "Get-User",
         "Get-User",
         "Enable-Mailbox",
         "Get-User",  # the flow's re-read on a replacement host; Enable-Mailbox is not re-run
@@ -292,13 +289,13 @@ def test_app_shutdown_stops_every_host(
 def test_host_lifecycle_reaches_metrics_and_the_log(
     make_settings: Callable[..., Settings], fake_powershell: FakePowerShell, tmp_path: Path
 ) -> None:
-    # One host; a CREATE_EMAIL of a new user makes 3 cmdlet calls, so max_commands = 3 recycles
+    # One host; a CREATE_EMAIL of a new user makes 2 cmdlet calls, so max_commands = 2 recycles
     # the host after it; a Get-User of "mailbox" crashes whichever host runs it.
     fake_powershell.set(fault="crash", fault_identity="mailbox", fault_cmdlet="Get-User")
     settings = make_settings(
         not_found_retry_seconds=0,
         logging={"file": "service.log"},
-        **fake_powershell.settings(max_commands=3),
+        **fake_powershell.settings(max_commands=2),
     )
     app = create_app(settings)
     pool = app.state.services.exchange.pool

@@ -266,23 +266,34 @@ class Provisioner:
 
     def _create_email(self, request: CreateEmail, entry: _Entry | None) -> MailboxResult:
         self._check_declared_paths(request)
+        # Journal time before the first read: the gate tells whether any request sharing the
+        # journal may have enabled the user since, i.e. whether this read is still current.
+        since = self._journal.now() if self._journal is not None else None
         user = self._resolve_waiting_for_replication(request.identity)
         if entry is not None:
             entry.guid = user.guid
         while True:
-            with self._claims.gate(user.guid) as gate:
+            with self._claims.gate(user.guid, since) as gate:
                 try:
-                    return self._decide_and_enable(request, user.guid, entry, gate)
+                    return self._decide_and_enable(request, user, entry, gate)
                 except ClaimLost as lost:
                     # Another process took the user between our read and our Enable-*: nothing
                     # was sent; wait for it at the gate and read the user again.
                     log.info("%s; reading user %s again", lost, user.guid)
+                    since = None
 
     def _decide_and_enable(
-        self, request: CreateEmail, guid: str, entry: _Entry | None, gate: ClaimGate | None
+        self,
+        request: CreateEmail,
+        user: DirectoryUser,
+        entry: _Entry | None,
+        gate: ClaimGate | None,
     ) -> MailboxResult:
-        # Re-read past the gate: a request that held the claim before us may have enabled the user.
-        user = self._exchange.get_user(guid, self._dc)
+        if gate is None or not gate.read_is_current:
+            # Re-read past the gate: a request that held the claim before us, or finished an
+            # Enable-* since our first read, may have enabled the user. Otherwise that read is
+            # still current and a second Get-User would only cost Exchange a round trip.
+            user = self._exchange.get_user(user.guid, self._dc)
         kind = user.recipient_type_details
         if kind == self._mailbox_type:
             return self._existing(request, user.guid)

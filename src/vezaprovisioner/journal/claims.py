@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from ..clock import Clock
 from ..config import JournalSettings
@@ -62,6 +62,10 @@ class ClaimGate:
     key: str
     #: Records of this user with `enable_sent_at`, when the gate opened.
     sent_before: int
+    #: No Enable-* for this user is recorded as sent and unfinished, or finished since the
+    #: request first read the user (`gate(since=...)`): that read is still what Exchange holds,
+    #: as far as any request sharing this journal can have changed it. False when not asked.
+    read_is_current: bool = False
     #: The claim's token once `ClaimTable.send` took it (released with the outcome).
     token: str | None = None
 
@@ -70,14 +74,20 @@ class ClaimGate:
         return (self.key, self.token) if self.token else None
 
 
-# The user's claim (NULLs when none) and how many Enable-* the journal records as sent for the
-# user, in one statement: read by the gate, then again in the commit that takes the claim.
+# The user's claim (NULLs when none), how many Enable-* the journal records as sent for the
+# user, and how many of those were unfinished or finished at or after a time, in one
+# statement: read by the gate, then again (sent count only) in the commit that takes the claim.
 _CLAIM_AND_SENT = (
-    "SELECT c.owner_host, c.owner_pid, c.owner_token, c.expires_at,"
-    " (SELECT count(*) FROM requests WHERE guid = ? COLLATE NOCASE"
-    "  AND enable_sent_at IS NOT NULL)"
-    " FROM (SELECT 1) LEFT JOIN claims c ON c.identity_key = ?"
+    "SELECT c.owner_host, c.owner_pid, c.owner_token, c.expires_at, s.sent, s.recent"
+    " FROM (SELECT count(*) AS sent,"
+    "  coalesce(sum(finished_at IS NULL OR finished_at >= ?), 0) AS recent"
+    "  FROM requests WHERE guid = ? COLLATE NOCASE AND enable_sent_at IS NOT NULL) s"
+    " LEFT JOIN claims c ON c.identity_key = ?"
 )
+
+#: How far before a request's first read of the user an Enable-* that finished still makes the
+#: gate call that read stale: the journal's times are wall-clock, which a time sync may step.
+CLOCK_STEP_SECONDS: Final = 5.0
 
 
 class ClaimTable:
@@ -86,13 +96,15 @@ class ClaimTable:
     def __init__(self, journal: Journal) -> None:
         self._journal = journal
 
-    def look(self, key: str) -> tuple[bool, int]:
-        """(held by a live owner, Enable-* sent for the user so far), in one read; no commit."""
-        rows = self._journal.read(_CLAIM_AND_SENT, (key, key))
-        host, pid, token, expires_at, sent = rows[0]
+    def look(self, key: str, since: float | None = None) -> tuple[bool, int, bool]:
+        """(held by a live owner, Enable-* sent for the user so far, none of them unfinished or
+        finished since `since`), in one read; no commit. The last is False without `since`."""
+        after = None if since is None else since - CLOCK_STEP_SECONDS
+        rows = self._journal.read(_CLAIM_AND_SENT, (after, key, key))
+        host, pid, token, expires_at, sent, recent = rows[0]
         now = self._journal.now()
         held = host is not None and not self._stale(host, pid, token, expires_at, now)
-        return held, int(sent)
+        return held, int(sent), since is not None and recent == 0
 
     def send(self, row_id: int, guid: str, gate: ClaimGate) -> None:
         """One commit: take the claim, and mark the record running with Enable-* sent.
@@ -104,8 +116,8 @@ class ClaimTable:
 
         def claim_and_mark(db: sqlite3.Connection) -> None:
             now = self._journal.now()
-            host, pid, owner, expires_at, sent = db.execute(
-                _CLAIM_AND_SENT, (gate.key, gate.key)
+            host, pid, owner, expires_at, sent, _ = db.execute(
+                _CLAIM_AND_SENT, (None, gate.key, gate.key)
             ).fetchone()
             if host is not None and not self._stale(host, pid, owner, expires_at, now):
                 raise ClaimLost(f"another request claimed user {gate.key}")
@@ -184,7 +196,9 @@ class UserClaims(Protocol):
 
     def hold(self, key: str) -> AbstractContextManager[None]: ...
 
-    def gate(self, key: str) -> AbstractContextManager[ClaimGate | None]: ...
+    def gate(
+        self, key: str, since: float | None = None
+    ) -> AbstractContextManager[ClaimGate | None]: ...
 
 
 class InProcessClaims:
@@ -212,7 +226,7 @@ class InProcessClaims:
                     self._locks[key] = (lock, users - 1)
 
     @contextmanager
-    def gate(self, key: str) -> Iterator[None]:
+    def gate(self, key: str, since: float | None = None) -> Iterator[None]:
         with self.hold(key):
             yield None
 
@@ -237,20 +251,23 @@ class JournalClaims:
         self._local = local
 
     @contextmanager
-    def gate(self, key: str) -> Iterator[ClaimGate]:
+    def gate(self, key: str, since: float | None = None) -> Iterator[ClaimGate]:
         """The request flow's: the in-process lock, then wait (reading only) until no other
-        process holds the user's claim. The claim itself is taken by `ClaimTable.send`."""
+        process holds the user's claim. The claim itself is taken by `ClaimTable.send`.
+
+        `since`: the journal time before the request first read the user; the gate then says
+        whether that read is still current (`ClaimGate.read_is_current`)."""
         key = key.casefold()
         with self._local.hold(key):
-            yield self._wait_until_free(key)
+            yield self._wait_until_free(key, since)
 
-    def _wait_until_free(self, key: str) -> ClaimGate:
+    def _wait_until_free(self, key: str, since: float | None) -> ClaimGate:
         deadline = self._clock.monotonic() + self._settings.claim_wait_seconds
         delay = 0.01
         while True:
-            held, sent = self._table.look(key)
+            held, sent, current = self._table.look(key, since)
             if not held:
-                return ClaimGate(key, sent)
+                return ClaimGate(key, sent, read_is_current=current)
             remaining = deadline - self._clock.monotonic()
             if remaining <= 0:
                 raise self._busy(key)
