@@ -9,7 +9,7 @@ Starts three servers on 127.0.0.1, one process each:
 * the baseline: a bare FastAPI `def` endpoint that parses the same body with the same pydantic
   model and answers 201 (bench/bare_endpoint.py).
 
-Every product request creates a new mailbox (Get-User, Get-User, Enable-Mailbox). For each
+Every product request creates a new mailbox (Get-User, Enable-Mailbox). For each
 concurrency (1, 8, 32) the three servers are measured in turn, `--repeats` times interleaved; the
 median run is printed with its ratio to the baseline, and the server's CPU time per request (from
 /proc, Linux) of that run. Bounded: `--requests` per run, 127.0.0.1 only.

@@ -10,10 +10,11 @@ efficiency = measured cmdlet throughput / (pool_size / cmdlet time).
     .venv/bin/python bench/local_pool.py --requests 40 --baseline-requests 8   # a quick look
     .venv/bin/python bench/local_pool.py --cases 16:16 --requests 320  # pool 16, 16 callers
 
-Each CREATE_EMAIL of a new user makes three cmdlet calls (Get-User, Get-User by GUID inside the
-per-user claim, Enable-Mailbox), so with pool_size 0 every request starts three hosts and pays
-the connect time three times (about 16 s a request): the 200-request baseline is most of the
-run's time. `--baseline-requests` runs fewer for a quick look.
+Each CREATE_EMAIL of a new user makes two cmdlet calls (Get-User, Enable-Mailbox; a second
+Get-User by GUID only when another request may have enabled the user meanwhile), so with
+pool_size 0 every request starts two hosts and pays the connect time twice (over 10 s a
+request): the 200-request baseline is most of the run's time. `--baseline-requests` runs fewer
+for a quick look.
 """
 
 from __future__ import annotations

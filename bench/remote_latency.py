@@ -4,7 +4,8 @@ Runs the real flow (`Provisioner`) over `RemoteExchange` -> pypsrp -> WS-Man ove
 -> the fake endpoint (psrpcore, in a process of its own so it does not share the client's GIL),
 where every cmdlet takes `--delay-ms` (150 ms by default, a
 plausible Exchange cmdlet time). Each iteration enables a fresh user, so every request runs
-Get-User, Get-User (by GUID, under the per-user claim) and Enable-Mailbox. The overhead is the
+Get-User and Enable-Mailbox (no second Get-User: no other request enabled the user meanwhile).
+The overhead is the
 end-to-end time minus the cmdlet time (cmdlets run x delay): what the warm pool, PSRP
 (de)serialization, WS-Man, HTTP and TLS add. It also prints the WS-Man requests per cmdlet and the
 CPU each process spent per cmdlet (the client: the flow, `RemoteExchange`, pypsrp, requests, TLS;
@@ -13,7 +14,8 @@ shared machine other work's CPU shows up as overhead.
 
 Then the same flow in parallel: for each `--pool-sizes` value P, P callers at once on a backend
 with `remote.pool_size = P` (`--parallel-requests` each), printing throughput against the ideal
-P / (3 x delay) requests per second and p50/p99. Bounded: about 2 x 40 requests of 450 ms.
+P / (cmdlets per request x delay) requests per second and p50/p99. Bounded: about 2 x 40
+requests of 300 ms.
 
     .venv/bin/python bench/remote_latency.py [--iterations 100] [--delay-ms 150]
         [--pool-sizes 2 4] [--parallel-requests 40]
