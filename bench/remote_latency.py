@@ -1,6 +1,7 @@
 """CREATE_EMAIL latency through the remote backend, against the fake /PowerShell endpoint.
 
-Runs the real flow (`Provisioner`) over `RemoteExchange` -> pypsrp -> WS-Man over TLS on loopback
+Runs the real flow as the service builds it (`build_services`: journal, per-user claims, audit
+trail, metrics) over `RemoteExchange` -> pypsrp -> WS-Man over TLS on loopback
 -> the fake endpoint (psrpcore, in a process of its own so it does not share the client's GIL),
 where every cmdlet takes `--delay-ms` (150 ms by default, a
 plausible Exchange cmdlet time). Each iteration enables a fresh user, so every request runs
@@ -53,7 +54,8 @@ from vezaprovisioner.config import Settings
 from vezaprovisioner.exchange.remote import RemoteCredentials, RemoteExchange
 from vezaprovisioner.exchange.simulated.directory import parse_directory
 from vezaprovisioner.exchange.simulated.engine import SimulatedExchange
-from vezaprovisioner.provisioning import CreateEmail, Provisioner
+from vezaprovisioner.provisioning import CreateEmail
+from vezaprovisioner.services import Services, build_services
 
 USER, PASSWORD = "svc-bench@contoso.com", "bench-password"
 
@@ -156,7 +158,8 @@ def main() -> None:
             RemoteCredentials(USER, PASSWORD),
             clock=SystemClock(),
         )
-        provisioner = Provisioner(settings, remote, SystemClock())
+        services = service_of(settings, remote, Path(scratch) / "sequential")
+        provisioner = services.provisioner
 
         started = time.perf_counter()
         provisioner.create_email(CreateEmail("CONTOSO\\bench0"))  # opens the pool: the cold call
@@ -177,7 +180,7 @@ def main() -> None:
             overheads.append(elapsed - cmdlets * endpoint.delay_seconds)
         client_cpu = time.process_time() - client_cpu
         stats_after = endpoint.stats()
-        remote.close()
+        services.close()
 
         first_user = args.iterations + 1
         parallel_rows = []
@@ -258,6 +261,11 @@ def print_parallel(
         )
 
 
+def service_of(settings: Settings, remote: RemoteExchange, data_dir: Path) -> Services:
+    """The service's objects over `remote`, with the journal and audit trail in `data_dir`."""
+    return build_services(settings.model_copy(update={"data_dir": data_dir}), exchange=remote)
+
+
 def run_parallel(
     settings: Settings,
     endpoint: EndpointProcess,
@@ -272,7 +280,9 @@ def run_parallel(
         RemoteCredentials(USER, PASSWORD),
         clock=SystemClock(),
     )
-    provisioner = Provisioner(settings, remote, SystemClock())
+    scratch = tempfile.TemporaryDirectory()
+    services = service_of(settings, remote, Path(scratch.name))
+    provisioner = services.provisioner
 
     def one(n: int) -> float:
         started = time.perf_counter()
@@ -289,7 +299,8 @@ def run_parallel(
         latencies = list(callers.map(one, range(first_user, first_user + pool_size * per_caller)))
         elapsed = time.perf_counter() - started
     cmdlets = (endpoint.commands() - before) / len(latencies)
-    remote.close()
+    services.close()
+    scratch.cleanup()
     ideal = pool_size / (cmdlets * endpoint.delay_seconds)
     return (
         pool_size,
