@@ -50,8 +50,8 @@ from vezaprovisioner.auth import hash_password
 PASSWORD = "bench-password"  # noqa: S105 - a throwaway account of the bench
 HERE = Path(__file__).resolve().parent
 CONCURRENCIES = (1, 8, 32)
-#: Users per product server with `--client wrk`: enough for every run at the rates seen here.
-WRK_USERS = 60_000
+#: With `--client wrk`, users per product server per second of runs: above any rate seen here.
+WRK_USERS_PER_SECOND = 2_000
 
 
 def free_port() -> int:
@@ -203,7 +203,8 @@ def main() -> None:
     wrk = shutil.which("wrk") if args.client == "wrk" else None
     if args.client == "wrk" and wrk is None:
         sys.exit("wrk is not installed (Debian: apt-get install wrk)")
-    users = WRK_USERS if wrk else args.requests * args.repeats * len(CONCURRENCIES) + 20
+    runs = args.repeats * len(CONCURRENCIES)
+    users = (WRK_USERS_PER_SECOND * args.seconds if wrk else args.requests) * runs + 20
     with tempfile.TemporaryDirectory() as tmp:
         servers = [
             product(Path(tmp) / "full", "full", users),
