@@ -186,7 +186,14 @@ def main() -> None:
         parallel_rows = []
         for pool_size in args.pool_sizes:
             parallel_rows.append(
-                run_parallel(settings, endpoint, pool_size, first_user, args.parallel_requests)
+                run_parallel(
+                    settings,
+                    endpoint,
+                    pool_size,
+                    first_user,
+                    args.parallel_requests,
+                    Path(scratch) / f"pool-{pool_size}",
+                )
             )
             first_user += pool_size * args.parallel_requests + pool_size
 
@@ -272,6 +279,7 @@ def run_parallel(
     pool_size: int,
     first_user: int,
     per_caller: int,
+    data_dir: Path,
 ) -> tuple[int, float, float, float, float]:
     """`pool_size` callers at once on a backend with that many sessions."""
     remote = RemoteExchange(
@@ -280,8 +288,7 @@ def run_parallel(
         RemoteCredentials(USER, PASSWORD),
         clock=SystemClock(),
     )
-    scratch = tempfile.TemporaryDirectory()
-    services = service_of(settings, remote, Path(scratch.name))
+    services = service_of(settings, remote, data_dir)
     provisioner = services.provisioner
 
     def one(n: int) -> float:
@@ -300,7 +307,6 @@ def run_parallel(
         elapsed = time.perf_counter() - started
     cmdlets = (endpoint.commands() - before) / len(latencies)
     services.close()
-    scratch.cleanup()
     ideal = pool_size / (cmdlets * endpoint.delay_seconds)
     return (
         pool_size,
