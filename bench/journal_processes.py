@@ -2,12 +2,19 @@
 
 Each process runs the real flow (`Provisioner` with the SQLite journal and its cross-process
 claim) over its own simulated Exchange with `--latency-ms` cmdlets, `--requests` distinct new
-users at `--concurrency` threads. Both processes start together (forked, released by a barrier);
-the result is the total throughput of the pair and each request's latency. "shared" points both
-at one data_dir, "separate" gives each its own; the ratio shared/separate is what sharing costs.
-Runs alternate `--repeats` times; medians are printed, with the ratio of each shared run to the
-separate run just before it and the load average (other work on the machine moves the ratio by
-about ±0.05 from run to run). Bounded; no network.
+users at `--concurrency` threads. The two processes provision different users (the first
+bench0, bench1, …, the second the next `--requests`), as two IIS workers serving different
+onboarding requests do. Both start together (forked, released by a barrier); the result is the
+total throughput of the pair and each request's latency. "shared" points both at one data_dir,
+"separate" gives each its own; the ratio shared/separate is what sharing the file costs. Runs
+alternate `--repeats` times; medians are printed, with the ratio of each shared run to the
+separate run just before it and the load average (runs of one invocation spread by about ±0.1
+even on a quiet machine: read the median). Bounded; no network.
+
+Until 2026-11-29 both processes provisioned the same users in the same order: with one shared
+journal nearly every request met the other process's claim and Enable-* for its user, waited
+for the claim and read the user again (1,197 Get-User for 600 requests in one process). That
+measured two processes racing for the same 600 users, not what sharing the file costs.
 
     .venv/bin/python bench/journal_processes.py [--requests 600] [--concurrency 8]
         [--latency-ms 5] [--synchronous full] [--repeats 5]
@@ -30,13 +37,14 @@ from journal_cost import build, timed_create
 
 def worker(
     data_dir: str,
+    first_user: int,
     args: argparse.Namespace,
     start: Barrier,
     results: multiprocessing.Queue[tuple[float, float, list[float]]],
 ) -> None:
     provisioner, close = build(
         f"with/{args.synchronous}",
-        args.requests,
+        first_user + args.requests,
         args.latency_ms,
         Path(data_dir),
         open_journal=True,  # the file exists before the clock starts
@@ -49,7 +57,7 @@ def worker(
     start.wait(60)
     began = time.perf_counter()
     with ThreadPoolExecutor(args.concurrency) as pool:
-        list(pool.map(one, range(args.requests)))
+        list(pool.map(one, range(first_user, first_user + args.requests)))
     ended = time.perf_counter()
     close()
     results.put((began, ended, latencies))
@@ -62,7 +70,10 @@ def pair(shared: bool, args: argparse.Namespace) -> tuple[float, float, float]:
         dirs = [folder] * 2 if shared else [f"{folder}/a", f"{folder}/b"]
         start = context.Barrier(2)
         results: multiprocessing.Queue[tuple[float, float, list[float]]] = context.Queue()
-        processes = [context.Process(target=worker, args=(d, args, start, results)) for d in dirs]
+        processes = [
+            context.Process(target=worker, args=(d, n * args.requests, args, start, results))
+            for n, d in enumerate(dirs)
+        ]
         for process in processes:
             process.start()
         outcomes = [results.get(timeout=600) for _ in processes]
