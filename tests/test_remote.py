@@ -108,11 +108,12 @@ def endpoint(
 
 @pytest.fixture
 def remote_settings(
-    endpoint: FakeExchangeEndpoint, ca_bundle: Path, password_hash: str
+    endpoint: FakeExchangeEndpoint, ca_bundle: Path, password_hash: str, tmp_path: Path
 ) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         base: dict[str, Any] = {
             "backend": "remote",
+            "data_dir": str(tmp_path / "data"),  # not ./data: no journal carried between runs
             "not_found_retry_seconds": 0,
             "exchange": {"command_timeout_seconds": 20},
             "remote": {
