@@ -205,15 +205,17 @@ def alias_problem(alias: str) -> str | None:
 
 def smtp_local_part(alias: str) -> str:
     """The alias mapped to best-fit US-ASCII, as in the generated primary SMTP address."""
-    if _SMTP_ATEXT.issuperset(alias):  # ASCII atext maps to itself (the common case)
-        return re.sub(r"\.{2,}", ".", alias).strip(".") or "User"
-    out: list[str] = []
-    for char in alias:
-        if char in _SMTP_BEST_FIT:
-            out.append(_SMTP_BEST_FIT[char])
-            continue
-        out.extend(c for c in unicodedata.normalize("NFKD", char) if c in _SMTP_ATEXT)
-    local = re.sub(r"\.{2,}", ".", "".join(out)).strip(".")
+    if _SMTP_ATEXT.issuperset(alias):
+        mapped = alias  # ASCII atext maps to itself (the common case)
+    else:
+        out: list[str] = []
+        for char in alias:
+            if char in _SMTP_BEST_FIT:
+                out.append(_SMTP_BEST_FIT[char])
+                continue
+            out.extend(c for c in unicodedata.normalize("NFKD", char) if c in _SMTP_ATEXT)
+        mapped = "".join(out)
+    local = re.sub(r"\.{2,}", ".", mapped).strip(".")
     return local or "User"
 
 
