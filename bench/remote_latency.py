@@ -1,14 +1,13 @@
 """CREATE_EMAIL latency through the remote backend, against the fake /PowerShell endpoint.
 
 Runs the real flow as the service builds it (`build_services`: journal, per-user claims, audit
-trail, metrics) over `RemoteExchange` -> pypsrp -> WS-Man over TLS on loopback
--> the fake endpoint (psrpcore, in a process of its own so it does not share the client's GIL),
-where every cmdlet takes `--delay-ms` (150 ms by default, a
-plausible Exchange cmdlet time). Each iteration enables a fresh user, so every request runs
-Get-User and Enable-Mailbox (no second Get-User: no other request enabled the user meanwhile).
-The overhead is the
-end-to-end time minus the cmdlet time (cmdlets run x delay): what the warm pool, PSRP
-(de)serialization, WS-Man, HTTP and TLS add. It also prints the WS-Man requests per cmdlet and the
+trail, metrics) over `RemoteExchange` -> pypsrp -> WS-Man over TLS on loopback -> the fake
+endpoint (psrpcore, in a process of its own so it does not share the client's GIL), where every
+cmdlet takes `--delay-ms` (150 ms by default, a plausible Exchange cmdlet time). Each iteration
+enables a fresh user, so every request runs Get-User and Enable-Mailbox (no second Get-User: no
+other request enabled the user meanwhile). The overhead is the end-to-end time minus the cmdlet
+time (cmdlets run x delay): what the warm pool, PSRP (de)serialization, WS-Man, HTTP and TLS
+add. It also prints the WS-Man requests per cmdlet and the
 CPU each process spent per cmdlet (the client: the flow, `RemoteExchange`, pypsrp, requests, TLS;
 the endpoint: psrpcore, its HTTP server, TLS), and the load average before and after, since on a
 shared machine other work's CPU shows up as overhead.

@@ -245,10 +245,10 @@ def worst_case_seconds(settings: Settings) -> float:
     """The longest a CREATE_EMAIL can take before the service answers on its own.
 
     Three cmdlets (Get-User, Get-User again past the claim when another request may have
-    enabled the user meanwhile, Enable-*), each bounded
-    by `exchange.command_timeout_seconds`; with the local backend each may first wait for a
-    free PowerShell host (`local.queue_wait_seconds`) and, with no warm pool (`pool_size = 0`),
-    for a new host to start (`LocalSettings.longest_start_seconds`). Then the not-found wait,
+    enabled the user meanwhile, Enable-*), each bounded by `exchange.command_timeout_seconds`;
+    with the local backend each may first wait for a free PowerShell host
+    (`local.queue_wait_seconds`) and, with no warm pool (`pool_size = 0`), for a new host to
+    start (`LocalSettings.longest_start_seconds`). Then the not-found wait,
     the wait for another request's claim on the same user, and up to three journal commits
     waiting for another process's write lock (`journal.busy_timeout_ms`).
     """
