@@ -340,6 +340,8 @@ class Settings(_Section):
     mailbox_kind: Literal["local", "remote"] = "local"
     not_found_retry_seconds: float = Field(default=30.0, ge=0, le=600)
     readiness_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    #: The public /health/ready answers from a run of the checks this recent (api/readiness.py).
+    readiness_cache_seconds: float = Field(default=2.0, ge=0, le=60)
     #: Where the service writes its own files (journal, audit trail, logs); created on first use.
     data_dir: Path = Path("data")
     exchange: ExchangeSettings = ExchangeSettings()

@@ -38,6 +38,7 @@ class Services:
     maintenance: Maintenance
     #: Where the API runs the blocking flow, sized from the backend's capacity.
     flows: FlowThreads
+    clock: Clock
     #: None when `audit.enabled` is false.
     audit: AuditTrail | None = None
 
@@ -95,5 +96,6 @@ def build_services(
         claims=claims,
         maintenance=Maintenance(settings, journal, timed, claims, metrics, audit),
         flows=FlowThreads(capacity_of(exchange)),
+        clock=clock,
         audit=audit,
     )

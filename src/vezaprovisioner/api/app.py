@@ -31,6 +31,7 @@ from .access import AccessLogMiddleware
 from .middleware import AuthenticationMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from .openapi import DOCS_ASSETS, add_docs_routes, install_openapi
 from .problems import problem_for_request
+from .readiness import readiness_for
 from .routes import routes
 from .validation_errors import validation_failure
 
@@ -64,6 +65,7 @@ def create_app_from_services(services: Services) -> FastAPI:
         redoc_url=None,
     )
     app.state.services = services
+    app.state.readiness = readiness_for(services)
     # On the app's own router, not included (route_table.py says why).
     routes.add_to(app.router, prefix=base)
     add_docs_routes(app.router, app.title, f"{base}/openapi.json", f"{base}/docs", f"{base}/redoc")

@@ -6,8 +6,6 @@ Routes stay thin: validate, call the provisioning flow, shape the response. Fail
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timezone
 from functools import partial
 from typing import Annotated
@@ -16,14 +14,14 @@ from urllib.parse import quote
 from fastapi import Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
-from .. import __version__, logs
+from .. import __version__
 from ..auth import Caller
 from ..exchange.backends import wait_for_warm_up
 from ..failures import ActionNotSupported, NotFound
 from ..journal.idempotency import IdempotencyKeys
 from ..journal.records import RequestContext, State
-from ..journal.store import JournalUnavailable
 from ..metrics import CONTENT_TYPE
 from ..services import Services
 from ..validation import InvalidValue, validate_identity
@@ -37,7 +35,6 @@ from .models import (
     EmailRequest,
     HealthResponse,
     MailboxResponse,
-    ReadinessCheck,
     ReadinessResponse,
     ReadinessSummary,
     RecipientStateResponse,
@@ -45,6 +42,7 @@ from .models import (
     RequestRecordResponse,
 )
 from .openapi import problem_responses
+from .readiness import Readiness
 from .route_table import RouteTable
 from .status_page import render as render_status
 from .validation_errors import validation_failure
@@ -57,9 +55,6 @@ MAX_PAGE = 500
 _AUTH_AND_BODY = (401, 403, 413, 415, 422)
 _EXCHANGE = (502, 503, 504)
 
-# Readiness probes run here, so a hung backend cannot tie up the request threads.
-_probe_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readiness-probe")
-
 
 # Plain look-ups, not FastAPI dependencies: each dependency costs FastAPI a round of
 # dependency solving per request, for what is one attribute read.
@@ -67,6 +62,12 @@ def services_of(request: Request) -> Services:
     """The app's services (create_app puts them on the app's state)."""
     services: Services = request.app.state.services
     return services
+
+
+def readiness_of(request: Request) -> Readiness:
+    """The app's readiness checks (create_app puts them on the app's state)."""
+    readiness: Readiness = request.app.state.readiness
+    return readiness
 
 
 def request_id_of(request: Request) -> str:
@@ -118,14 +119,15 @@ def warmup(request: Request) -> Response:
     response_model=ReadinessSummary,
     responses={503: {"model": ReadinessSummary, "description": "Not ready"}},
 )
-def ready(request: Request) -> JSONResponse:
+async def ready(request: Request) -> JSONResponse:
     """Readiness, public: the overall status and whether each check passed, nothing more.
 
     The details (paths, backend hosts, error text) are for authenticated callers only, at
-    `/health/ready/details`.
+    `/health/ready/details`. Answered from a run of the checks at most `readiness_cache_seconds`
+    old (api/readiness.py says why).
     """
-    services = services_of(request)
-    checks = readiness_checks(services)
+    max_age = services_of(request).settings.readiness_cache_seconds
+    checks = await readiness_of(request).checks(max_age)
     ok = all(check.ok for check in checks.values())
     body = ReadinessSummary(
         status="ready" if ok else "not_ready",
@@ -141,54 +143,13 @@ def ready(request: Request) -> JSONResponse:
     response_model=ReadinessResponse,
     responses={503: {"model": ReadinessResponse, "description": "Not ready"}},
 )
-def ready_details(request: Request) -> JSONResponse:
+async def ready_details(request: Request) -> JSONResponse:
     """Readiness with each check's detail: the configuration file, the backend's hosts or
     session, the journal's path and any error text. Authenticated like the API."""
-    services = services_of(request)
-    checks = readiness_checks(services)
+    checks = await readiness_of(request).checks()
     ok = all(check.ok for check in checks.values())
     body = ReadinessResponse(status="ready" if ok else "not_ready", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
-
-
-def readiness_checks(services: Services) -> dict[str, ReadinessCheck]:
-    """The configuration is valid and the backend answers a cheap probe in time (the checks of
-    /health/ready, also shown on /status)."""
-    settings = services.settings
-    source = str(settings.source) if settings.source else "built in code"
-    return {
-        "configuration": ReadinessCheck(ok=True, detail=f"valid ({source})"),
-        "backend": _probe(services),
-        "journal": _journal_writable(services),
-        "logs": _logs_written(),
-    }
-
-
-def _probe(services: Services) -> ReadinessCheck:
-    timeout = services.settings.readiness_timeout_seconds
-    future = _probe_executor.submit(services.exchange.probe)
-    try:
-        return ReadinessCheck(ok=True, detail=future.result(timeout=timeout))
-    except FutureTimeout:
-        return ReadinessCheck(
-            ok=False,
-            detail=f"{services.settings.backend} backend did not answer within {timeout:g} s",
-        )
-    except Exception as exc:  # any failure means "not ready"; the detail says which
-        return ReadinessCheck(ok=False, detail=f"{type(exc).__name__}: {exc}")
-
-
-def _logs_written() -> ReadinessCheck:
-    """Not ready when the configured log file could not be opened (lines go to stderr)."""
-    found = logs.status()
-    return ReadinessCheck(ok=found.ok, detail=found.detail)
-
-
-def _journal_writable(services: Services) -> ReadinessCheck:
-    try:
-        return ReadinessCheck(ok=True, detail=services.journal.check_writable())
-    except JournalUnavailable as exc:
-        return ReadinessCheck(ok=False, detail=str(exc))
 
 
 @routes.post(
@@ -392,10 +353,10 @@ def read_request(
 
 
 @routes.get("/status", include_in_schema=False, response_class=HTMLResponse)
-def status_page(request: Request) -> HTMLResponse:
+async def status_page(request: Request) -> HTMLResponse:
     """The admin's page: readiness, backend, the last 24 hours and the last requests."""
-    services = services_of(request)
-    html = render_status(services, readiness_checks(services))
+    checks = await readiness_of(request).checks()
+    html = await run_in_threadpool(render_status, services_of(request), checks)
     return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
 
