@@ -1,0 +1,109 @@
+"""Prints what a flood of anonymous GET /health/ready costs the service.
+
+`/health/ready` needs no credentials, and each run of its checks costs a backend probe and a
+journal write transaction (an fsync with `synchronous = "full"`). The service runs the checks
+once at a time and lets the public endpoint reuse a run up to `readiness_cache_seconds` old
+(api/readiness.py). This starts `vezaprovisioner serve` on 127.0.0.1 (simulated Exchange at 0 ms,
+100 users, the journal on the same disk with `synchronous = "full"`, a log file) once per value
+of `readiness_cache_seconds` asked for, floods `/health/ready` from wrk (Debian package `wrk`)
+with `--concurrency` connections for `--seconds`, interleaved `--repeats` times, and prints each
+run: requests/s, p50, p99 and the server's CPU time per call (from /proc, Linux). Bounded:
+127.0.0.1 only, `--seconds` per run.
+
+    .venv/bin/python bench/readiness_flood.py [--cache 2,0] [--seconds 5] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from api_overhead import PASSWORD, Server, _milliseconds, _wrk_field, cpu_seconds
+from bench_directory import plain_users
+
+from vezaprovisioner.auth import hash_password
+
+READY = "/health/ready"
+
+
+def server(folder: Path, cache: str) -> Server:
+    folder.mkdir()
+    (folder / "dir.json").write_text(json.dumps(plain_users(100)))
+    # "shipped" writes no key: the default, and a checkout from before the key existed runs too.
+    key = "" if cache == "shipped" else f"readiness_cache_seconds = {cache}\n"
+    (folder / "bench.toml").write_text(
+        f'{key}[simulated]\ndirectory = "dir.json"\n[logging]\nfile = "service.log"\n'
+        '[journal]\nsynchronous = "full"\n'
+        "[server]\nmax_connections_per_client = 256\n"
+        # The API's own account: the Server's start-up check makes a few CREATE_EMAIL.
+        f'[auth]\nmode = "basic"\n[auth.users]\nbench = "{hash_password(PASSWORD)}"\n'
+    )
+    console = str(Path(sys.executable).with_name("vezaprovisioner"))
+    argv = [console, "serve", "--config", str(folder / "bench.toml"), "--log-level", "warning"]
+    name = "as shipped (2 s)" if cache == "shipped" else f"readiness_cache_seconds = {cache}"
+    return Server(name, argv, ("bench", PASSWORD))
+
+
+def flood(wrk: str, target: Server, seconds: int, concurrency: int) -> str:
+    cpu_before = cpu_seconds(target.process.pid)
+    output = subprocess.run(  # noqa: S603 - wrk, fixed arguments
+        [
+            wrk,
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{seconds}s",
+            "--latency",
+            f"{target.base}/health/ready",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    cpu = cpu_seconds(target.process.pid) - cpu_before
+    assert "Socket errors" not in output, output
+    calls = int(_wrk_field(output, r"(\d+) requests in"))
+    rate = float(_wrk_field(output, r"Requests/sec:\s+([\d.]+)"))
+    p50 = _milliseconds(_wrk_field(output, r"(?m)^\s+50%\s+(\S+)$"))
+    p99 = _milliseconds(_wrk_field(output, r"(?m)^\s+99%\s+(\S+)$"))
+    return f"| {target.name} | {rate:.0f} | {p50:.1f} | {p99:.1f} | {cpu / calls * 1000:.2f} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", default="shipped,0", help="values of readiness_cache_seconds")
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        sys.exit("wrk is not installed (Debian: apt-get install wrk)")
+    rows: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        targets = [server(Path(tmp) / str(i), c) for i, c in enumerate(args.cache.split(","))]
+        try:
+            for _ in range(args.repeats):
+                for target in targets:  # interleaved: each sees the same background
+                    rows.append(flood(wrk, target, args.seconds, args.concurrency))
+        finally:
+            for target in targets:
+                target.stop()
+    print(
+        f"GET /health/ready without credentials from wrk, {args.concurrency} connections, "
+        f"{args.seconds} s per run; simulated Exchange, journal synchronous = full; load average "
+        f"{' / '.join(f'{x:.2f}' for x in os.getloadavg())} at the end"
+    )
+    print()
+    print("| server | calls/s | p50 ms | p99 ms | server CPU ms/call |")
+    print("|---|---:|---:|---:|---:|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
