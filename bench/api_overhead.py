@@ -122,39 +122,47 @@ class Server:
         env = {**os.environ, "FIRST": str(self.next_user)}
         if self.auth:
             env["AUTH"] = base64.b64encode(":".join(self.auth).encode()).decode()
-        cpu_before = cpu_seconds(self.process.pid)
-        output = subprocess.run(  # noqa: S603 - wrk, fixed arguments
-            [
-                wrk,
-                "-t1",
-                f"-c{concurrency}",
-                f"-d{seconds}s",
-                "--latency",
-                "-s",
-                str(HERE / "wrk_create_email.lua"),
-                f"{self.base}/api/v1/emails",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        cpu = cpu_seconds(self.process.pid) - cpu_before
-        requests = int(_wrk_field(output, r"(\d+) requests in"))
+        script = HERE / "wrk_create_email.lua"
+        url = f"{self.base}/api/v1/emails"
+        run, requests = wrk_run(wrk, self.process.pid, url, seconds, concurrency, script, env)
         # Skip those still in flight when wrk stopped (sent, so their users are taken).
         self.next_user += requests + concurrency + 10
-        assert "Non-2xx or 3xx responses" not in output, output
-        assert "Socket errors" not in output, output
-        return Run(
-            float(_wrk_field(output, r"Requests/sec:\s+([\d.]+)")),
-            _milliseconds(_wrk_field(output, r"(?m)^\s+50%\s+(\S+)$")),
-            _milliseconds(_wrk_field(output, r"(?m)^\s+99%\s+(\S+)$")),
-            cpu / requests * 1000,
-        )
+        return run
 
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)
+
+
+def wrk_run(
+    wrk: str,
+    pid: int,
+    url: str,
+    seconds: int,
+    concurrency: int,
+    script: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> tuple[Run, int]:
+    """One run of wrk (one thread, `concurrency` connections) against `url`, with the CPU time
+    the server process `pid` spent meanwhile: the run, and how many requests wrk counted."""
+    argv = [wrk, "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency"]
+    if script is not None:
+        argv += ["-s", str(script)]
+    cpu_before = cpu_seconds(pid)
+    output = subprocess.run(  # noqa: S603 - wrk, fixed arguments
+        [*argv, url], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    cpu = cpu_seconds(pid) - cpu_before
+    requests = int(_wrk_field(output, r"(\d+) requests in"))
+    assert "Non-2xx or 3xx responses" not in output, output
+    assert "Socket errors" not in output, output
+    run = Run(
+        float(_wrk_field(output, r"Requests/sec:\s+([\d.]+)")),
+        _milliseconds(_wrk_field(output, r"(?m)^\s+50%\s+(\S+)$")),
+        _milliseconds(_wrk_field(output, r"(?m)^\s+99%\s+(\S+)$")),
+        cpu / requests * 1000,
+    )
+    return run, requests
 
 
 def _wrk_field(output: str, pattern: str) -> str:

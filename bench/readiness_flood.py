@@ -19,12 +19,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from api_overhead import PASSWORD, Server, _milliseconds, _wrk_field, cpu_seconds
+from api_overhead import PASSWORD, Server, wrk_run
 from bench_directory import plain_users
 
 from vezaprovisioner.auth import hash_password
@@ -51,27 +50,12 @@ def server(folder: Path, cache: str) -> Server:
 
 
 def flood(wrk: str, target: Server, seconds: int, concurrency: int) -> str:
-    cpu_before = cpu_seconds(target.process.pid)
-    output = subprocess.run(  # noqa: S603 - wrk, fixed arguments
-        [
-            wrk,
-            "-t1",
-            f"-c{concurrency}",
-            f"-d{seconds}s",
-            "--latency",
-            f"{target.base}/health/ready",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    cpu = cpu_seconds(target.process.pid) - cpu_before
-    assert "Socket errors" not in output, output
-    calls = int(_wrk_field(output, r"(\d+) requests in"))
-    rate = float(_wrk_field(output, r"Requests/sec:\s+([\d.]+)"))
-    p50 = _milliseconds(_wrk_field(output, r"(?m)^\s+50%\s+(\S+)$"))
-    p99 = _milliseconds(_wrk_field(output, r"(?m)^\s+99%\s+(\S+)$"))
-    return f"| {target.name} | {rate:.0f} | {p50:.1f} | {p99:.1f} | {cpu / calls * 1000:.2f} |"
+    url = target.base + READY
+    run, _ = wrk_run(wrk, target.process.pid, url, seconds, concurrency)
+    return (
+        f"| {target.name} | {run.rate:.0f} | {run.p50_ms:.1f} | {run.p99_ms:.1f} "
+        f"| {run.cpu_ms:.2f} |"
+    )
 
 
 def main() -> None:
