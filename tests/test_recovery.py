@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -218,4 +219,52 @@ def test_maintenance_repeats_for_processes_that_die_later(
     while state_of(services.journal, request_id)[0] != "not_created":
         assert time.monotonic() < deadline, "the next maintenance pass never came"
         time.sleep(0.05)  # polling the journal, the readiness signal
+    services.close()
+
+
+class GetUserWaits:
+    """The simulated Exchange whose Get-User waits for `release`; `entered` is set on each call."""
+
+    def __init__(self, inner: SimulatedExchange) -> None:
+        self.inner = inner
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def get_user(self, identity: str, domain_controller: str | None = None) -> DirectoryUser:
+        self.entered.set()
+        assert self.release.wait(10)
+        return self.inner.get_user(identity, domain_controller)
+
+
+def test_stopping_maintenance_waits_for_the_record_in_hand_and_leaves_the_rest(
+    make_settings: Callable[..., Settings],
+    exchange: SimulatedExchange,
+    clock: FakeClock,
+    dead_pid: int,
+) -> None:
+    """Closing the services (IIS's shutdown) must not pull the journal and Exchange out from
+    under a recovery pass: stop() returns once the pass has finished its record, and the
+    records it had not begun wait for the next start."""
+    port = GetUserWaits(exchange)
+    services = build_services(make_settings(), exchange=port, clock=clock)
+    guid = guid_of(exchange)
+    first = orphan(services.journal, dead_pid, guid=guid, enable_sent=True)
+    second = orphan(services.journal, dead_pid, identity="plain", guid=guid, enable_sent=True)
+    services.maintenance.start()
+    assert port.entered.wait(10)  # the pass holds the first record, waiting on Exchange
+
+    def release_once_stopping() -> None:
+        assert services.maintenance.stopping.wait(10)
+        port.release.set()
+
+    releaser = threading.Thread(target=release_once_stopping)
+    releaser.start()
+    services.maintenance.stop()
+    # Without the wait in stop() the first record would still be running here.
+    assert state_of(services.journal, first)[0] == "not_created"
+    assert state_of(services.journal, second)[0] == "running"
+    releaser.join(10)
     services.close()

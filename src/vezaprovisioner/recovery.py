@@ -44,6 +44,10 @@ from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+#: How long closing the services waits for a maintenance pass to finish the record in hand (one
+#: Get-User, perhaps a Get-Recipient); IIS allows 30 s from its shutdown signal (install.ps1).
+STOP_WAIT_SECONDS = 5.0
+
 
 @dataclass(frozen=True)
 class Reconciled:
@@ -55,11 +59,18 @@ class Reconciled:
 
 
 def recover(
-    journal: Journal, exchange: ExchangePort, settings: Settings, claims: UserClaims
+    journal: Journal,
+    exchange: ExchangePort,
+    settings: Settings,
+    claims: UserClaims,
+    stopping: threading.Event | None = None,
 ) -> list[Reconciled]:
-    """Reconciles every orphaned record; returns what was decided (skipped ones are absent)."""
+    """Reconciles every orphaned record; returns what was decided (skipped ones are absent).
+    Once `stopping` is set, the records not yet begun are left for the next pass."""
     decided: list[Reconciled] = []
     for record in journal.orphans():
+        if stopping is not None and stopping.is_set():
+            break
         try:
             outcome = _reconcile(record, journal, exchange, settings, claims)
         except Failure as exc:
@@ -175,25 +186,31 @@ class Maintenance:
         self._audit = audit
         #: Set once the first pass (retention, crash recovery) has run.
         self.first_pass_done = threading.Event()
-        self._started = False
-        self._stopping = threading.Event()
+        #: Set by `stop()`: no pass starts after it, and a pass in progress ends after its record.
+        self.stopping = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """In the background, once per process: a pass now, then one every
         `journal.maintenance_interval_seconds` until `stop()`."""
-        if self._started:
+        if self._thread is not None:
             return
-        self._started = True
-        threading.Thread(target=self._loop, name="journal-maintenance", daemon=True).start()
+        self._thread = threading.Thread(target=self._loop, name="journal-maintenance", daemon=True)
+        self._thread.start()
 
-    def stop(self) -> None:
-        self._stopping.set()
+    def stop(self, wait_seconds: float = STOP_WAIT_SECONDS) -> None:
+        """Ends the background passes, waiting (at most `wait_seconds`) for a pass in progress to
+        finish the record in hand, so the services it uses are not closed under it."""
+        self.stopping.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(wait_seconds)
 
     def _loop(self) -> None:
         interval = self._settings.journal.maintenance_interval_seconds
-        while True:
+        while not self.stopping.is_set():
             self.run_once()
-            if self._stopping.wait(interval):
+            if self.stopping.wait(interval):
                 return
 
     def run_once(self) -> None:
@@ -202,7 +219,10 @@ class Maintenance:
             pruned = self._journal.prune()
             if pruned:
                 log.info("journal retention: %d finished records deleted", pruned)
-            for outcome in recover(self._journal, self._exchange, self._settings, self._claims):
+            recovered = recover(
+                self._journal, self._exchange, self._settings, self._claims, self.stopping
+            )
+            for outcome in recovered:
                 self._metrics.recovered.labels(outcome.state).inc()
                 record = self._journal.get(outcome.request_id)
                 if self._audit is not None and record is not None:
