@@ -179,11 +179,14 @@ def _milliseconds(duration: str) -> float:
     raise ValueError(duration)
 
 
-def product(folder: Path, synchronous: str, users: int) -> Server:
+def product(
+    folder: Path, synchronous: str, users: int, *, top: str = "", name: str | None = None
+) -> Server:
+    """`vezaprovisioner serve` as the benches run it; `top`: more top-level TOML lines."""
     folder.mkdir()
     (folder / "dir.json").write_text(json.dumps(plain_users(users)))
     (folder / "bench.toml").write_text(
-        '[simulated]\ndirectory = "dir.json"\n[logging]\nfile = "service.log"\n'
+        f'{top}[simulated]\ndirectory = "dir.json"\n[logging]\nfile = "service.log"\n'
         f'[journal]\nsynchronous = "{synchronous}"\n'
         '[auth]\nmode = "basic"\n'
         f'[auth.users]\nbench = "{hash_password(PASSWORD)}"\n'
@@ -193,7 +196,7 @@ def product(folder: Path, synchronous: str, users: int) -> Server:
     )
     console = str(Path(sys.executable).with_name("vezaprovisioner"))
     argv = [console, "serve", "--config", str(folder / "bench.toml"), "--log-level", "warning"]
-    return Server(f"product ({synchronous})", argv, ("bench", PASSWORD))
+    return Server(name or f"product ({synchronous})", argv, ("bench", PASSWORD))
 
 
 def bare() -> Server:

@@ -16,37 +16,22 @@ run: requests/s, p50, p99 and the server's CPU time per call (from /proc, Linux)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from api_overhead import PASSWORD, Server, wrk_run
-from bench_directory import plain_users
-
-from vezaprovisioner.auth import hash_password
+from api_overhead import Server, product, wrk_run
 
 READY = "/health/ready"
 
 
 def server(folder: Path, cache: str) -> Server:
-    folder.mkdir()
-    (folder / "dir.json").write_text(json.dumps(plain_users(100)))
     # "shipped" writes no key: the default, and a checkout from before the key existed runs too.
     key = "" if cache == "shipped" else f"readiness_cache_seconds = {cache}\n"
-    (folder / "bench.toml").write_text(
-        f'{key}[simulated]\ndirectory = "dir.json"\n[logging]\nfile = "service.log"\n'
-        '[journal]\nsynchronous = "full"\n'
-        "[server]\nmax_connections_per_client = 256\n"
-        # The API's own account: the Server's start-up check makes a few CREATE_EMAIL.
-        f'[auth]\nmode = "basic"\n[auth.users]\nbench = "{hash_password(PASSWORD)}"\n'
-    )
-    console = str(Path(sys.executable).with_name("vezaprovisioner"))
-    argv = [console, "serve", "--config", str(folder / "bench.toml"), "--log-level", "warning"]
     name = "as shipped (2 s)" if cache == "shipped" else f"readiness_cache_seconds = {cache}"
-    return Server(name, argv, ("bench", PASSWORD))
+    return product(folder, "full", 100, top=key, name=name)
 
 
 def flood(wrk: str, target: Server, seconds: int, concurrency: int) -> str:
