@@ -210,8 +210,7 @@ class Maintenance:
         interval = self._settings.journal.maintenance_interval_seconds
         while not self.stopping.is_set():
             self.run_once()
-            if self.stopping.wait(interval):
-                return
+            self.stopping.wait(interval)
 
     def run_once(self) -> None:
         """One pass: delete records past retention, reconcile orphaned ones."""
